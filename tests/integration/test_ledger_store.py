@@ -1,0 +1,274 @@
+"""The append-only store against the real PostgreSQL of the test run, as the service role."""
+
+from __future__ import annotations
+
+import threading
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Engine, select, text
+
+from ledger import schema
+from ledger.db import unit_of_work
+from ledger.journal import ADJUSTMENTS, JournalTxn, Posting, revenue_account, transfer, wallet_account
+from ledger.migrate import upgrade
+from ledger.store import AppendItem, AppendResult, EventRecord, append_batch
+from tests.factories import adjusted, metered
+
+pytestmark = pytest.mark.integration
+
+NOW = datetime(2026, 11, 28, 10, 0, 5, tzinfo=UTC)
+
+
+def credit_item(wallet_id: str, amount_micros: int, **kw: object) -> AppendItem:
+    ev = adjusted(wallet_id, amount_micros, **kw)  # type: ignore[arg-type]
+    return AppendItem(
+        EventRecord.from_event(ev),
+        (
+            transfer(
+                "adjustment",
+                wallet_id=wallet_id,
+                debit=ADJUSTMENTS,
+                credit=wallet_account(wallet_id),
+                amount_micros=amount_micros,
+            ),
+        ),
+    )
+
+
+def charge_item(wallet_id: str, resource_id: str, seconds: int, cost_micros: int) -> AppendItem:
+    ev = metered(wallet_id, resource_id, seconds)
+    return AppendItem(
+        EventRecord.from_event(ev),
+        (
+            transfer(
+                "charge",
+                wallet_id=wallet_id,
+                debit=wallet_account(wallet_id),
+                credit=revenue_account("pod_on_demand"),
+                amount_micros=cost_micros,
+                resource_id=resource_id,
+                product="pod_on_demand",
+                gpu_type="RTX 4090",
+            ),
+        ),
+    )
+
+
+def balance(engine: Engine, account: str) -> int | None:
+    with engine.connect() as conn:
+        return conn.execute(
+            select(schema.account_balances.c.balance_micros).where(
+                schema.account_balances.c.account == account
+            )
+        ).scalar_one_or_none()
+
+
+def entries_sum(engine: Engine, account: str | None = None) -> int:
+    q = "SELECT coalesce(sum(amount_micros), 0) FROM journal_entries"
+    with engine.connect() as conn:
+        if account is None:
+            return int(conn.execute(text(q)).scalar_one())
+        return int(conn.execute(text(q + " WHERE account = :a"), {"a": account}).scalar_one())
+
+
+def append(engine: Engine, items: list[AppendItem]):
+    with unit_of_work(engine) as uow:
+        result = append_batch(uow.pg, items, received_at=NOW)
+        uow.commit()
+    return result
+
+
+def test_append_writes_events_journal_and_balances(app_engine: Engine, unique: str) -> None:
+    w = f"w{unique}"[:64]
+    items = [credit_item(w, 10_000_000), charge_item(w, "p1", 60, 8_500), charge_item(w, "p1", 120, 8_500)]
+    result = append(app_engine, items)
+    assert len(result.positions) == 3
+    assert result.duplicates == ()
+    assert balance(app_engine, wallet_account(w)) == 10_000_000 - 17_000
+    assert entries_sum(app_engine, wallet_account(w)) == 10_000_000 - 17_000
+    assert entries_sum(app_engine) == 0
+    positions = sorted(result.positions.values())
+    assert positions == sorted(set(positions))
+    with app_engine.connect() as conn:
+        n = conn.execute(
+            text("SELECT count(*) FROM journal_transactions WHERE wallet_id = :w"), {"w": w}
+        ).scalar_one()
+    assert n == 3
+
+
+def test_same_event_twice_is_written_once(app_engine: Engine, unique: str) -> None:
+    w = f"w{unique}"[:64]
+    item = credit_item(w, 5_000_000)
+    first = append(app_engine, [item])
+    second = append(app_engine, [item])
+    within = append(
+        app_engine, [credit_item(w, 1_000_000, id_=f"x{unique}"), credit_item(w, 1_000_000, id_=f"x{unique}")]
+    )
+    assert len(first.positions) == 1
+    assert second.positions == {}
+    assert second.duplicates == (item.record.key,)
+    assert len(within.positions) == 1
+    assert len(within.duplicates) == 1
+    assert balance(app_engine, wallet_account(w)) == 6_000_000
+    with app_engine.connect() as conn:
+        n = conn.execute(text("SELECT count(*) FROM events WHERE wallet_id = :w"), {"w": w}).scalar_one()
+    assert n == 2
+
+
+def test_same_event_concurrently_from_two_connections_is_written_once(
+    app_engine: Engine, unique: str
+) -> None:
+    w = f"w{unique}"[:64]
+    rounds = 20
+    for r in range(rounds):
+        items = [credit_item(w, 1_000_000, id_=f"c{r}-{i}-{unique}") for i in range(50)]
+        barrier = threading.Barrier(2)
+        results: list[AppendResult] = []
+        errors: list[BaseException] = []
+
+        def worker(
+            items: list[AppendItem] = items,
+            barrier: threading.Barrier = barrier,
+            results: list[AppendResult] = results,
+            errors: list[BaseException] = errors,
+        ) -> None:
+            try:
+                with unit_of_work(app_engine) as uow:
+                    barrier.wait(timeout=10)
+                    res = append_batch(uow.pg, items, received_at=NOW)
+                    uow.commit()
+                results.append(res)
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=worker) for _ in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert not errors, errors
+        assert sum(len(r.positions) for r in results) == 50
+    assert balance(app_engine, wallet_account(w)) == rounds * 50 * 1_000_000
+    assert entries_sum(app_engine, wallet_account(w)) == rounds * 50 * 1_000_000
+    with app_engine.connect() as conn:
+        n = conn.execute(text("SELECT count(*) FROM events WHERE wallet_id = :w"), {"w": w}).scalar_one()
+    assert n == rounds * 50
+
+
+def test_rolled_back_unit_of_work_keeps_nothing(app_engine: Engine, unique: str) -> None:
+    w = f"w{unique}"[:64]
+    with unit_of_work(app_engine) as uow:
+        append_batch(uow.pg, [credit_item(w, 7_000_000)], received_at=NOW)
+        # no commit: the unit of work rolls back by default
+    assert balance(app_engine, wallet_account(w)) is None
+
+
+@pytest.mark.parametrize("table", schema.APPEND_ONLY_TABLES)
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "UPDATE {t} SET {c} = {c}",
+        "DELETE FROM {t}",
+        "TRUNCATE {t} CASCADE",
+    ],
+)
+def test_service_role_cannot_rewrite_history(
+    app_engine: Engine, unique: str, table: str, statement: str
+) -> None:
+    append(app_engine, [credit_item(f"w{unique}"[:64], 5_000_000)])
+    col = {"events": "type", "journal_transactions": "kind", "journal_entries": "account"}[table]
+    with app_engine.connect() as conn, pytest.raises(Exception, match=r"permission denied|append-only"):
+        conn.execute(text(statement.format(t=table, c=col)))
+
+
+@pytest.mark.parametrize("table", schema.APPEND_ONLY_TABLES)
+@pytest.mark.parametrize("statement", ["UPDATE {t} SET {c} = {c}", "DELETE FROM {t}", "TRUNCATE {t} CASCADE"])
+def test_triggers_refuse_changes_even_for_the_owner(
+    owner_engine: Engine, app_engine: Engine, unique: str, table: str, statement: str
+) -> None:
+    append(app_engine, [credit_item(f"w{unique}"[:64], 5_000_000)])
+    col = {"events": "type", "journal_transactions": "kind", "journal_entries": "account"}[table]
+    with owner_engine.connect() as conn, pytest.raises(Exception, match="append-only"):
+        conn.execute(text(statement.format(t=table, c=col)))
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        "DROP TRIGGER events_append_only ON events",
+        "ALTER TABLE journal_entries DISABLE TRIGGER ALL",
+        "ALTER TABLE events ADD COLUMN x int",
+        "DROP TABLE journal_entries",
+        "DROP FUNCTION ledger_check_balanced() CASCADE",
+    ],
+)
+def test_service_role_cannot_drop_triggers_or_alter_tables(app_engine: Engine, statement: str) -> None:
+    with app_engine.connect() as conn, pytest.raises(Exception, match=r"must be owner|permission denied"):
+        conn.execute(text(statement))
+
+
+def test_service_role_cannot_grant_itself_update(app_engine: Engine) -> None:
+    # PostgreSQL answers a GRANT without grant option with a warning, not an error: what matters
+    # is that the privilege did not appear.
+    with app_engine.connect() as conn:
+        conn.execute(text("GRANT UPDATE, DELETE ON events TO billing_app"))
+        assert conn.execute(text("SELECT has_table_privilege('events', 'UPDATE')")).scalar_one() is False
+        assert conn.execute(text("SELECT has_table_privilege('events', 'DELETE')")).scalar_one() is False
+
+
+def test_database_refuses_unbalanced_entries(app_engine: Engine, unique: str) -> None:
+    w = f"w{unique}"[:64]
+    result = append(app_engine, [credit_item(w, 5_000_000)])
+    (pos,) = result.positions.values()
+    with app_engine.connect() as conn:
+        conn.execute(
+            text(
+                "INSERT INTO journal_transactions (event_position, txn_no, kind, wallet_id, booked_at) "
+                "VALUES (:p, 7, 'forged', :w, now())"
+            ),
+            {"p": pos, "w": w},
+        )
+        with pytest.raises(Exception, match="does not balance"):
+            conn.execute(
+                text(
+                    "INSERT INTO journal_entries (event_position, txn_no, entry_no, account, amount_micros) "
+                    "VALUES (:p, 7, 0, :a, 100), (:p, 7, 1, 'revenue:serverless', -99)"
+                ),
+                {"p": pos, "a": wallet_account(w)},
+            )
+
+
+def test_store_refuses_unbalanced_transaction_before_sql() -> None:
+    from ledger.invariants import InvariantViolation
+
+    with pytest.raises(InvariantViolation):
+        JournalTxn("forged", "w", (Posting("wallet:w", 100), Posting("revenue:serverless", -99)))
+
+
+def test_migrations_match_the_table_definitions(database, owner_engine: Engine) -> None:
+    upgrade(database.url)  # idempotent: a second run changes nothing
+    with owner_engine.connect() as conn:
+        ctx = MigrationContext.configure(conn)
+        diff = compare_metadata(ctx, schema.metadata)
+    assert diff == []
+
+
+def test_service_role_is_not_superuser(app_engine: Engine) -> None:
+    with app_engine.connect() as conn:
+        assert conn.execute(text("SELECT current_user")).scalar_one() == schema.APP_ROLE
+        assert (
+            conn.execute(text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")).scalar_one()
+            is False
+        )
+
+
+def test_refusal_is_a_privilege_error_for_the_service_role(app_engine: Engine) -> None:
+    from sqlalchemy.exc import DBAPIError
+
+    with app_engine.connect() as conn, pytest.raises(DBAPIError) as err:
+        conn.exec_driver_sql("DELETE FROM events")
+    assert isinstance(err.value.orig, psycopg.errors.InsufficientPrivilege)
