@@ -394,6 +394,7 @@ class RejectReason(StrEnum):
     reading_after_settlement = "reading_after_settlement"
     already_started = "already_started"
     invalid_transition = "invalid_transition"
+    wallet_mismatch = "wallet_mismatch"
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,8 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    func,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -122,3 +124,84 @@ rejected_inputs = Table(
 )
 
 APPEND_ONLY_TABLES: Final = ("events", "journal_transactions", "journal_entries")
+
+wallets = Table(
+    "wallets",
+    metadata,
+    Column("wallet_id", Text, primary_key=True),
+    Column("status", Text, nullable=False, server_default="active"),
+    Column("last_notice", Text, nullable=True),
+    Column("holds", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    Column("serverless_admissions", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
+    Column("next_wakeup_at", DateTime(timezone=True), nullable=True),
+    Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    CheckConstraint("status IN ('active', 'low', 'exhausted')", name="status_known"),
+    Index("ix_wallets_next_wakeup_at", "next_wakeup_at", postgresql_where=text("next_wakeup_at IS NOT NULL")),
+)
+
+rentals = Table(
+    "rentals",
+    metadata,
+    Column("resource_id", Text, primary_key=True),
+    Column("wallet_id", Text, nullable=False),
+    Column("resource_kind", Text, nullable=False),
+    Column("tier", Text, nullable=False),
+    Column("gpu_type", Text, nullable=False),
+    Column("price_per_hour_micros", BigInteger, nullable=False),
+    Column("product", Text, nullable=False),
+    Column("status", Text, nullable=False),
+    Column("started_at", DateTime(timezone=True), nullable=False),
+    Column("last_reading_at", DateTime(timezone=True), nullable=False),
+    Column("billable_seconds", BigInteger, nullable=False),
+    Column("charged_micros", BigInteger, nullable=False),
+    Column("ended_at", DateTime(timezone=True), nullable=True),
+    Column("end_reason", Text, nullable=True),
+    Column("stop_seq", Integer, nullable=False, server_default="0"),
+    Column("stop_attempts", Integer, nullable=False, server_default="0"),
+    Column("stop_issued_at", DateTime(timezone=True), nullable=True),
+    CheckConstraint("status IN ('running', 'paused', 'ended')", name="status_known"),
+    CheckConstraint(
+        "billable_seconds >= 0 AND charged_micros >= 0 AND price_per_hour_micros >= 0", name="nonnegative"
+    ),
+    Index("ix_rentals_wallet_id_open", "wallet_id", postgresql_where=text("status <> 'ended'")),
+)
+
+serverless_endpoints = Table(
+    "serverless_endpoints",
+    metadata,
+    Column("wallet_id", Text, primary_key=True),
+    Column("endpoint_id", Text, primary_key=True),
+    Column("exact_millimicros_total", BigInteger, nullable=False),
+    Column("charged_micros", BigInteger, nullable=False),
+    CheckConstraint("charged_micros = exact_millimicros_total / 1000", name="drift_free"),
+)
+
+serverless_jobs = Table(
+    "serverless_jobs",
+    metadata,
+    Column("wallet_id", Text, primary_key=True),
+    Column("endpoint_id", Text, primary_key=True),
+    Column("job_id", Text, primary_key=True),
+    Column("event_position", BigInteger, nullable=False),
+)
+
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("subject", Text, nullable=False),
+    Column("msg_id", Text, nullable=False),
+    Column("payload", JSONB, nullable=False),
+    Column("created_at", DateTime(timezone=True), nullable=False),
+    Column("published_at", DateTime(timezone=True), nullable=True),
+    Index("ix_outbox_unpublished", "id", postgresql_where=text("published_at IS NULL")),
+)
+
+Index(
+    "uq_rejected_inputs_source_event_id_reason",
+    rejected_inputs.c.source,
+    rejected_inputs.c.event_id,
+    rejected_inputs.c.reason,
+    unique=True,
+    postgresql_where=text("source IS NOT NULL AND event_id IS NOT NULL"),
+)

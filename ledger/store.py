@@ -62,6 +62,11 @@ class EventRecord:
 class AppendItem:
     record: EventRecord
     txns: tuple[JournalTxn, ...] = ()
+    position: int | None = None
+    """Only a rebuild (`billing verify`) gives positions: the original ones, so the rebuilt
+    journal has the same keys. The live path leaves it None and the log numbers the event."""
+    received_at: datetime | None = None
+    """Defaults to the batch's ``received_at``; a rebuild passes the original instant."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,7 +77,7 @@ class AppendResult:
     """Events already in the log (or repeated within the batch): nothing was written for them."""
 
 
-_EVENT_COLS: Final = "source, event_id, type, wallet_id, resource_id, event_time, received_at, payload"
+_EVENT_COLS: Final = "position, source, event_id, type, wallet_id, resource_id, event_time, received_at, payload"
 
 # One statement: insert the events that are new, then the journal of exactly those events (joined
 # on the key, so a duplicate's journal falls out with it), then the balances of the touched
@@ -80,9 +85,11 @@ _EVENT_COLS: Final = "source, event_id, type, wallet_id, resource_id, event_time
 _APPEND_SQL: Final = f"""
 WITH new_events AS (
     INSERT INTO events ({_EVENT_COLS})
-    SELECT s, i, t, w, r, et, %(received_at)s, p::jsonb
-      FROM unnest(%(src)b::text[], %(eid)b::text[], %(typ)b::text[], %(wal)b::text[],
-                  %(res)b::text[], %(etm)b::timestamptz[], %(pay)b::text[]) AS x(s, i, t, w, r, et, p)
+    SELECT coalesce(pos, nextval('events_position_seq')), s, i, t, w, r, et, coalesce(rc, %(received_at)s),
+           p::jsonb
+      FROM unnest(%(pos)b::int8[], %(src)b::text[], %(eid)b::text[], %(typ)b::text[], %(wal)b::text[],
+                  %(res)b::text[], %(etm)b::timestamptz[], %(rcv)b::timestamptz[], %(pay)b::text[])
+           AS x(pos, s, i, t, w, r, et, rc, p)
     ON CONFLICT (source, event_id) DO NOTHING
     RETURNING position, source, event_id, event_time
 ), txns AS (
@@ -115,7 +122,7 @@ SELECT position, source, event_id FROM new_events
 
 def _params(items: Sequence[AppendItem], received_at: datetime) -> dict[str, Any]:
     columns = (
-        "src eid typ wal res etm pay "
+        "pos src eid typ wal res etm rcv pay "
         "t_src t_eid t_no t_kind t_wal t_res t_prod t_gpu t_memo "
         "e_src e_eid e_no e_eno e_acc e_amt"
     ).split()
@@ -123,6 +130,8 @@ def _params(items: Sequence[AppendItem], received_at: datetime) -> dict[str, Any
     batch_sum = 0
     for item in items:
         r = item.record
+        p["pos"].append(item.position)
+        p["rcv"].append(item.received_at)
         p["src"].append(r.source)
         p["eid"].append(r.event_id)
         p["typ"].append(r.type)
@@ -173,9 +182,10 @@ def append_batch(
             in_batch_dups.append(item.record.key)
         else:
             first[item.record.key] = item
-    # Key order: two batches that share events lock their index entries in the same order, so
-    # they wait for each other instead of deadlocking.
-    unique = sorted(first.values(), key=lambda it: it.record.key)
+    # Batch order, never re-sorted: positions must follow the order the events were decided in,
+    # or a rebuild would apply a reading before its start. (Two writers racing on the same events
+    # in different orders could deadlock; PostgreSQL then aborts one, whose batch is redelivered.)
+    unique = list(first.values())
     if not unique:
         return AppendResult(positions={}, duplicates=tuple(in_batch_dups))
     with conn.cursor() as cur:

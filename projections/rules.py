@@ -145,9 +145,7 @@ class RentalState:
         require((self.status == "ended") == (self.end_reason is not None), f"{self.resource_id}: end reason")
         require((self.status == "ended") == (self.ended_at is not None), f"{self.resource_id}: ended_at")
         require(0 <= self.stop_attempts <= self.stop_seq, f"{self.resource_id}: stop bookkeeping")
-        require(
-            (self.stop_attempts == 0) == (self.stop_issued_at is None), f"{self.resource_id}: stop issued_at"
-        )
+        require((self.stop_attempts == 0) == (self.stop_issued_at is None), f"{self.resource_id}: stop issued_at")
         _require_aware(self.started_at, "started_at")
         _require_aware(self.last_reading_at, "last_reading_at")
 
@@ -166,8 +164,7 @@ class EndpointState:
         require(self.exact_millimicros_total >= 0, f"{self.endpoint_id}: negative exact total")
         require(
             self.charged_micros == serverless_cost_micros(self.exact_millimicros_total),
-            f"{self.endpoint_id}: charged {self.charged_micros} != floor of "
-            f"{self.exact_millimicros_total} millimicros",
+            f"{self.endpoint_id}: charged {self.charged_micros} != floor of {self.exact_millimicros_total} millimicros",
         )
 
 
@@ -547,9 +544,7 @@ def admit_serverless(
         reason = f"rate_limited: at most {SERVERLESS_MAX_ADMISSIONS} jobs per minute (endpoint {endpoint_id})"
         return ServerlessAdmissionAnswer(False, reason, available), pruned
     require(all(_to_us(t) <= now_us for t in recent), "serverless admission in the future")
-    return ServerlessAdmissionAnswer(True, "admitted", available), replace(
-        state, serverless_admissions=(*recent, now)
-    )
+    return ServerlessAdmissionAnswer(True, "admitted", available), replace(state, serverless_admissions=(*recent, now))
 
 
 # ---------------------------------------------------------------------------------- events: facts
@@ -621,9 +616,7 @@ def _job_completed(state: WalletState, event: ServerlessJobCompletedEvent) -> _F
     exact = serverless_exact_millimicros(d.compute_ms, d.price_per_second_micros)
     require(exact >= 0, f"job {d.job_id}: negative exact cost {exact}")
     total = before.exact_millimicros_total + exact
-    after = EndpointState(
-        d.endpoint_id, exact_millimicros_total=total, charged_micros=serverless_cost_micros(total)
-    )
+    after = EndpointState(d.endpoint_id, exact_millimicros_total=total, charged_micros=serverless_cost_micros(total))
     charge = after.charged_micros - before.charged_micros
     require(charge >= 0, f"job {d.job_id}: negative charge {charge}")
     txns: tuple[JournalTxn, ...] = ()
@@ -787,9 +780,7 @@ def _reading(
 # ------------------------------------------------------------------------ housekeeping, decisions
 
 
-def _housekeeping(
-    state: WalletState, now: datetime
-) -> tuple[WalletState, tuple[StopCommand, ...], tuple[Notice, ...]]:
+def _housekeeping(state: WalletState, now: datetime) -> tuple[WalletState, tuple[StopCommand, ...], tuple[Notice, ...]]:
     """Time-driven consequences at ``now``: expired holds and admissions dropped, stop commands
     (cancelled while available > 0, issued/re-issued at <= 0), one notice per status change."""
     now_us = _to_us(now)
@@ -879,9 +870,7 @@ def _require_consistent(before: WalletState, after: WalletState, txns: tuple[Jou
                 delta += p.amount_micros
         if txn.kind == "charge":
             debit = txn.postings[0]
-            require(
-                debit.account == wallet and debit.amount_micros < 0, f"{txn.kind}: not a charge of the wallet"
-            )
+            require(debit.account == wallet and debit.amount_micros < 0, f"{txn.kind}: not a charge of the wallet")
     require(after.balance_micros == before.balance_micros + delta, "balance does not follow the journal")
     for rid, r in after.rentals.items():
         require(

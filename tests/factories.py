@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -20,15 +21,18 @@ def make_event(
     source: str = "compute/test",
     time: datetime = T0,
 ) -> Event:
-    return EVENT_ADAPTER.validate_python(
-        {
-            "specversion": "1.0",
-            "id": id_ or f"ev-{next(_seq)}",
-            "source": source,
-            "type": type_,
-            "time": time,
-            "data": data,
-        }
+    # Through JSON, as producers send it (strict models take ISO strings only from JSON).
+    return EVENT_ADAPTER.validate_json(
+        json.dumps(
+            {
+                "specversion": "1.0",
+                "id": id_ or f"ev-{next(_seq)}",
+                "source": source,
+                "type": type_,
+                "time": time.isoformat(),
+                "data": data,
+            }
+        )
     )
 
 

@@ -61,9 +61,7 @@ def charge_item(wallet_id: str, resource_id: str, seconds: int, cost_micros: int
 def balance(engine: Engine, account: str) -> int | None:
     with engine.connect() as conn:
         return conn.execute(
-            select(schema.account_balances.c.balance_micros).where(
-                schema.account_balances.c.account == account
-            )
+            select(schema.account_balances.c.balance_micros).where(schema.account_balances.c.account == account)
         ).scalar_one_or_none()
 
 
@@ -94,9 +92,7 @@ def test_append_writes_events_journal_and_balances(app_engine: Engine, unique: s
     positions = sorted(result.positions.values())
     assert positions == sorted(set(positions))
     with app_engine.connect() as conn:
-        n = conn.execute(
-            text("SELECT count(*) FROM journal_transactions WHERE wallet_id = :w"), {"w": w}
-        ).scalar_one()
+        n = conn.execute(text("SELECT count(*) FROM journal_transactions WHERE wallet_id = :w"), {"w": w}).scalar_one()
     assert n == 3
 
 
@@ -119,9 +115,7 @@ def test_same_event_twice_is_written_once(app_engine: Engine, unique: str) -> No
     assert n == 2
 
 
-def test_same_event_concurrently_from_two_connections_is_written_once(
-    app_engine: Engine, unique: str
-) -> None:
+def test_same_event_concurrently_from_two_connections_is_written_once(app_engine: Engine, unique: str) -> None:
     w = f"w{unique}"[:64]
     rounds = 20
     for r in range(rounds):
@@ -176,9 +170,7 @@ def test_rolled_back_unit_of_work_keeps_nothing(app_engine: Engine, unique: str)
         "TRUNCATE {t} CASCADE",
     ],
 )
-def test_service_role_cannot_rewrite_history(
-    app_engine: Engine, unique: str, table: str, statement: str
-) -> None:
+def test_service_role_cannot_rewrite_history(app_engine: Engine, unique: str, table: str, statement: str) -> None:
     append(app_engine, [credit_item(f"w{unique}"[:64], 5_000_000)])
     col = {"events": "type", "journal_transactions": "kind", "journal_entries": "account"}[table]
     with app_engine.connect() as conn, pytest.raises(Exception, match=r"permission denied|append-only"):
@@ -260,10 +252,7 @@ def test_migrations_match_the_table_definitions(database, owner_engine: Engine) 
 def test_service_role_is_not_superuser(app_engine: Engine) -> None:
     with app_engine.connect() as conn:
         assert conn.execute(text("SELECT current_user")).scalar_one() == schema.APP_ROLE
-        assert (
-            conn.execute(text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")).scalar_one()
-            is False
-        )
+        assert conn.execute(text("SELECT rolsuper FROM pg_roles WHERE rolname = current_user")).scalar_one() is False
 
 
 def test_refusal_is_a_privilege_error_for_the_service_role(app_engine: Engine) -> None:

@@ -1,0 +1,359 @@
+"""The unit of work of every writer: a batch of events, a scheduler tick, an admission.
+
+All three lock the wallets they touch (in id order), load the aggregates, run the pure rules of
+projections.rules, and write everything in the caller's transaction: the log, the journal, the
+balances, the projections, the outbox and the rejected inputs. Nothing here computes money: the
+rules do. The caller commits, and only then acks (the intake) or answers (admission).
+
+The path of one batch (DESIGN section 10):
+
+1. lock the batch's wallets; events of a wallet are only ever written under its lock, so the
+   check for events already in the log cannot race with another writer;
+2. drop duplicates: repeated within the batch, or already in the log (the ``(source, id)`` key);
+3. apply each new event in batch order; an event whose resource has not started yet is left out
+   of the log (the intake naks it with a delay) unless it is its last attempt, when it is
+   rejected; rejected events go to ``rejected_inputs`` and are dead-lettered after the commit;
+4. one statement appends the accepted events, their journal and balances; then the changed
+   projection rows, the serverless jobs seen, the outbox rows and the rejected inputs.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from typing import Any, Final
+
+import psycopg
+
+from ledger.events import (
+    Event,
+    Rejection,
+    RejectReason,
+    RentalStartedEvent,
+    ServerlessJobCompletedEvent,
+)
+from ledger.invariants import require
+from ledger.store import AppendItem, EventKey, EventRecord, append_batch
+from projections.messages import notice_message, settlement_message, stop_message
+from projections.outbox import OutboxMessage, enqueue
+from projections.rules import (
+    AdmissionAnswer,
+    Decision,
+    ServerlessAdmissionAnswer,
+    WalletState,
+    admit_rental,
+    admit_serverless,
+    apply,
+    next_wakeup,
+    tick,
+)
+from projections.wallet_store import load_wallets, lock_wallets, save_wallets
+
+MAX_BATCH: Final = 5_000
+
+
+class Disposition(enum.StrEnum):
+    accepted = "accepted"
+    """In the log now (charged, or a no-op such as an older reading)."""
+    duplicate = "duplicate"
+    """Already in the log, or earlier in this batch: nothing written."""
+    retry = "retry"
+    """Its resource has not started yet: not written; nak with a delay."""
+    rejected = "rejected"
+    """Refused by the rules: recorded in rejected_inputs; dead-letter it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    event: Event
+    raw: bytes
+    subject: str | None = None
+    delivery_count: int | None = None
+    last_attempt: bool = False
+    """A not-started event on its last attempt is rejected instead of retried."""
+    received_at: datetime | None = None
+    """Set by a rebuild only (the original instant); the live path uses the batch's ``now``."""
+    position: int | None = None
+    """Set by a rebuild only (the original position)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RejectedInput:
+    rejection: Rejection
+    raw: bytes
+    subject: str | None = None
+    delivery_count: int | None = None
+
+
+@dataclass
+class BatchResult:
+    dispositions: list[Disposition]
+    rejections: dict[int, Rejection] = field(default_factory=dict)
+    """Index in the batch -> why the rules refused it (to dead-letter after the commit)."""
+    positions: dict[EventKey, int] = field(default_factory=dict)
+    outbox: int = 0
+    next_wakeups: dict[str, datetime | None] = field(default_factory=dict)
+
+
+def _resource_keys(events: Sequence[Event]) -> tuple[set[str], set[tuple[str, str]], set[tuple[str, str, str]]]:
+    resources: set[str] = set()
+    endpoints: set[tuple[str, str]] = set()
+    jobs: set[tuple[str, str, str]] = set()
+    for ev in events:
+        if isinstance(ev, ServerlessJobCompletedEvent):
+            endpoints.add((ev.wallet_id, ev.data.endpoint_id))
+            jobs.add((ev.wallet_id, ev.data.endpoint_id, ev.data.job_id))
+        elif ev.resource_id is not None:
+            resources.add(ev.resource_id)
+    return resources, endpoints, jobs
+
+
+def _existing_keys(conn: psycopg.Connection[Any], keys: Sequence[EventKey]) -> set[EventKey]:
+    if not keys:
+        return set()
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT e.source, e.event_id FROM events e"
+            "  JOIN unnest(%b::text[], %b::text[]) AS k(s, i) ON e.source = k.s AND e.event_id = k.i",
+            ([k[0] for k in keys], [k[1] for k in keys]),
+        )
+        return {(s, i) for s, i in cur.fetchall()}
+
+
+def _messages(decision: Decision, now: datetime) -> list[OutboxMessage]:
+    return [
+        *(stop_message(c) for c in decision.commands),
+        *(notice_message(n, now=now) for n in decision.notices),
+        *(settlement_message(s) for s in decision.settlements),
+    ]
+
+
+def record_rejections(conn: psycopg.Connection[Any], rows: Sequence[RejectedInput], *, now: datetime) -> None:
+    """Keep refused inputs with their reason, once per (source, id, reason)."""
+    if not rows:
+        return
+    with conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO rejected_inputs (received_at, reason, detail, subject, source, event_id, event_type,"
+            "                             wallet_id, delivery_count, raw)"
+            " SELECT %s, * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],"
+            "                         %b::text[], %b::int4[], %b::bytea[])"
+            " ON CONFLICT (source, event_id, reason) WHERE source IS NOT NULL AND event_id IS NOT NULL"
+            " DO NOTHING",
+            (
+                now,
+                [r.rejection.reason.value for r in rows],
+                [r.rejection.detail for r in rows],
+                [r.subject for r in rows],
+                [r.rejection.source for r in rows],
+                [r.rejection.event_id for r in rows],
+                [r.rejection.event_type for r in rows],
+                [r.rejection.wallet_id for r in rows],
+                [r.delivery_count for r in rows],
+                [r.raw for r in rows],
+            ),
+        )
+
+
+def _rejection_of(ev: Event, reason: RejectReason, detail: str) -> Rejection:
+    return Rejection(
+        reason=reason,
+        detail=detail[:1000],
+        source=ev.source,
+        event_id=ev.id,
+        event_type=ev.type,
+        wallet_id=ev.wallet_id,
+    )
+
+
+def process_batch(
+    conn: psycopg.Connection[Any],
+    incoming: Sequence[Incoming],
+    *,
+    now: datetime,
+    rejected: Sequence[RejectedInput] = (),
+) -> BatchResult:
+    """Apply a batch in the caller's transaction (see the module docstring). Returns what became
+    of each message, by index, for the adapter to ack, nak or dead-letter after the commit."""
+    require(len(incoming) <= MAX_BATCH, f"batch of {len(incoming)} > {MAX_BATCH}")
+    require(now.tzinfo is not None, "now must be timezone-aware")
+    result = BatchResult(dispositions=[Disposition.duplicate] * len(incoming))
+    record_rejections(conn, rejected, now=now)
+    if not incoming:
+        return result
+
+    wallet_ids = lock_wallets(conn, (i.event.wallet_id for i in incoming))
+    first: dict[EventKey, int] = {}
+    for idx, item in enumerate(incoming):
+        first.setdefault(item.event.key, idx)
+    existing = _existing_keys(conn, list(first))
+    todo = [idx for key, idx in first.items() if key not in existing]
+    todo.sort()
+    events = [incoming[i].event for i in todo]
+    resources, endpoints, jobs = _resource_keys(events)
+    before, foreign = load_wallets(conn, wallet_ids, resource_ids=resources, endpoint_keys=endpoints, job_keys=jobs)
+    states = dict(before)
+    # Resources started in this batch, by wallet: another wallet naming one is refused too.
+    owner = {rid: r.wallet_id for rid, r in foreign.items()}
+
+    items: list[AppendItem] = []
+    job_rows: list[tuple[str, str, str, EventKey]] = []
+    messages: list[OutboxMessage] = []
+    refused: list[RejectedInput] = []
+    for idx in todo:
+        item = incoming[idx]
+        ev = item.event
+        at = item.received_at or now
+        rid = ev.resource_id if not isinstance(ev, ServerlessJobCompletedEvent) else None
+        if rid is not None and owner.get(rid, ev.wallet_id) != ev.wallet_id:
+            rejection = _rejection_of(
+                ev,
+                RejectReason.wallet_mismatch,
+                f"resource {rid} belongs to wallet {owner[rid]}, not {ev.wallet_id}",
+            )
+            result.dispositions[idx] = Disposition.rejected
+            result.rejections[idx] = rejection
+            refused.append(RejectedInput(rejection, item.raw, item.subject, item.delivery_count))
+            continue
+        prior = states[ev.wallet_id]
+        state, decision = apply(prior, ev, at)
+        if decision.outcome == "not_started" and not item.last_attempt:
+            result.dispositions[idx] = Disposition.retry
+            continue
+        if decision.outcome in ("rejected", "not_started"):
+            reason, detail = decision.rejection or (
+                RejectReason.not_started,
+                f"{ev.type} for {rid}, which has not started (no gpu.rental.started seen), "
+                f"after {item.delivery_count or 0} deliveries",
+            )
+            rejection = _rejection_of(ev, reason, detail)
+            result.dispositions[idx] = Disposition.rejected
+            result.rejections[idx] = rejection
+            refused.append(RejectedInput(rejection, item.raw, item.subject, item.delivery_count))
+            continue
+        states[ev.wallet_id] = state
+        if isinstance(ev, RentalStartedEvent):
+            owner[ev.data.resource_id] = ev.wallet_id
+        if isinstance(ev, ServerlessJobCompletedEvent):
+            job = (ev.data.endpoint_id, ev.data.job_id)
+            if job not in prior.jobs_seen:  # first sight of the job: remember it for ever
+                job_rows.append((ev.wallet_id, *job, ev.key))
+        items.append(
+            AppendItem(
+                EventRecord.from_event(ev),
+                decision.txns,
+                position=item.position,
+                received_at=item.received_at,
+            )
+        )
+        messages.extend(_messages(decision, at))
+        result.dispositions[idx] = Disposition.accepted
+
+    appended = append_batch(conn, items, received_at=now)
+    # Under the wallet locks nobody else can have added these events since the check above.
+    require(not appended.duplicates, f"events appeared in the log under our lock: {appended.duplicates[:3]}")
+    result.positions = appended.positions
+
+    result.next_wakeups = {w: next_wakeup(s, now) for w, s in states.items()}
+    save_wallets(conn, before, states, next_wakeups=result.next_wakeups, now=now)
+    if job_rows:
+        with conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO serverless_jobs (wallet_id, endpoint_id, job_id, event_position)"
+                " SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::int8[])",
+                (
+                    [j[0] for j in job_rows],
+                    [j[1] for j in job_rows],
+                    [j[2] for j in job_rows],
+                    [appended.positions[j[3]] for j in job_rows],
+                ),
+            )
+    enqueue(conn, messages, now=now)
+    result.outbox = len(messages)
+    record_rejections(conn, refused, now=now)
+    return result
+
+
+# ------------------------------------------------------------------------- scheduler and admission
+
+
+@dataclass
+class TickResult:
+    wallets: int
+    commands: int
+    notices: int
+    next_wakeups: dict[str, datetime | None]
+
+
+def due_wallets(conn: psycopg.Connection[Any], now: datetime, limit: int = 500) -> list[str]:
+    """Wallets whose next wake-up is due at ``now`` (predicted zero, re-issue, hold expiry...)."""
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT wallet_id FROM wallets WHERE next_wakeup_at <= %s ORDER BY next_wakeup_at LIMIT %s",
+            (now, limit),
+        )
+        return [r[0] for r in cur.fetchall()]
+
+
+def next_deadline(conn: psycopg.Connection[Any]) -> datetime | None:
+    with conn.cursor() as cur:
+        cur.execute("SELECT min(next_wakeup_at) FROM wallets WHERE next_wakeup_at IS NOT NULL")
+        row = cur.fetchone()
+        return row[0] if row else None
+
+
+def tick_wallets(conn: psycopg.Connection[Any], wallet_ids: Sequence[str], *, now: datetime) -> TickResult:
+    """The scheduler's unit of work: at ``now``, the rules' time-driven decisions (R4 stop commands
+    and their re-issue, notices, expired holds) for these wallets, outbox rows in the same
+    transaction, and each wallet's next wake-up."""
+    ids = lock_wallets(conn, wallet_ids)
+    before, _ = load_wallets(conn, ids)
+    after: dict[str, WalletState] = {}
+    messages: list[OutboxMessage] = []
+    commands = notices = 0
+    for wid in ids:
+        state, decision = tick(before[wid], now)
+        after[wid] = state
+        messages.extend(_messages(decision, now))
+        commands += len(decision.commands)
+        notices += len(decision.notices)
+    wakeups = {w: next_wakeup(s, now) for w, s in after.items()}
+    save_wallets(conn, before, after, next_wakeups=wakeups, now=now)
+    enqueue(conn, messages, now=now)
+    return TickResult(wallets=len(ids), commands=commands, notices=notices, next_wakeups=wakeups)
+
+
+def admit_rental_request(
+    conn: psycopg.Connection[Any],
+    *,
+    wallet_id: str,
+    resource_id: str,
+    price_per_hour_micros: int,
+    admission_id: str,
+    now: datetime,
+) -> tuple[AdmissionAnswer, datetime | None]:
+    """R2/R3 in a transaction: answer, and keep the hold. Returns the wallet's next wake-up."""
+    ids = lock_wallets(conn, [wallet_id])
+    before, _ = load_wallets(conn, ids)
+    answer, state = admit_rental(before[wallet_id], resource_id, price_per_hour_micros, admission_id, now)
+    # A hold can bring available to zero: the housekeeping then stops what runs (R4).
+    state, decision = tick(state, now)
+    wakeup = next_wakeup(state, now)
+    save_wallets(conn, before, {wallet_id: state}, next_wakeups={wallet_id: wakeup}, now=now)
+    enqueue(conn, _messages(decision, now), now=now)
+    return answer, wakeup
+
+
+def admit_serverless_request(
+    conn: psycopg.Connection[Any], *, wallet_id: str, endpoint_id: str, now: datetime
+) -> ServerlessAdmissionAnswer:
+    """R5 in a transaction: answer, and count the admission in the rolling minute."""
+    ids = lock_wallets(conn, [wallet_id])
+    before, _ = load_wallets(conn, ids)
+    answer, state = admit_serverless(before[wallet_id], endpoint_id, now)
+    if state != before[wallet_id]:
+        wakeup = next_wakeup(state, now)
+        save_wallets(conn, before, {wallet_id: replace(state)}, next_wakeups={wallet_id: wakeup}, now=now)
+    return answer

@@ -1,0 +1,267 @@
+"""Load and save the wallet aggregates (WalletState of projections.rules) as table rows.
+
+Every writer of a wallet (the intake, the scheduler, admission replies) first locks the wallet's
+row with ``SELECT ... FOR UPDATE``, wallets in id order, so two writers of one wallet take turns
+and two batches never deadlock on each other's wallets.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime
+from typing import Any, Final
+
+import psycopg
+
+from ledger.invariants import require
+from ledger.journal import wallet_account
+from projections.rules import EndpointState, Hold, RentalState, WalletState
+
+# The aggregate of one wallet is small; a batch touches at most this many wallets.
+MAX_WALLETS_PER_LOAD: Final = 10_000
+
+_RENTAL_COLS: Final = (
+    "resource_id, wallet_id, resource_kind, tier, gpu_type, price_per_hour_micros, product, status,"
+    " started_at, last_reading_at, billable_seconds, charged_micros, ended_at, end_reason,"
+    " stop_seq, stop_attempts, stop_issued_at"
+)
+
+
+def _holds_from_json(raw: list[dict[str, Any]]) -> tuple[Hold, ...]:
+    return tuple(
+        Hold(
+            admission_id=h["admissionId"],
+            resource_id=h["resourceId"],
+            amount_micros=int(h["amountMicros"]),
+            expires_at=datetime.fromisoformat(h["expiresAt"]),
+        )
+        for h in raw
+    )
+
+
+def _holds_to_json(holds: Iterable[Hold]) -> str:
+    return json.dumps(
+        [
+            {
+                "admissionId": h.admission_id,
+                "resourceId": h.resource_id,
+                "amountMicros": h.amount_micros,
+                "expiresAt": h.expires_at.isoformat(),
+            }
+            for h in holds
+        ]
+    )
+
+
+def _rental_from_row(row: Sequence[Any]) -> RentalState:
+    return RentalState(
+        resource_id=row[0],
+        wallet_id=row[1],
+        resource_kind=row[2],
+        tier=row[3],
+        gpu_type=row[4],
+        price_per_hour_micros=row[5],
+        product=row[6],
+        status=row[7],
+        started_at=row[8],
+        last_reading_at=row[9],
+        billable_seconds=row[10],
+        charged_micros=row[11],
+        ended_at=row[12],
+        end_reason=row[13],
+        stop_seq=row[14],
+        stop_attempts=row[15],
+        stop_issued_at=row[16],
+    )
+
+
+def lock_wallets(conn: psycopg.Connection[Any], wallet_ids: Iterable[str]) -> list[str]:
+    """Create missing wallet rows and lock all of them, in id order. Returns the sorted ids."""
+    ids = sorted(set(wallet_ids))
+    require(len(ids) <= MAX_WALLETS_PER_LOAD, f"{len(ids)} wallets in one load")
+    if not ids:
+        return ids
+    with conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO wallets (wallet_id) SELECT w FROM unnest(%b::text[]) AS x(w) ORDER BY w"
+            " ON CONFLICT (wallet_id) DO NOTHING",
+            (ids,),
+        )
+        cur.execute("SELECT wallet_id FROM wallets WHERE wallet_id = ANY(%b) ORDER BY wallet_id FOR UPDATE", (ids,))
+        locked = [r[0] for r in cur.fetchall()]
+    require(locked == ids, "wallet rows missing after insert")
+    return ids
+
+
+def load_wallets(
+    conn: psycopg.Connection[Any],
+    wallet_ids: Sequence[str],
+    *,
+    resource_ids: Iterable[str] = (),
+    endpoint_keys: Iterable[tuple[str, str]] = (),
+    job_keys: Iterable[tuple[str, str, str]] = (),
+) -> tuple[dict[str, WalletState], dict[str, RentalState]]:
+    """The aggregates of locked wallets: balance, holds, status, every open rental, the named
+    rentals (ended ones too), the named serverless endpoints and which named jobs were seen.
+
+    Also returns the named rentals that belong to *other* wallets (so the caller can refuse an
+    event that names another wallet's resource instead of starting it twice).
+    """
+    ids = list(wallet_ids)
+    resources = sorted(set(resource_ids))
+    endpoints = sorted(set(endpoint_keys))
+    jobs = sorted(set(job_keys))
+    states: dict[str, WalletState] = {}
+    rentals: dict[str, dict[str, RentalState]] = {w: {} for w in ids}
+    foreign: dict[str, RentalState] = {}
+    eps: dict[str, dict[str, EndpointState]] = {w: {} for w in ids}
+    seen: dict[str, set[tuple[str, str]]] = {w: set() for w in ids}
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT w.wallet_id, coalesce(b.balance_micros, 0), w.status, w.last_notice, w.holds,"
+            "       w.serverless_admissions"
+            "  FROM wallets w LEFT JOIN account_balances b ON b.account = 'wallet:' || w.wallet_id"
+            " WHERE w.wallet_id = ANY(%b)",
+            (ids,),
+        )
+        rows = cur.fetchall()
+        cur.execute(
+            f"SELECT {_RENTAL_COLS} FROM rentals"
+            " WHERE (wallet_id = ANY(%b) AND status <> 'ended') OR resource_id = ANY(%b)",
+            (ids, resources),
+        )
+        for r in cur.fetchall():
+            rental = _rental_from_row(r)
+            if rental.wallet_id in rentals:
+                rentals[rental.wallet_id][rental.resource_id] = rental
+            else:
+                foreign[rental.resource_id] = rental
+        if endpoints:
+            cur.execute(
+                "SELECT e.wallet_id, e.endpoint_id, e.exact_millimicros_total, e.charged_micros"
+                "  FROM serverless_endpoints e"
+                "  JOIN unnest(%b::text[], %b::text[]) AS k(w, e) ON e.wallet_id = k.w AND e.endpoint_id = k.e",
+                ([k[0] for k in endpoints], [k[1] for k in endpoints]),
+            )
+            for w, e, exact, charged in cur.fetchall():
+                eps[w][e] = EndpointState(e, exact_millimicros_total=exact, charged_micros=charged)
+        if jobs:
+            cur.execute(
+                "SELECT j.wallet_id, j.endpoint_id, j.job_id FROM serverless_jobs j"
+                "  JOIN unnest(%b::text[], %b::text[], %b::text[]) AS k(w, e, j)"
+                "    ON j.wallet_id = k.w AND j.endpoint_id = k.e AND j.job_id = k.j",
+                ([k[0] for k in jobs], [k[1] for k in jobs], [k[2] for k in jobs]),
+            )
+            for w, e, j in cur.fetchall():
+                seen[w].add((e, j))
+    for wallet_id, balance, status, last_notice, holds, admissions in rows:
+        states[wallet_id] = WalletState(
+            wallet_id=wallet_id,
+            balance_micros=int(balance),
+            holds=_holds_from_json(holds),
+            rentals=rentals[wallet_id],
+            endpoints=eps[wallet_id],
+            jobs_seen=frozenset(seen[wallet_id]),
+            serverless_admissions=tuple(datetime.fromisoformat(t) for t in admissions),
+            status=status,
+            last_notice=last_notice,
+        )
+    require(set(states) == set(ids), "a locked wallet has no row")
+    return states, foreign
+
+
+def save_wallets(
+    conn: psycopg.Connection[Any],
+    before: dict[str, WalletState],
+    after: dict[str, WalletState],
+    *,
+    next_wakeups: dict[str, datetime | None],
+    now: datetime,
+) -> None:
+    """Write what changed between ``before`` and ``after`` (same wallet ids): wallet rows, rentals,
+    endpoints. Balances are not written here: they follow the journal (ledger.store)."""
+    require(set(before) == set(after), "save of a different wallet set")
+    rental_rows: list[RentalState] = []
+    endpoint_rows: list[tuple[str, EndpointState]] = []
+    wallet_rows: list[WalletState] = []
+    for wid, new in after.items():
+        old = before[wid]
+        wallet_rows.append(new)
+        for rid, r in new.rentals.items():
+            if old.rentals.get(rid) != r:
+                require(r.wallet_id == wid, f"rental {rid} of {r.wallet_id} saved under {wid}")
+                rental_rows.append(r)
+        for eid, e in new.endpoints.items():
+            if old.endpoints.get(eid) != e:
+                endpoint_rows.append((wid, e))
+    with conn.cursor() as cur:
+        if wallet_rows:
+            cur.execute(
+                "UPDATE wallets w SET status = x.s, last_notice = x.n, holds = x.h::jsonb,"
+                "       serverless_admissions = x.a::jsonb, next_wakeup_at = x.nw, updated_at = %(now)s"
+                "  FROM unnest(%(w)b::text[], %(s)b::text[], %(n)b::text[], %(h)b::text[], %(a)b::text[],"
+                "              %(nw)b::timestamptz[]) AS x(w, s, n, h, a, nw)"
+                " WHERE w.wallet_id = x.w",
+                {
+                    "now": now,
+                    "w": [s.wallet_id for s in wallet_rows],
+                    "s": [s.status for s in wallet_rows],
+                    "n": [s.last_notice for s in wallet_rows],
+                    "h": [_holds_to_json(s.holds) for s in wallet_rows],
+                    "a": [json.dumps([t.isoformat() for t in s.serverless_admissions]) for s in wallet_rows],
+                    "nw": [next_wakeups.get(s.wallet_id) for s in wallet_rows],
+                },
+            )
+        if rental_rows:
+            cur.execute(
+                f"INSERT INTO rentals ({_RENTAL_COLS})"
+                " SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::int8[],"
+                "   %b::text[], %b::text[], %b::timestamptz[], %b::timestamptz[], %b::int8[], %b::int8[],"
+                "   %b::timestamptz[], %b::text[], %b::int4[], %b::int4[], %b::timestamptz[])"
+                " ON CONFLICT (resource_id) DO UPDATE SET"
+                "   status = EXCLUDED.status, last_reading_at = EXCLUDED.last_reading_at,"
+                "   billable_seconds = EXCLUDED.billable_seconds, charged_micros = EXCLUDED.charged_micros,"
+                "   ended_at = EXCLUDED.ended_at, end_reason = EXCLUDED.end_reason,"
+                "   stop_seq = EXCLUDED.stop_seq, stop_attempts = EXCLUDED.stop_attempts,"
+                "   stop_issued_at = EXCLUDED.stop_issued_at"
+                " WHERE rentals.wallet_id = EXCLUDED.wallet_id",
+                [
+                    [r.resource_id for r in rental_rows],
+                    [r.wallet_id for r in rental_rows],
+                    [r.resource_kind for r in rental_rows],
+                    [r.tier for r in rental_rows],
+                    [r.gpu_type for r in rental_rows],
+                    [r.price_per_hour_micros for r in rental_rows],
+                    [r.product for r in rental_rows],
+                    [r.status for r in rental_rows],
+                    [r.started_at for r in rental_rows],
+                    [r.last_reading_at for r in rental_rows],
+                    [r.billable_seconds for r in rental_rows],
+                    [r.charged_micros for r in rental_rows],
+                    [r.ended_at for r in rental_rows],
+                    [r.end_reason for r in rental_rows],
+                    [r.stop_seq for r in rental_rows],
+                    [r.stop_attempts for r in rental_rows],
+                    [r.stop_issued_at for r in rental_rows],
+                ],
+            )
+            require(cur.rowcount == len(rental_rows), "a rental row belongs to another wallet")
+        if endpoint_rows:
+            cur.execute(
+                "INSERT INTO serverless_endpoints (wallet_id, endpoint_id, exact_millimicros_total, charged_micros)"
+                " SELECT * FROM unnest(%b::text[], %b::text[], %b::int8[], %b::int8[])"
+                " ON CONFLICT (wallet_id, endpoint_id) DO UPDATE SET"
+                "   exact_millimicros_total = EXCLUDED.exact_millimicros_total,"
+                "   charged_micros = EXCLUDED.charged_micros",
+                [
+                    [w for w, _ in endpoint_rows],
+                    [e.endpoint_id for _, e in endpoint_rows],
+                    [e.exact_millimicros_total for _, e in endpoint_rows],
+                    [e.charged_micros for _, e in endpoint_rows],
+                ],
+            )
+
+
+def wallet_balance_account(wallet_id: str) -> str:
+    return wallet_account(wallet_id)
