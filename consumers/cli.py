@@ -10,9 +10,7 @@ import typer
 
 from consumers.settings import Settings
 
-app = typer.Typer(
-    no_args_is_help=True, add_completion=False, help="Billing and metering service of the GPU cloud."
-)
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="Billing and metering service of the GPU cloud.")
 
 
 def _logging() -> None:
@@ -23,9 +21,7 @@ def _logging() -> None:
 
 @app.command()
 def migrate(
-    database_url: str = typer.Option(
-        None, envvar="BILLING_DATABASE_URL", help="Owner's URL of the database."
-    ),
+    database_url: str = typer.Option(None, envvar="BILLING_DATABASE_URL", help="Owner's URL of the database."),
 ) -> None:
     """Upgrade the database schema to the newest revision (runs as the URL's login, the owner)."""
     from ledger.migrate import upgrade

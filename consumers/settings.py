@@ -18,6 +18,10 @@ class Settings(BaseSettings):
     database_role: str = "billing_app"
     # Unset: `billing up` starts an embedded nats-server with JetStream in data_dir.
     nats_url: str | None = None
+    # Prefix of every subject and stream; empty in production (the contract's names exactly).
+    nats_namespace: str = ""
+    # JetStream storage and replicas of the streams the service declares (3 on a cluster).
+    nats_replicas: int = Field(default=1, ge=1, le=5)
     http_port: int = Field(default=8080, ge=0, le=65535)
     api_tokens: SecretStr = SecretStr("")
     stripe_api_key: SecretStr = SecretStr("")
