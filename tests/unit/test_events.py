@@ -537,6 +537,7 @@ def test_reject_reasons_are_subject_tokens() -> None:
         "reading_after_settlement",
         "already_started",
         "invalid_transition",
+        "wallet_mismatch",
     }
     for reason in RejectReason:
         assert reason.value == reason.name
