@@ -132,9 +132,7 @@ PricePerHourMicros = Annotated[int, Field(ge=0, le=MAX_PRICE_PER_HOUR_MICROS)]
 UptimeSeconds = Annotated[int, Field(ge=0, le=MAX_UPTIME_SECONDS)]
 ComputeMs = Annotated[int, Field(ge=0, le=MAX_COMPUTE_MS)]
 PricePerSecondMicros = Annotated[int, Field(ge=0, le=MAX_PRICE_PER_SECOND_MICROS)]
-AdjustmentMicros = Annotated[
-    int, Field(ge=-MAX_ADJUSTMENT_MICROS, le=MAX_ADJUSTMENT_MICROS), AfterValidator(_nonzero)
-]
+AdjustmentMicros = Annotated[int, Field(ge=-MAX_ADJUSTMENT_MICROS, le=MAX_ADJUSTMENT_MICROS), AfterValidator(_nonzero)]
 
 ResourceKind = Literal["pod", "marketplace", "cluster"]
 Tier = Literal["on_demand", "spot"]
@@ -262,8 +260,7 @@ class _Envelope(BaseModel):
             if _EXTENSION_NAME_RE.fullmatch(name) is None:
                 raise PydanticCustomError(
                     "extension_name",
-                    "unknown attribute {name}: extension attribute names are 1 to 20 lowercase "
-                    "ASCII letters or digits",
+                    "unknown attribute {name}: extension attribute names are 1 to 20 lowercase ASCII letters or digits",
                     {"name": _quote(name)},
                 )
             # type() not isinstance(): a float is not allowed, and neither is an int subclass.
@@ -343,6 +340,71 @@ class WalletAdjustedEvent(_TypedEnvelope):
     data: WalletAdjusted
 
 
+# --- Stripe facts -------------------------------------------------------------------------------
+# Money Stripe moved arrives by HTTP (webhook or confirm), never on billing.in: these types are in
+# the log (so a rebuild sees them) but parse_event refuses them on the NATS subject (unknown_type).
+# Their identity is Stripe's own: source "stripe" and the PaymentIntent, refund or dispute id, so
+# the same PaymentIntent credits once whether it comes by webhook, by confirm, or both.
+
+STRIPE_SOURCE: Final = "stripe"
+STRIPE_ID_PATTERN: Final = r"^[A-Za-z0-9_]{1,255}$"
+MAX_STRIPE_AMOUNT_MICROS: Final = 1_000_000_000_000
+"""$1,000,000: far above the largest top-up; Stripe's own cap on one charge is below it."""
+
+StripeId = Annotated[str, StringConstraints(pattern=STRIPE_ID_PATTERN)]
+StripeMicros = Annotated[int, Field(ge=1, le=MAX_STRIPE_AMOUNT_MICROS)]
+
+
+class StripePaymentSucceeded(_EventData):
+    payment_intent_id: StripeId
+    amount_micros: StripeMicros
+    via: Literal["webhook", "confirm"]
+
+
+class StripeRefundSucceeded(_EventData):
+    payment_intent_id: StripeId
+    refund_id: StripeId
+    amount_micros: StripeMicros
+
+
+class StripeDisputeOpened(_EventData):
+    payment_intent_id: StripeId
+    dispute_id: StripeId
+    amount_micros: StripeMicros
+
+
+class StripeDisputeClosed(_EventData):
+    payment_intent_id: StripeId
+    dispute_id: StripeId
+    amount_micros: StripeMicros
+    won: bool
+
+
+class StripePaymentSucceededEvent(_TypedEnvelope):
+    type: Literal["stripe.payment.succeeded"] = "stripe.payment.succeeded"
+    data: StripePaymentSucceeded
+
+
+class StripeRefundSucceededEvent(_TypedEnvelope):
+    type: Literal["stripe.refund.succeeded"] = "stripe.refund.succeeded"
+    data: StripeRefundSucceeded
+
+
+class StripeDisputeOpenedEvent(_TypedEnvelope):
+    type: Literal["stripe.dispute.opened"] = "stripe.dispute.opened"
+    data: StripeDisputeOpened
+
+
+class StripeDisputeClosedEvent(_TypedEnvelope):
+    type: Literal["stripe.dispute.closed"] = "stripe.dispute.closed"
+    data: StripeDisputeClosed
+
+
+StripeFact = (
+    StripePaymentSucceededEvent | StripeRefundSucceededEvent | StripeDisputeOpenedEvent | StripeDisputeClosedEvent
+)
+
+
 Event = Annotated[
     RentalStartedEvent
     | RentalMeteredEvent
@@ -356,6 +418,24 @@ Event = Annotated[
 ]
 
 EVENT_ADAPTER: Final[TypeAdapter[Event]] = TypeAdapter(Event)
+
+# Everything the log holds: the events of billing.in and the Stripe facts of the HTTP intake.
+LogEvent = Annotated[
+    RentalStartedEvent
+    | RentalMeteredEvent
+    | RentalPausedEvent
+    | RentalResumedEvent
+    | RentalEndedEvent
+    | SpotPreemptedEvent
+    | ServerlessJobCompletedEvent
+    | WalletAdjustedEvent
+    | StripePaymentSucceededEvent
+    | StripeRefundSucceededEvent
+    | StripeDisputeOpenedEvent
+    | StripeDisputeClosedEvent,
+    Field(discriminator="type"),
+]
+LOG_EVENT_ADAPTER: Final[TypeAdapter[LogEvent]] = TypeAdapter(LogEvent)
 _ANY_ENVELOPE_ADAPTER: Final = TypeAdapter(_AnyEnvelope)
 
 EVENT_CLASSES: Final[tuple[type[_TypedEnvelope], ...]] = (
@@ -564,14 +644,9 @@ def _describe_error(e: ErrorDetails) -> str:
     if error_type == "string_pattern_mismatch":
         return f"must match {ctx.get('pattern')}, got {_quote(e['input'])}"
     if error_type in ("timezone_aware", "datetime_type", "datetime_parsing", "datetime_from_date_parsing"):
-        return (
-            "must be an RFC 3339 time with a timezone, such as 2026-11-28T10:00:00Z, "
-            f"got {_quote(e['input'])}"
-        )
+        return f"must be an RFC 3339 time with a timezone, such as 2026-11-28T10:00:00Z, got {_quote(e['input'])}"
     if error_type in ("int_type", "int_parsing"):
-        return (
-            f"must be an integer (a JSON number, not a string, boolean or fraction), got {_quote(e['input'])}"
-        )
+        return f"must be an integer (a JSON number, not a string, boolean or fraction), got {_quote(e['input'])}"
     message = e["msg"]
     if message.startswith("Input should "):
         message = "must " + message.removeprefix("Input should ")
@@ -648,6 +723,13 @@ def _reject(
     )
 
 
-def event_to_json(event: Event) -> bytes:
-    """The event as CloudEvents structured JSON (camelCase data); ``parse_event`` reads it back equal."""
-    return EVENT_ADAPTER.dump_json(event, by_alias=True, exclude_none=True)
+def event_to_json(event: LogEvent) -> bytes:
+    """The event as CloudEvents structured JSON (camelCase data); ``parse_event`` reads it back equal
+    (``parse_log_event`` for the Stripe facts, which billing.in does not accept)."""
+    return LOG_EVENT_ADAPTER.dump_json(event, by_alias=True, exclude_none=True)
+
+
+def parse_log_event(raw: bytes | str) -> LogEvent:
+    """An event as the log stored it (any type, Stripe facts included). Raises on bad input: what
+    is in the log was validated on the way in, so a failure here is a bug or a tampered log."""
+    return LOG_EVENT_ADAPTER.validate_json(raw, by_name=False)

@@ -64,9 +64,7 @@ class JournalTxn:
     memo: str = field(default="")
 
     def __post_init__(self) -> None:
-        require(
-            2 <= len(self.postings) <= MAX_POSTINGS_PER_TXN, f"{self.kind}: {len(self.postings)} postings"
-        )
+        require(2 <= len(self.postings) <= MAX_POSTINGS_PER_TXN, f"{self.kind}: {len(self.postings)} postings")
         require_balanced(self.postings, self.kind)
 
 

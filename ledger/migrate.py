@@ -19,11 +19,7 @@ def alembic_config() -> Config:
 
 def upgrade(url_or_engine: str | Engine, revision: str = "head") -> None:
     """Upgrade to ``revision`` as the login of the URL (the schema owner)."""
-    engine = (
-        create_engine(url_or_engine, poolclass=pool.NullPool)
-        if isinstance(url_or_engine, str)
-        else url_or_engine
-    )
+    engine = create_engine(url_or_engine, poolclass=pool.NullPool) if isinstance(url_or_engine, str) else url_or_engine
     cfg = alembic_config()
     with engine.begin() as conn:
         cfg.attributes["connection"] = conn

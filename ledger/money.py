@@ -79,9 +79,7 @@ def rental_charge_micros(prev_seconds: int, new_seconds: int, price_per_hour_mic
     """
     prev = _require_non_negative(prev_seconds, "prev_seconds")
     new = _require_non_negative(new_seconds, "new_seconds")
-    charge = rental_cost_micros(max(prev, new), price_per_hour_micros) - rental_cost_micros(
-        prev, price_per_hour_micros
-    )
+    charge = rental_cost_micros(max(prev, new), price_per_hour_micros) - rental_cost_micros(prev, price_per_hour_micros)
     require(charge >= 0, f"rental charge went negative: {charge}")
     return charge
 
@@ -123,8 +121,7 @@ def parse_usd_micros(value: object) -> int:
         raise MoneyParseError(f"amount must be a number of USD, not a boolean: {value!r}")
     if isinstance(value, float):
         raise MoneyParseError(
-            "amount must be given exactly (an integer, a decimal string or a Decimal), "
-            f"not a float: {value!r}"
+            f"amount must be given exactly (an integer, a decimal string or a Decimal), not a float: {value!r}"
         )
     if isinstance(value, int):
         return _parse_usd_int(value)
@@ -212,8 +209,7 @@ def micros_to_cents_exact(micros: int) -> int:
     cents, remainder_micros = divmod(amount_micros, MICROS_PER_CENT)
     if remainder_micros != 0:
         raise MoneyParseError(
-            f"amount {format_usd(amount_micros)} USD is not a whole number of cents; "
-            "give at most 2 decimal places"
+            f"amount {format_usd(amount_micros)} USD is not a whole number of cents; give at most 2 decimal places"
         )
     return cents
 

@@ -12,6 +12,7 @@ from typing import Final
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     DateTime,
@@ -160,9 +161,7 @@ rentals = Table(
     Column("stop_attempts", Integer, nullable=False, server_default="0"),
     Column("stop_issued_at", DateTime(timezone=True), nullable=True),
     CheckConstraint("status IN ('running', 'paused', 'ended')", name="status_known"),
-    CheckConstraint(
-        "billable_seconds >= 0 AND charged_micros >= 0 AND price_per_hour_micros >= 0", name="nonnegative"
-    ),
+    CheckConstraint("billable_seconds >= 0 AND charged_micros >= 0 AND price_per_hour_micros >= 0", name="nonnegative"),
     Index("ix_rentals_wallet_id_open", "wallet_id", postgresql_where=text("status <> 'ended'")),
 )
 
@@ -204,4 +203,18 @@ Index(
     rejected_inputs.c.reason,
     unique=True,
     postgresql_where=text("source IS NOT NULL AND event_id IS NOT NULL"),
+)
+
+stripe_payments = Table(
+    "stripe_payments",
+    metadata,
+    Column("payment_intent_id", Text, primary_key=True),
+    Column("wallet_id", Text, nullable=False),
+    Column("seen", Boolean, nullable=False),
+    Column("credited_micros", BigInteger, nullable=False),
+    Column("refunded_micros", BigInteger, nullable=False),
+    Column("disputes", JSONB, nullable=False),
+    Column("pending", JSONB, nullable=False),
+    CheckConstraint("credited_micros >= 0 AND refunded_micros >= 0", name="nonnegative"),
+    Index("ix_stripe_payments_wallet_id", "wallet_id"),
 )

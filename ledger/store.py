@@ -16,7 +16,7 @@ from typing import Any, Final
 
 import psycopg
 
-from ledger.events import Event, event_to_json
+from ledger.events import LogEvent, event_to_json
 from ledger.invariants import require, require_int
 from ledger.journal import MAX_TXNS_PER_EVENT, JournalTxn
 
@@ -43,7 +43,7 @@ class EventRecord:
         return (self.source, self.event_id)
 
     @classmethod
-    def from_event(cls, event: Event) -> EventRecord:
+    def from_event(cls, event: LogEvent) -> EventRecord:
         payload = event_to_json(event).decode()
         # jsonb cannot hold NUL; the parser refuses it, so meeting one here is a bug.
         require("\\u0000" not in payload, f"event {event.key}: NUL in payload")
@@ -166,9 +166,7 @@ def _params(items: Sequence[AppendItem], received_at: datetime) -> dict[str, Any
     return {"received_at": received_at, **p}
 
 
-def append_batch(
-    conn: psycopg.Connection[Any], items: Sequence[AppendItem], *, received_at: datetime
-) -> AppendResult:
+def append_batch(conn: psycopg.Connection[Any], items: Sequence[AppendItem], *, received_at: datetime) -> AppendResult:
     """Append events and their journal in the caller's transaction (commit is the caller's).
 
     The first occurrence of a key within the batch wins; later ones are duplicates.

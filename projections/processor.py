@@ -28,11 +28,15 @@ from typing import Any, Final
 import psycopg
 
 from ledger.events import (
-    Event,
+    LogEvent,
     Rejection,
     RejectReason,
     RentalStartedEvent,
     ServerlessJobCompletedEvent,
+    StripeDisputeClosedEvent,
+    StripeDisputeOpenedEvent,
+    StripePaymentSucceededEvent,
+    StripeRefundSucceededEvent,
 )
 from ledger.invariants import require
 from ledger.store import AppendItem, EventKey, EventRecord, append_batch
@@ -67,7 +71,7 @@ class Disposition(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class Incoming:
-    event: Event
+    event: LogEvent
     raw: bytes
     subject: str | None = None
     delivery_count: int | None = None
@@ -97,17 +101,30 @@ class BatchResult:
     next_wakeups: dict[str, datetime | None] = field(default_factory=dict)
 
 
-def _resource_keys(events: Sequence[Event]) -> tuple[set[str], set[tuple[str, str]], set[tuple[str, str, str]]]:
+_STRIPE_FACTS: Final = (
+    StripePaymentSucceededEvent,
+    StripeRefundSucceededEvent,
+    StripeDisputeOpenedEvent,
+    StripeDisputeClosedEvent,
+)
+
+
+def _resource_keys(
+    events: Sequence[LogEvent],
+) -> tuple[set[str], set[tuple[str, str]], set[tuple[str, str, str]], set[str]]:
     resources: set[str] = set()
     endpoints: set[tuple[str, str]] = set()
     jobs: set[tuple[str, str, str]] = set()
+    payments: set[str] = set()
     for ev in events:
-        if isinstance(ev, ServerlessJobCompletedEvent):
+        if isinstance(ev, _STRIPE_FACTS):
+            payments.add(ev.data.payment_intent_id)
+        elif isinstance(ev, ServerlessJobCompletedEvent):
             endpoints.add((ev.wallet_id, ev.data.endpoint_id))
             jobs.add((ev.wallet_id, ev.data.endpoint_id, ev.data.job_id))
         elif ev.resource_id is not None:
             resources.add(ev.resource_id)
-    return resources, endpoints, jobs
+    return resources, endpoints, jobs, payments
 
 
 def _existing_keys(conn: psycopg.Connection[Any], keys: Sequence[EventKey]) -> set[EventKey]:
@@ -157,7 +174,7 @@ def record_rejections(conn: psycopg.Connection[Any], rows: Sequence[RejectedInpu
         )
 
 
-def _rejection_of(ev: Event, reason: RejectReason, detail: str) -> Rejection:
+def _rejection_of(ev: LogEvent, reason: RejectReason, detail: str) -> Rejection:
     return Rejection(
         reason=reason,
         detail=detail[:1000],
@@ -192,8 +209,10 @@ def process_batch(
     todo = [idx for key, idx in first.items() if key not in existing]
     todo.sort()
     events = [incoming[i].event for i in todo]
-    resources, endpoints, jobs = _resource_keys(events)
-    before, foreign = load_wallets(conn, wallet_ids, resource_ids=resources, endpoint_keys=endpoints, job_keys=jobs)
+    resources, endpoints, jobs, payments = _resource_keys(events)
+    before, foreign = load_wallets(
+        conn, wallet_ids, resource_ids=resources, endpoint_keys=endpoints, job_keys=jobs, payment_ids=payments
+    )
     states = dict(before)
     # Resources started in this batch, by wallet: another wallet naming one is refused too.
     owner = {rid: r.wallet_id for rid, r in foreign.items()}

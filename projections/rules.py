@@ -56,7 +56,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Final, Literal
 
 from ledger.events import (
-    Event,
+    LogEvent,
     RejectReason,
     RentalEndedEvent,
     RentalMeteredEvent,
@@ -65,10 +65,24 @@ from ledger.events import (
     RentalStartedEvent,
     ServerlessJobCompletedEvent,
     SpotPreemptedEvent,
+    StripeDisputeClosedEvent,
+    StripeDisputeOpenedEvent,
+    StripePaymentSucceededEvent,
+    StripeRefundSucceededEvent,
     WalletAdjustedEvent,
 )
 from ledger.invariants import fail, require, require_int
-from ledger.journal import ADJUSTMENTS, JournalTxn, Product, revenue_account, transfer, wallet_account
+from ledger.journal import (
+    ADJUSTMENTS,
+    DISPUTES,
+    REFUNDS,
+    STRIPE_CLEARING,
+    JournalTxn,
+    Product,
+    revenue_account,
+    transfer,
+    wallet_account,
+)
 from ledger.money import rental_cost_micros, serverless_cost_micros, serverless_exact_millimicros
 
 RentalStatus = Literal["running", "paused", "ended"]
@@ -184,6 +198,35 @@ class Hold:
 
 
 @dataclass(frozen=True, slots=True)
+class PendingStripeFact:
+    """A refund or dispute fact that arrived before its payment: kept, applied when it comes."""
+
+    kind: Literal["refund", "dispute_opened", "dispute_closed"]
+    fact_id: str
+    amount_micros: int
+    dispute_id: str | None = None
+    won: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class PaymentState:
+    """One Stripe PaymentIntent of the wallet: what was credited, refunded and is disputed.
+
+    Stripe's webhooks arrive in any order. A refund or dispute of a payment not seen yet moves no
+    money (it is kept as pending); the payment applies them when it arrives. So no order of
+    arrival creates or destroys money, and every order ends in the same balances.
+    """
+
+    payment_intent_id: str
+    seen: bool = False
+    credited_micros: int = 0
+    refunded_micros: int = 0
+    disputes: Mapping[str, tuple[str, int]] = field(default_factory=dict)
+    """dispute id -> (status ``open``/``won``/``lost``, amount held while open)."""
+    pending: tuple[PendingStripeFact, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class WalletState:
     """What the rules need to know about one wallet (see the module doc for what to load)."""
 
@@ -196,6 +239,8 @@ class WalletState:
     serverless_admissions: tuple[datetime, ...] = ()
     status: WalletStatus = "active"
     last_notice: NoticeKind | None = None
+    payments: Mapping[str, PaymentState] = field(default_factory=dict)
+    """The PaymentIntents the events in hand name (load them like rentals)."""
 
     def __post_init__(self) -> None:
         require_int(self.balance_micros, "balance_micros")
@@ -559,7 +604,7 @@ class _Fact:
     rejection: tuple[RejectReason, str] | None = None
 
 
-def _apply_fact(state: WalletState, event: Event) -> _Fact:
+def _apply_fact(state: WalletState, event: LogEvent) -> _Fact:
     """The money and rental-state effect of one event. Independent of ``now`` (replay-safe)."""
     require(
         event.wallet_id == state.wallet_id,
@@ -568,6 +613,11 @@ def _apply_fact(state: WalletState, event: Event) -> _Fact:
     _require_aware(event.time, "event time")
     if isinstance(event, WalletAdjustedEvent):
         return _adjusted(state, event)
+    if isinstance(
+        event,
+        StripePaymentSucceededEvent | StripeRefundSucceededEvent | StripeDisputeOpenedEvent | StripeDisputeClosedEvent,
+    ):
+        return _stripe_fact(state, event)
     if isinstance(event, ServerlessJobCompletedEvent):
         return _job_completed(state, event)
     if isinstance(event, RentalStartedEvent):
@@ -604,6 +654,144 @@ def _adjusted(state: WalletState, event: WalletAdjustedEvent) -> _Fact:
         memo=f"{event.data.reason} (by {event.data.operator})",
     )
     return _Fact(replace(state, balance_micros=state.balance_micros + amount), "applied", txns=(txn,))
+
+
+def _stripe_fact(
+    state: WalletState,
+    event: StripePaymentSucceededEvent
+    | StripeRefundSucceededEvent
+    | StripeDisputeOpenedEvent
+    | StripeDisputeClosedEvent,
+) -> _Fact:
+    """Money Stripe moved: a payment credits the wallet (R1: money actually captured is credited even
+    below $5, flagged in the memo); a refund debits it; a dispute holds the amount in ``disputes``
+    until it closes (won: back to the wallet; lost: gone to Stripe, the card holder has it)."""
+    pi = event.data.payment_intent_id
+    payment = state.payments.get(pi) or PaymentState(pi)
+    if isinstance(event, StripePaymentSucceededEvent):
+        if payment.seen:  # the log's key makes this unreachable for one PaymentIntent; defensive
+            return _Fact(state, "noop")
+        amount = event.data.amount_micros
+        memo = f"{pi} via {event.data.via}" + (" below_minimum_topup" if amount < MIN_TOPUP_MICROS else "")
+        txns = [
+            transfer(
+                "topup",
+                wallet_id=state.wallet_id,
+                debit=STRIPE_CLEARING,
+                credit=wallet_account(state.wallet_id),
+                amount_micros=amount,
+                memo=memo,
+            )
+        ]
+        payment = replace(payment, seen=True, credited_micros=amount, pending=())
+        for fact in payment_pending(state.payments.get(pi)):
+            payment, more = _apply_stripe_money(state.wallet_id, payment, fact)
+            txns.extend(more)
+        return _with_payment(state, payment, tuple(txns))
+    if isinstance(event, StripeRefundSucceededEvent):
+        fact = PendingStripeFact("refund", event.data.refund_id, event.data.amount_micros)
+    elif isinstance(event, StripeDisputeOpenedEvent):
+        fact = PendingStripeFact("dispute_opened", event.id, event.data.amount_micros, event.data.dispute_id)
+    else:
+        fact = PendingStripeFact(
+            "dispute_closed", event.id, event.data.amount_micros, event.data.dispute_id, event.data.won
+        )
+    if not payment.seen:
+        return _with_payment(state, replace(payment, pending=(*payment.pending, fact)), ())
+    payment, txns = _apply_stripe_money(state.wallet_id, payment, fact)
+    if not txns and payment == state.payments.get(pi):
+        return _Fact(state, "noop")
+    return _with_payment(state, payment, tuple(txns))
+
+
+def payment_pending(payment: PaymentState | None) -> tuple[PendingStripeFact, ...]:
+    return () if payment is None else payment.pending
+
+
+def _with_payment(state: WalletState, payment: PaymentState, txns: tuple[JournalTxn, ...]) -> _Fact:
+    wallet = wallet_account(state.wallet_id)
+    delta = sum(p.amount_micros for t in txns for p in t.postings if p.account == wallet)
+    new_state = replace(
+        state,
+        balance_micros=state.balance_micros + delta,
+        payments={**state.payments, payment.payment_intent_id: payment},
+    )
+    return _Fact(new_state, "applied", txns=txns)
+
+
+def _apply_stripe_money(
+    wallet_id: str, payment: PaymentState, fact: PendingStripeFact
+) -> tuple[PaymentState, list[JournalTxn]]:
+    """A refund or dispute fact against a payment already credited."""
+    require(payment.seen, "stripe money before its payment")
+    wallet = wallet_account(wallet_id)
+    pi = payment.payment_intent_id
+    if fact.kind == "refund":
+        txn = transfer(
+            "refund",
+            wallet_id=wallet_id,
+            debit=wallet,
+            credit=REFUNDS,
+            amount_micros=fact.amount_micros,
+            memo=f"{fact.fact_id} of {pi}",
+        )
+        return replace(payment, refunded_micros=payment.refunded_micros + fact.amount_micros), [txn]
+    require(fact.dispute_id is not None, "dispute fact without a dispute id")
+    dispute_id = fact.dispute_id or ""
+    status, held = payment.disputes.get(dispute_id, ("none", 0))
+    if fact.kind == "dispute_opened":
+        if status != "none":  # already open, or closed before its opening arrived
+            return payment, []
+        txn = transfer(
+            "dispute_hold",
+            wallet_id=wallet_id,
+            debit=wallet,
+            credit=DISPUTES,
+            amount_micros=fact.amount_micros,
+            memo=f"{dispute_id} of {pi}",
+        )
+        return replace(payment, disputes={**payment.disputes, dispute_id: ("open", fact.amount_micros)}), [txn]
+    # dispute closed
+    if status in ("won", "lost"):
+        return payment, []
+    outcome = "won" if fact.won else "lost"
+    txns: list[JournalTxn] = []
+    if status == "open":
+        if fact.won:
+            txns.append(
+                transfer(
+                    "dispute_release",
+                    wallet_id=wallet_id,
+                    debit=DISPUTES,
+                    credit=wallet,
+                    amount_micros=held,
+                    memo=f"{dispute_id} won",
+                )
+            )
+        else:
+            txns.append(
+                transfer(
+                    "dispute_lost",
+                    wallet_id=wallet_id,
+                    debit=DISPUTES,
+                    credit=STRIPE_CLEARING,
+                    amount_micros=held,
+                    memo=f"{dispute_id} lost",
+                )
+            )
+    elif not fact.won:
+        # Closed (lost) before its opening arrived: the money leaves the wallet directly.
+        txns.append(
+            transfer(
+                "dispute_lost",
+                wallet_id=wallet_id,
+                debit=wallet,
+                credit=STRIPE_CLEARING,
+                amount_micros=fact.amount_micros,
+                memo=f"{dispute_id} lost",
+            )
+        )
+    return replace(payment, disputes={**payment.disputes, dispute_id: (outcome, 0)}), txns
 
 
 def _job_completed(state: WalletState, event: ServerlessJobCompletedEvent) -> _Fact:
@@ -689,7 +877,7 @@ def _resumed(state: WalletState, rental: RentalState, event: RentalResumedEvent)
 def _reading(
     state: WalletState,
     rental: RentalState,
-    event: Event,
+    event: LogEvent,
     seconds: int,
     transition: Literal["paused"] | EndReason | None,
     ended_at: datetime,
@@ -818,7 +1006,7 @@ def _housekeeping(state: WalletState, now: datetime) -> tuple[WalletState, tuple
     return state, commands, notices
 
 
-def apply(state: WalletState, event: Event, now: datetime) -> tuple[WalletState, Decision]:
+def apply(state: WalletState, event: LogEvent, now: datetime) -> tuple[WalletState, Decision]:
     """Apply one event at processing instant ``now``: the fact (charges, rental transitions,
     settlements), then, unless it was rejected or is not started yet, the housekeeping at ``now``
     (stop commands, notices). A rejected or not-started event leaves the state unchanged."""
@@ -840,12 +1028,12 @@ def apply(state: WalletState, event: Event, now: datetime) -> tuple[WalletState,
     return new_state, decision
 
 
-def decide(state: WalletState, event: Event, now: datetime) -> Decision:
+def decide(state: WalletState, event: LogEvent, now: datetime) -> Decision:
     """What ``event`` decides against ``state`` at ``now`` (see :func:`apply`)."""
     return apply(state, event, now)[1]
 
 
-def evolve(state: WalletState, event: Event, now: datetime) -> WalletState:
+def evolve(state: WalletState, event: LogEvent, now: datetime) -> WalletState:
     """The state after ``event`` at ``now`` (see :func:`apply`)."""
     return apply(state, event, now)[0]
 

@@ -16,7 +16,7 @@ import psycopg
 
 from ledger.invariants import require
 from ledger.journal import wallet_account
-from projections.rules import EndpointState, Hold, RentalState, WalletState
+from projections.rules import EndpointState, Hold, PaymentState, PendingStripeFact, RentalState, WalletState
 
 # The aggregate of one wallet is small; a batch touches at most this many wallets.
 MAX_WALLETS_PER_LOAD: Final = 10_000
@@ -101,6 +101,7 @@ def load_wallets(
     resource_ids: Iterable[str] = (),
     endpoint_keys: Iterable[tuple[str, str]] = (),
     job_keys: Iterable[tuple[str, str, str]] = (),
+    payment_ids: Iterable[str] = (),
 ) -> tuple[dict[str, WalletState], dict[str, RentalState]]:
     """The aggregates of locked wallets: balance, holds, status, every open rental, the named
     rentals (ended ones too), the named serverless endpoints and which named jobs were seen.
@@ -117,7 +118,17 @@ def load_wallets(
     foreign: dict[str, RentalState] = {}
     eps: dict[str, dict[str, EndpointState]] = {w: {} for w in ids}
     seen: dict[str, set[tuple[str, str]]] = {w: set() for w in ids}
+    pays: dict[str, dict[str, PaymentState]] = {w: {} for w in ids}
+    pis = sorted(set(payment_ids))
     with conn.cursor() as cur:
+        if pis:
+            cur.execute(
+                "SELECT wallet_id, payment_intent_id, seen, credited_micros, refunded_micros, disputes, pending"
+                "  FROM stripe_payments WHERE payment_intent_id = ANY(%b) AND wallet_id = ANY(%b)",
+                (pis, ids),
+            )
+            for w, pi, was_seen, credited, refunded, disputes, pending in cur.fetchall():
+                pays[w][pi] = _payment_from_row(pi, was_seen, credited, refunded, disputes, pending)
         cur.execute(
             "SELECT w.wallet_id, coalesce(b.balance_micros, 0), w.status, w.last_notice, w.holds,"
             "       w.serverless_admissions"
@@ -166,6 +177,7 @@ def load_wallets(
             serverless_admissions=tuple(datetime.fromisoformat(t) for t in admissions),
             status=status,
             last_notice=last_notice,
+            payments=pays[wallet_id],
         )
     require(set(states) == set(ids), "a locked wallet has no row")
     return states, foreign
@@ -184,6 +196,7 @@ def save_wallets(
     require(set(before) == set(after), "save of a different wallet set")
     rental_rows: list[RentalState] = []
     endpoint_rows: list[tuple[str, EndpointState]] = []
+    payment_rows: list[tuple[str, PaymentState]] = []
     wallet_rows: list[WalletState] = []
     for wid, new in after.items():
         old = before[wid]
@@ -195,6 +208,9 @@ def save_wallets(
         for eid, e in new.endpoints.items():
             if old.endpoints.get(eid) != e:
                 endpoint_rows.append((wid, e))
+        for pi, pay in new.payments.items():
+            if old.payments.get(pi) != pay:
+                payment_rows.append((wid, pay))
     with conn.cursor() as cur:
         if wallet_rows:
             cur.execute(
@@ -261,6 +277,62 @@ def save_wallets(
                     [e.charged_micros for _, e in endpoint_rows],
                 ],
             )
+
+        if payment_rows:
+            cur.execute(
+                "INSERT INTO stripe_payments (payment_intent_id, wallet_id, seen, credited_micros, refunded_micros,"
+                "                             disputes, pending)"
+                " SELECT p, w, s, c, r, d::jsonb, pe::jsonb"
+                "   FROM unnest(%b::text[], %b::text[], %b::bool[], %b::int8[], %b::int8[], %b::text[], %b::text[])"
+                "        AS x(p, w, s, c, r, d, pe)"
+                " ON CONFLICT (payment_intent_id) DO UPDATE SET"
+                "   seen = EXCLUDED.seen, credited_micros = EXCLUDED.credited_micros,"
+                "   refunded_micros = EXCLUDED.refunded_micros, disputes = EXCLUDED.disputes,"
+                "   pending = EXCLUDED.pending"
+                " WHERE stripe_payments.wallet_id = EXCLUDED.wallet_id",
+                [
+                    [p.payment_intent_id for _, p in payment_rows],
+                    [w for w, _ in payment_rows],
+                    [p.seen for _, p in payment_rows],
+                    [p.credited_micros for _, p in payment_rows],
+                    [p.refunded_micros for _, p in payment_rows],
+                    [json.dumps({k: list(v) for k, v in sorted(p.disputes.items())}) for _, p in payment_rows],
+                    [json.dumps([_pending_to_json(f) for f in p.pending]) for _, p in payment_rows],
+                ],
+            )
+            require(cur.rowcount == len(payment_rows), "a PaymentIntent belongs to another wallet")
+
+
+def _pending_to_json(f: PendingStripeFact) -> dict[str, Any]:
+    return {
+        "kind": f.kind,
+        "factId": f.fact_id,
+        "amountMicros": f.amount_micros,
+        "disputeId": f.dispute_id,
+        "won": f.won,
+    }
+
+
+def _payment_from_row(
+    pi: str, seen: bool, credited: int, refunded: int, disputes: dict[str, list[Any]], pending: list[dict[str, Any]]
+) -> PaymentState:
+    return PaymentState(
+        payment_intent_id=pi,
+        seen=seen,
+        credited_micros=int(credited),
+        refunded_micros=int(refunded),
+        disputes={k: (str(v[0]), int(v[1])) for k, v in disputes.items()},
+        pending=tuple(
+            PendingStripeFact(
+                kind=f["kind"],
+                fact_id=f["factId"],
+                amount_micros=int(f["amountMicros"]),
+                dispute_id=f["disputeId"],
+                won=f["won"],
+            )
+            for f in pending
+        ),
+    )
 
 
 def wallet_balance_account(wallet_id: str) -> str:

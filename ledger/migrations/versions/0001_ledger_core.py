@@ -75,9 +75,7 @@ def upgrade() -> None:
         ),
         sa.CheckConstraint("txn_no >= 0", name="ck_journal_transactions_txn_no_nonnegative"),
     )
-    op.create_index(
-        "ix_journal_transactions_wallet_id_booked_at", "journal_transactions", ["wallet_id", "booked_at"]
-    )
+    op.create_index("ix_journal_transactions_wallet_id_booked_at", "journal_transactions", ["wallet_id", "booked_at"])
     op.create_index("ix_journal_transactions_booked_at", "journal_transactions", ["booked_at"])
 
     op.create_table(
@@ -96,9 +94,7 @@ def upgrade() -> None:
         sa.CheckConstraint("amount_micros <> 0", name="ck_journal_entries_amount_nonzero"),
         sa.CheckConstraint("entry_no >= 0", name="ck_journal_entries_entry_no_nonnegative"),
     )
-    op.create_index(
-        "ix_journal_entries_account_event_position", "journal_entries", ["account", "event_position"]
-    )
+    op.create_index("ix_journal_entries_account_event_position", "journal_entries", ["account", "event_position"])
 
     op.create_table(
         "account_balances",

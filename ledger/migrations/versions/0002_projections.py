@@ -27,9 +27,7 @@ def upgrade() -> None:
         sa.Column("last_notice", sa.Text, nullable=True),
         # Admission holds and serverless admission instants: short-lived, not facts of the log.
         sa.Column("holds", postgresql.JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
-        sa.Column(
-            "serverless_admissions", postgresql.JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")
-        ),
+        sa.Column("serverless_admissions", postgresql.JSONB, nullable=False, server_default=sa.text("'[]'::jsonb")),
         # When the scheduler must look at this wallet next (predicted zero, low, re-issue, expiry).
         sa.Column("next_wakeup_at", sa.DateTime(timezone=True), nullable=True),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
@@ -108,9 +106,7 @@ def upgrade() -> None:
         sa.Column("published_at", sa.DateTime(timezone=True), nullable=True),
         sa.PrimaryKeyConstraint("id", name="pk_outbox"),
     )
-    op.create_index(
-        "ix_outbox_unpublished", "outbox", ["id"], postgresql_where=sa.text("published_at IS NULL")
-    )
+    op.create_index("ix_outbox_unpublished", "outbox", ["id"], postgresql_where=sa.text("published_at IS NULL"))
 
     # A rejected input is recorded once per (source, id, reason): a redelivery adds nothing.
     op.create_index(
