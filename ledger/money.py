@@ -153,7 +153,11 @@ def _parse_usd_str(text: str) -> int:
         raise MoneyParseError(f"amount must not be negative: {shown}")
     if _AMOUNT_RE.fullmatch(stripped) is None:
         raise MoneyParseError(f"amount is not a plain decimal number of USD such as 12.50: {shown}")
-    return _parse_usd_decimal(Decimal(stripped), shown)
+    try:
+        amount = Decimal(stripped)
+    except ArithmeticError:  # decimal.InvalidOperation: an exponent beyond what Decimal holds ("0E10**19")
+        raise MoneyParseError(f"amount is out of range: {shown}") from None
+    return _parse_usd_decimal(amount, shown)
 
 
 def _shown(text: str) -> str:

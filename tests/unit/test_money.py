@@ -228,3 +228,9 @@ def test_cents_conversions() -> None:
         micros_to_cents_exact(-5)
     with pytest.raises(InvariantViolation):
         cents_to_micros(True)
+
+
+def test_an_exponent_beyond_decimal_is_a_parse_error_not_a_crash() -> None:
+    # Found by the HTTP fuzzer: Decimal("0E1000000000000000000") raises InvalidOperation.
+    with pytest.raises(MoneyParseError):
+        parse_usd_micros("0E1000000000000000000")
