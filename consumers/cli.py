@@ -13,6 +13,18 @@ from consumers.settings import Settings
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Billing and metering service of the GPU cloud.")
 
 
+def _add_subcommands() -> None:
+    from consumers.dlq_cli import dlq_app
+
+    app.add_typer(dlq_app, name="dlq")
+    from consumers.report_cli import report_app
+
+    app.add_typer(report_app, name="report")
+
+
+_add_subcommands()
+
+
 def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # pgserver logs every pg_ctl command line at INFO; keep its warnings only.
@@ -40,25 +52,29 @@ def up() -> None:
 
     With BILLING_DATABASE_URL / BILLING_NATS_URL unset, starts embedded servers under
     BILLING_DATA_DIR (default .billing)."""
-    from consumers.runtime import services, wait_for_shutdown
+    import signal
+
+    from consumers.app import run_service
+    from consumers.runtime import runtime_file, services
     from ledger.migrate import upgrade
 
     _logging()
     log = logging.getLogger("billing")
     settings = Settings()
+
+    def stop_during_start(signum: int, _frame: object) -> None:
+        # Before the service runs (embedded servers starting, migrations): unwind and clean up.
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop_during_start)
     with services(settings) as urls:
         upgrade(urls.database_url)
         log.info("migrations applied")
-        from sqlalchemy.engine import make_url
-
-        log.info(
-            "billing up: database %s, NATS %s%s",
-            make_url(urls.database_url).render_as_string(hide_password=True),
-            urls.nats_url,
-            f" (embedded: {', '.join(urls.embedded)})" if urls.embedded else "",
-        )
-        asyncio.run(wait_for_shutdown())
-        log.info("shutting down")
+        with runtime_file(settings, urls):
+            # From here the service's own handlers take SIGTERM/SIGINT: finish the batch, then exit.
+            code = asyncio.run(run_service(settings, urls))
+    if code:
+        raise typer.Exit(code)
 
 
 def main() -> None:

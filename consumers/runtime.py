@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import psycopg
 from sqlalchemy.engine import make_url
@@ -72,3 +75,66 @@ async def wait_for_shutdown() -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
+
+
+# --------------------------------------------------------------------------------------------------
+# Where a running `billing up` is, for the one-shot commands (`billing dlq replay`)
+# --------------------------------------------------------------------------------------------------
+
+RUNTIME_FILE = "runtime.json"
+
+
+@contextlib.contextmanager
+def runtime_file(settings: Settings, urls: ServiceUrls) -> Iterator[Path]:
+    """While ``billing up`` runs, ``<data_dir>/runtime.json`` says where its servers are.
+
+    A one-shot command with no URL configured then talks to the embedded servers of the running
+    service instead of starting its own: for NATS that matters, because a second embedded
+    nats-server on the same data dir would stop the running one (see ``EmbeddedNats``).
+    """
+    path = settings.data_dir / RUNTIME_FILE
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    body = {"pid": os.getpid(), "databaseUrl": urls.database_url, "natsUrl": urls.nats_url}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body))
+    tmp.replace(path)
+    try:
+        yield path
+    finally:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(path.read_text()).get("pid") == os.getpid():
+                path.unlink()
+
+
+def running_service_urls(settings: Settings) -> ServiceUrls | None:
+    """The URLs of a ``billing up`` running on this data dir, if one is."""
+    path = settings.data_dir / RUNTIME_FILE
+    try:
+        body = json.loads(path.read_text())
+        pid = int(body["pid"])
+        database_url, nats_url = str(body["databaseUrl"]), str(body["natsUrl"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:
+        pass
+    return ServiceUrls(database_url=database_url, nats_url=nats_url, embedded=())
+
+
+@contextlib.contextmanager
+def client_services(settings: Settings) -> Iterator[ServiceUrls]:
+    """URLs for a one-shot command: the configured ones, else those of the running ``billing up``,
+    else embedded servers started for the command (nothing runs on this data dir)."""
+    running = None if settings.database_url and settings.nats_url else running_service_urls(settings)
+    if running is not None:
+        settings = settings.model_copy(
+            update={
+                "database_url": settings.database_url or running.database_url,
+                "nats_url": settings.nats_url or running.nats_url,
+            }
+        )
+    with services(settings) as urls:
+        yield urls

@@ -29,3 +29,28 @@ class Settings(BaseSettings):
     stripe_api_base: str | None = None
     data_dir: Path = Path(".billing")
     max_topup_micros: int = Field(default=10_000_000_000, gt=0)
+
+    # --- `billing up`: HTTP and shutdown -----------------------------------------------------------
+    http_host: str = "0.0.0.0"  # noqa: S104 - the service's port is meant to be reachable (probes, metrics)
+    # SIGTERM: the batch in hand is finished, committed and acked; whatever still runs after this is
+    # cancelled (its messages are redelivered) and the process exits.
+    shutdown_timeout_s: float = Field(default=20.0, gt=0, le=600)
+
+    # --- JetStream intake (consumers/intake.py) ------------------------------------------------------
+    intake_durable: str = Field(default="billing-intake", pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    # Messages per database transaction (the processor takes at most 5,000).
+    intake_batch_size: int = Field(default=1000, ge=1, le=5000)
+    # When idle, how long one pull request waits for the next message before it is renewed.
+    intake_max_wait_s: float = Field(default=1.0, gt=0, le=30)
+    # Unacked this long, a message is redelivered; a batch that runs long sends in-progress acks.
+    intake_ack_wait_s: float = Field(default=30.0, ge=1, le=3600)
+    # Deliveries of one message; the last delivery of a reading whose rental has not started is
+    # dead-lettered as not_started instead of retried again.
+    intake_max_deliver: int = Field(default=20, ge=2, le=10_000)
+    # Delivered but unacked messages the server allows (in hand, prefetched, and delayed retries).
+    intake_max_ack_pending: int = Field(default=20_000, ge=2, le=1_000_000)
+    # Retry delay of a not-started reading: this, doubled per delivery, at most the max.
+    intake_nak_delay_s: float = Field(default=1.0, ge=0, le=3600)
+    intake_nak_delay_max_s: float = Field(default=60.0, ge=0, le=3600)
+    # Back-off between attempts at a batch whose transaction failed (database down): doubling, capped.
+    intake_db_retry_max_s: float = Field(default=5.0, gt=0, le=300)

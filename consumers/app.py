@@ -1,0 +1,308 @@
+"""`billing up`: one process runs the whole service (DESIGN section 7).
+
+* the JetStream intake (``consumers.intake``): ``billing.in.>`` into the ledger, batch by batch;
+* the outbox relay (``consumers.relay``): stop commands, notices and settlements out;
+* the auto-stop scheduler (``consumers.scheduler``): predicted zero instants into stop commands;
+* the admission replies (``consumers.admission``): NATS request-reply;
+* HTTP (FastAPI on uvicorn, ``settings.http_port``): the API of ``consumers.http_api`` (wallet,
+  Stripe, reads), and ``GET /healthz`` (liveness), ``GET /readyz`` (PostgreSQL answers ``SELECT 1``,
+  NATS is connected, the intake and admission are running; 503 otherwise) and ``GET /metrics``
+  (Prometheus).
+
+NATS is FastStream's :class:`~faststream.nats.NatsBroker`: it owns the connection (reconnecting for
+ever, logging breaks and reconnects, draining at the end); the components run on its nats-py
+connection (the intake explains why it pulls by hand). The streams of the contract are declared
+(created or updated, never deleted) before anything starts.
+
+SIGTERM or SIGINT sets ``stop``: the intake stops pulling, finishes the batch in hand, commits and
+acks; the other loops finish their unit of work; HTTP stops; the broker drains. Whatever still runs
+after ``settings.shutdown_timeout_s`` is cancelled (its messages are redelivered). The exit status
+is 0 after a requested stop, 1 if a component failed on its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Callable, Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Final
+
+import uvicorn
+from fastapi import FastAPI, Response
+from fastapi.responses import JSONResponse
+from faststream.nats import NatsBroker
+from nats.aio.client import Client
+from prometheus_client import CollectorRegistry
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import make_url
+
+from consumers import intake
+from consumers.admission import run_admission
+from consumers.http_api import build_api, install_error_handlers
+from consumers.metrics import CONTENT_TYPE_LATEST, Metrics
+from consumers.names import NatsNames
+from consumers.relay import run_relay
+from consumers.runtime import ServiceUrls
+from consumers.scheduler import run_scheduler
+from consumers.settings import Settings
+from consumers.streams import ensure_streams
+from ledger.db import make_engine
+
+log = logging.getLogger("billing")
+
+# /readyz: how long the database may take to answer SELECT 1 before the service is "not ready".
+READY_DB_TIMEOUT_S: Final = 2.0
+# Connections of the service: the intake, the relay, the scheduler, up to 4 admissions, readiness.
+ENGINE_POOL_SIZE: Final = 8
+# Worker threads of the event loop's default executor (asyncio.to_thread): the intake, the relay, the
+# scheduler, up to 4 admissions and readiness probes, with room to spare.
+WORKER_THREADS: Final = 16
+# A TCP connect to PostgreSQL that hangs longer than this fails (and is retried by the loops).
+DB_CONNECT_TIMEOUT_S: Final = 10
+# uvicorn: how long open HTTP connections get to finish at shutdown.
+HTTP_GRACEFUL_S: Final = 5
+# After the components have stopped (or been cancelled), the broker's drain of the connection.
+NATS_DRAIN_TIMEOUT_S: Final = 5
+# Components still running this long after being cancelled are left behind (logged).
+CANCEL_GRACE_S: Final = 5.0
+
+
+@dataclass
+class Readiness:
+    """What /readyz checks besides the database and the NATS connection."""
+
+    components: dict[str, asyncio.Event] = field(default_factory=dict)
+    stopping: bool = False
+
+
+def build_http(
+    engine: Engine,
+    connection: Callable[[], Client | None],
+    registry: CollectorRegistry,
+    readiness: Readiness,
+) -> FastAPI:
+    """The operational endpoints; ``run_service`` adds the API's router to the same app."""
+    api = FastAPI(title="billing", docs_url=None, redoc_url=None, openapi_url=None)
+
+    @api.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        """Liveness: the process serves HTTP."""
+        return {"status": "ok"}
+
+    @api.get("/readyz")
+    async def readyz() -> JSONResponse:
+        """Readiness: PostgreSQL answers, NATS is connected, the consumers run."""
+        checks: dict[str, str] = {}
+        checks["database"] = await _check_database(engine)
+        nc = connection()
+        checks["nats"] = "ok" if nc is not None and nc.is_connected else "not connected"
+        for name, ready in readiness.components.items():
+            checks[name] = "ok" if ready.is_set() else "starting"
+        if readiness.stopping:
+            checks["service"] = "stopping"
+        ok = all(v == "ok" for v in checks.values())
+        body = {"status": "ready" if ok else "not ready", "checks": checks}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @api.get("/metrics")
+    async def metrics() -> Response:
+        from prometheus_client import generate_latest
+
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return api
+
+
+async def _check_database(engine: Engine) -> str:
+    def select_one() -> None:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT 1"))
+
+    try:
+        await asyncio.wait_for(asyncio.to_thread(select_one), timeout=READY_DB_TIMEOUT_S)
+    except TimeoutError:
+        return f"no answer within {READY_DB_TIMEOUT_S} s"
+    except Exception as exc:
+        return f"unavailable: {type(exc).__name__}"
+    return "ok"
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn without its own signal handling: `billing up` owns SIGTERM/SIGINT (uvicorn would
+    re-raise the signal after its shutdown, turning a clean stop into a death by signal)."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+async def _serve_http(server: _HttpServer) -> None:
+    try:
+        await server.serve()
+    except SystemExit as exc:  # uvicorn exits the process when it cannot bind: fail this task instead
+        raise RuntimeError(f"HTTP server could not start (exit {exc.code}); is the port in use?") from None
+    if not server.started:
+        raise RuntimeError("HTTP server could not start; is the port in use?")
+
+
+def install_stop_signals(stop: asyncio.Event) -> None:
+    """SIGTERM/SIGINT set ``stop``; a second one is left to its default (an impatient Ctrl-C kills)."""
+    loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        log.info("%s received: stopping (finishing the batch in hand)", sig.name)
+        stop.set()
+        for s in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(s)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+
+
+async def run_service(
+    settings: Settings,
+    urls: ServiceUrls,
+    stop: asyncio.Event | None = None,
+    *,
+    clock: Callable[[], datetime] | None = None,
+) -> int:
+    """Run everything until ``stop`` is set (by SIGTERM/SIGINT when not given); return the exit status."""
+    if stop is None:
+        stop = asyncio.Event()
+        install_stop_signals(stop)
+    # Every component runs its database work in worker threads: room for all of them at once.
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(WORKER_THREADS, "billing-db"))
+    names = NatsNames(settings.nats_namespace)
+    engine = make_engine(
+        urls.database_url,
+        role=settings.database_role or None,
+        pool_size=ENGINE_POOL_SIZE,
+        connect_args={"connect_timeout": DB_CONNECT_TIMEOUT_S},
+    )
+    broker = NatsBroker(
+        urls.nats_url,
+        max_reconnect_attempts=-1,  # a NATS restart must never end the service
+        reconnect_time_wait=1,
+        drain_timeout=NATS_DRAIN_TIMEOUT_S,
+        logger=logging.getLogger("billing.nats"),
+    )
+    try:
+        await broker.start()
+        nc = broker.connection
+        js = nc.jetstream()
+        streams = await ensure_streams(js, names, replicas=settings.nats_replicas)
+
+        registry = CollectorRegistry()
+        readiness = Readiness({"intake": asyncio.Event(), "admission": asyncio.Event()})
+        relay_kick, scheduler_kick = asyncio.Event(), asyncio.Event()
+        api = build_http(engine, lambda: nc, registry, readiness)
+        # The wallet, Stripe and finance routes (consumers.http_api) on the same app and port.
+        api.include_router(build_api(engine, settings, clock=clock))
+        install_error_handlers(api)
+        http = _HttpServer(
+            uvicorn.Config(
+                api,
+                host=settings.http_host,
+                port=settings.http_port,
+                log_level="warning",
+                access_log=False,
+                lifespan="off",
+                timeout_graceful_shutdown=HTTP_GRACEFUL_S,
+            )
+        )
+        intake_config = intake.IntakeConfig.from_settings(settings)
+        components: dict[str, Coroutine[Any, Any, None]] = {
+            "intake": intake.run(
+                nc,
+                engine,
+                names,
+                intake_config,
+                stop,
+                metrics=Metrics(registry),
+                clock=clock,
+                relay_kick=relay_kick,
+                scheduler_kick=scheduler_kick,
+                ready=readiness.components["intake"],
+            ),
+            "relay": run_relay(engine, js, names, stop, kick=relay_kick, registry=registry),
+            "scheduler": run_scheduler(
+                engine, nc, names, stop, kick=scheduler_kick, relay_kick=relay_kick, registry=registry
+            ),
+            "admission": run_admission(
+                engine,
+                nc,
+                names,
+                stop,
+                relay_kick=relay_kick,
+                scheduler_kick=scheduler_kick,
+                ready=readiness.components["admission"],
+                registry=registry,
+            ),
+            "http": _serve_http(http),
+        }
+        tasks = {name: asyncio.create_task(coro, name=f"billing-{name}") for name, coro in components.items()}
+        log.info(
+            "billing up: database %s (role %s), NATS %s%s, streams %s, intake %s/%s (batch %d), "
+            "admission on %s, HTTP http://%s:%d%s",
+            make_url(urls.database_url).render_as_string(hide_password=True),
+            settings.database_role or "login's own",
+            urls.nats_url,
+            f" (namespace {names.namespace})" if names.namespace else "",
+            ", ".join(streams),
+            names.in_stream,
+            intake_config.durable,
+            intake_config.batch_size,
+            names.admission_rental.rsplit(".", 1)[0] + ".*",
+            settings.http_host,
+            settings.http_port,
+            f"; embedded: {', '.join(urls.embedded)} in {settings.data_dir}" if urls.embedded else "",
+        )
+        return await _supervise(tasks, stop, http, readiness, settings.shutdown_timeout_s)
+    finally:
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(broker.stop(), timeout=NATS_DRAIN_TIMEOUT_S + 1)
+        engine.dispose()
+        log.info("billing stopped")
+
+
+async def _supervise(
+    tasks: dict[str, asyncio.Task[None]],
+    stop: asyncio.Event,
+    http: _HttpServer,
+    readiness: Readiness,
+    shutdown_timeout_s: float,
+) -> int:
+    """Wait for ``stop`` or a component that ends on its own (a failure); then stop everything,
+    bounded. Returns the exit status."""
+    stop_waiter = asyncio.create_task(stop.wait())
+    await asyncio.wait([*tasks.values(), stop_waiter], return_when=asyncio.FIRST_COMPLETED)
+    failed = [name for name, task in tasks.items() if task.done()]
+    for name in failed:
+        task = tasks[name]
+        exc = None if task.cancelled() else task.exception()
+        log.error("%s ended before the service was stopped: %r; stopping", name, exc, exc_info=exc)
+    stop.set()
+    stop_waiter.cancel()
+    readiness.stopping = True
+    log.info("shutting down")
+    # HTTP goes last among equals: it keeps answering /readyz (503, stopping) while the others finish.
+    others = [t for name, t in tasks.items() if name != "http"]
+    _, pending = await asyncio.wait(others, timeout=shutdown_timeout_s) if others else (set(), set())
+    http.should_exit = True
+    done_http, _ = await asyncio.wait([tasks["http"]], timeout=HTTP_GRACEFUL_S + 1)
+    pending |= {tasks["http"]} - done_http
+    if pending:
+        names = sorted(n for n, t in tasks.items() if t in pending)
+        log.warning("still running after %.0f s, cancelled: %s", shutdown_timeout_s, ", ".join(names))
+        for task in pending:
+            task.cancel()
+        await asyncio.wait(pending, timeout=CANCEL_GRACE_S)
+    for name, task in tasks.items():
+        if name not in failed and task.done() and not task.cancelled() and task.exception() is not None:
+            log.error("%s failed while stopping: %r", name, task.exception(), exc_info=task.exception())
+    return 1 if failed else 0
