@@ -98,9 +98,7 @@ def run_copy(url: str, items: list[AppendItem], batch: int) -> float:
         for i in range(0, len(items), batch):
             chunk = items[i : i + batch]
             with conn.cursor() as cur:
-                cur.execute(
-                    "SELECT nextval('events_position_seq') FROM generate_series(1, %s)", (len(chunk),)
-                )
+                cur.execute("SELECT nextval('events_position_seq') FROM generate_series(1, %s)", (len(chunk),))
                 positions = [r[0] for r in cur.fetchall()]
                 with cur.copy(
                     "COPY events (position, source, event_id, type, wallet_id, resource_id, event_time,"
@@ -138,9 +136,7 @@ def run_copy(url: str, items: list[AppendItem], batch: int) -> float:
                     "COPY journal_transactions (event_position, txn_no, kind, wallet_id, resource_id,"
                     " product, gpu_type, memo, booked_at) FROM STDIN (FORMAT BINARY)"
                 ) as cp:
-                    cp.set_types(
-                        ["int8", "int2", "text", "text", "text", "text", "text", "text", "timestamptz"]
-                    )
+                    cp.set_types(["int8", "int2", "text", "text", "text", "text", "text", "text", "timestamptz"])
                     for pos, it in zip(positions, chunk, strict=True):
                         for n, tx in enumerate(it.txns):
                             cp.write_row(
@@ -157,14 +153,30 @@ def run_copy(url: str, items: list[AppendItem], batch: int) -> float:
                                 )
                             )
                 with cur.copy(
-                    "COPY journal_entries (event_position, txn_no, entry_no, account, amount_micros)"
-                    " FROM STDIN (FORMAT BINARY)"
+                    "COPY journal_entries (event_position, txn_no, entry_no, account, amount_micros, booked_at, kind,"
+                    " wallet_id, resource_id, product, gpu_type) FROM STDIN (FORMAT BINARY)"
                 ) as cp:
-                    cp.set_types(["int8", "int2", "int2", "text", "int8"])
+                    cp.set_types(
+                        ["int8", "int2", "int2", "text", "int8", "timestamptz", "text", "text", "text", "text", "text"]
+                    )
                     for pos, it in zip(positions, chunk, strict=True):
                         for n, tx in enumerate(it.txns):
                             for en, p in enumerate(tx.postings):
-                                cp.write_row((pos, n, en, p.account, p.amount_micros))
+                                cp.write_row(
+                                    (
+                                        pos,
+                                        n,
+                                        en,
+                                        p.account,
+                                        p.amount_micros,
+                                        it.record.event_time,
+                                        tx.kind,
+                                        tx.wallet_id,
+                                        tx.resource_id,
+                                        tx.product,
+                                        tx.gpu_type,
+                                    )
+                                )
             conn.commit()
         dt = time.perf_counter() - t
     return len(items) / dt

@@ -59,6 +59,7 @@ events = Table(
     Column("payload", JSONB, nullable=False),
     UniqueConstraint("source", "event_id"),
     Index("ix_events_wallet_id_position", "wallet_id", "position"),
+    Index("ix_events_stripe_event_time", "event_time", postgresql_where=text("source = 'stripe'")),
 )
 
 journal_transactions = Table(
@@ -89,6 +90,13 @@ journal_entries = Table(
     Column("entry_no", SmallInteger, primary_key=True),
     Column("account", Text, nullable=False),
     Column("amount_micros", BigInteger, nullable=False),
+    # Copies of the transaction's attributes (same statement): reports scan one table.
+    Column("booked_at", DateTime(timezone=True), nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("wallet_id", Text, nullable=False),
+    Column("resource_id", Text, nullable=True),
+    Column("product", Text, nullable=True),
+    Column("gpu_type", Text, nullable=True),
     ForeignKeyConstraint(
         ["event_position", "txn_no"],
         ["journal_transactions.event_position", "journal_transactions.txn_no"],
@@ -217,4 +225,15 @@ stripe_payments = Table(
     Column("pending", JSONB, nullable=False),
     CheckConstraint("credited_micros >= 0 AND refunded_micros >= 0", name="nonnegative"),
     Index("ix_stripe_payments_wallet_id", "wallet_id"),
+)
+
+stripe_webhook_events = Table(
+    "stripe_webhook_events",
+    metadata,
+    Column("id", Text, primary_key=True),
+    Column("type", Text, nullable=False),
+    Column("received_at", DateTime(timezone=True), nullable=False),
+    Column("handled", Boolean, nullable=False),
+    Column("payload", JSONB, nullable=False),
+    Index("ix_stripe_webhook_events_received_at", "received_at"),
 )

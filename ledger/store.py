@@ -102,10 +102,13 @@ WITH new_events AS (
       JOIN new_events e ON e.source = x.s AND e.event_id = x.i
     RETURNING event_position
 ), entries AS (
-    INSERT INTO journal_entries (event_position, txn_no, entry_no, account, amount_micros)
-    SELECT e.position, x.n, x.en, x.a, x.amt
+    INSERT INTO journal_entries (event_position, txn_no, entry_no, account, amount_micros,
+                                 booked_at, kind, wallet_id, resource_id, product, gpu_type)
+    SELECT e.position, x.n, x.en, x.a, x.amt, e.event_time, x.k, x.w, x.r, x.p, x.g
       FROM unnest(%(e_src)b::text[], %(e_eid)b::text[], %(e_no)b::int2[], %(e_eno)b::int2[],
-                  %(e_acc)b::text[], %(e_amt)b::int8[]) AS x(s, i, n, en, a, amt)
+                  %(e_acc)b::text[], %(e_amt)b::int8[], %(e_kind)b::text[], %(e_wal)b::text[],
+                  %(e_res)b::text[], %(e_prod)b::text[], %(e_gpu)b::text[])
+           AS x(s, i, n, en, a, amt, k, w, r, p, g)
       JOIN new_events e ON e.source = x.s AND e.event_id = x.i
     RETURNING event_position, account, amount_micros
 ), balances AS (
@@ -124,7 +127,7 @@ def _params(items: Sequence[AppendItem], received_at: datetime) -> dict[str, Any
     columns = (
         "pos src eid typ wal res etm rcv pay "
         "t_src t_eid t_no t_kind t_wal t_res t_prod t_gpu t_memo "
-        "e_src e_eid e_no e_eno e_acc e_amt"
+        "e_src e_eid e_no e_eno e_acc e_amt e_kind e_wal e_res e_prod e_gpu"
     ).split()
     p: dict[str, list[Any]] = {k: [] for k in columns}
     batch_sum = 0
@@ -160,6 +163,11 @@ def _params(items: Sequence[AppendItem], received_at: datetime) -> dict[str, Any
                 p["e_eno"].append(entry_no)
                 p["e_acc"].append(posting.account)
                 p["e_amt"].append(amount)
+                p["e_kind"].append(txn.kind)
+                p["e_wal"].append(txn.wallet_id)
+                p["e_res"].append(txn.resource_id)
+                p["e_prod"].append(txn.product)
+                p["e_gpu"].append(txn.gpu_type)
             require(txn_sum == 0, f"{r.key} txn {txn_no} ({txn.kind}) sums to {txn_sum}")
             batch_sum += txn_sum
     require(batch_sum == 0, f"batch sums to {batch_sum}")

@@ -214,8 +214,12 @@ def process_batch(
         conn, wallet_ids, resource_ids=resources, endpoint_keys=endpoints, job_keys=jobs, payment_ids=payments
     )
     states = dict(before)
-    # Resources started in this batch, by wallet: another wallet naming one is refused too.
+    # The wallet of every rental the batch names: loaded ones (of other wallets, and of the
+    # batch's own wallets) and those started in this batch. An event naming another wallet's
+    # rental is refused, whoever else is in the batch.
     owner = {rid: r.wallet_id for rid, r in foreign.items()}
+    for wid, st in before.items():
+        owner.update((rid, wid) for rid in st.rentals)
 
     items: list[AppendItem] = []
     job_rows: list[tuple[str, str, str, EventKey]] = []
@@ -371,6 +375,9 @@ def admit_serverless_request(
     """R5 in a transaction: answer, and count the admission in the rolling minute."""
     ids = lock_wallets(conn, [wallet_id])
     before, _ = load_wallets(conn, ids)
+    # `now` was read before the lock: a racing ask of the same wallet may have committed a later
+    # instant. Time never goes back for the rolling window.
+    now = max((now, *before[wallet_id].serverless_admissions))
     answer, state = admit_serverless(before[wallet_id], endpoint_id, now)
     if state != before[wallet_id]:
         wakeup = next_wakeup(state, now)

@@ -1133,12 +1133,28 @@ def _first_instant_at_or_below(state: WalletState, now: datetime, threshold: int
     # available(t) <= balance - sum(floor((t - last_i) * p_i / H)) < balance - (t - start) * burn / H + n
     need = state.balance_micros - threshold + len(running)
     hi_us = start_us + -(-need * _MICROS_PER_HOUR_OF_TIME // burn)
+    # Tighter, from the linear accrual real(t) = (t * burn - S) / H (valid from ``start`` on):
+    # available(t) < balance - real(t) + n <= threshold once real(t) >= need.
+    s_sum = sum(_to_us(r.last_reading_at) * r.price_per_hour_micros for r in running)
+    hi_lin_us = -(-(need * _MICROS_PER_HOUR_OF_TIME + s_sum) // burn)
+    if start_us <= hi_lin_us < hi_us:
+        hi_us = hi_lin_us
     if hi_us > _HORIZON_US:
         hi_us = _HORIZON_US
         if _available_at(state, running, hi_us) > threshold:
             return None
-    breaks = sorted({e for e in (_to_us(h.expires_at) for h in state.holds) if now_us < e <= hi_us})
+    # Skip the stretch where available is provably above the threshold. From ``start`` on, the
+    # accrual without floors is linear: real(t) = (t * burn - S) / H with S = sum(last_i * p_i), and
+    # available(t) >= balance - all holds - real(t). So every t <= safe_us is above the threshold,
+    # and the binary search below only spans about (n + holds) * H / burn microseconds (a few ms)
+    # instead of the whole way from now: 10-20 steps instead of ~40 on the intake's hot path.
     seg_lo = now_us
+    x = state.balance_micros - sum(h.amount_micros for h in state.holds) - threshold
+    if x > 0:
+        safe_us = -(-(x * _MICROS_PER_HOUR_OF_TIME + s_sum) // burn) - 1
+        if start_us <= safe_us < hi_us:
+            seg_lo = max(now_us, safe_us + 1)
+    breaks = sorted({e for e in (_to_us(h.expires_at) for h in state.holds) if seg_lo < e <= hi_us})
     for seg_end in (*breaks, hi_us + 1):
         last = seg_end - 1
         if _available_at(state, running, last) <= threshold:

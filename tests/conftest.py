@@ -88,11 +88,7 @@ def unique(request: pytest.FixtureRequest) -> str:
 def pytest_report_header(config: pytest.Config) -> list[str]:
     return [
         f"billing test run {RUN_ID}: database from "
-        + (
-            "BILLING_TEST_DATABASE_URL"
-            if os.environ.get("BILLING_TEST_DATABASE_URL")
-            else "testcontainers/embedded"
-        )
+        + ("BILLING_TEST_DATABASE_URL" if os.environ.get("BILLING_TEST_DATABASE_URL") else "testcontainers/embedded")
         + ", NATS from "
         + ("BILLING_TEST_NATS_URL" if os.environ.get("BILLING_TEST_NATS_URL") else "testcontainers/embedded")
     ]

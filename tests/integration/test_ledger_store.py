@@ -227,8 +227,10 @@ def test_database_refuses_unbalanced_entries(app_engine: Engine, unique: str) ->
         with pytest.raises(Exception, match="does not balance"):
             conn.execute(
                 text(
-                    "INSERT INTO journal_entries (event_position, txn_no, entry_no, account, amount_micros) "
-                    "VALUES (:p, 7, 0, :a, 100), (:p, 7, 1, 'revenue:serverless', -99)"
+                    "INSERT INTO journal_entries (event_position, txn_no, entry_no, account, amount_micros,"
+                    " booked_at, kind, wallet_id) "
+                    "VALUES (:p, 7, 0, :a, 100, now(), 'forged', 'w'),"
+                    " (:p, 7, 1, 'revenue:serverless', -99, now(), 'forged', 'w')"
                 ),
                 {"p": pos, "a": wallet_account(w)},
             )

@@ -3,7 +3,7 @@ role: the charging vectors, duplicates, retries of not-started readings, rejecti
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import pytest
@@ -54,7 +54,8 @@ def check_case(engine: Engine, case: dict[str, Any], names: dict[str, str]) -> N
     if "settlements" in expect:
         rows = q(
             engine,
-            "SELECT payload FROM outbox WHERE subject LIKE 'billing.out.settlements.%' AND payload->>'walletId' = ANY(:w)",
+            "SELECT payload FROM outbox"
+            " WHERE subject LIKE 'billing.out.settlements.%' AND payload->>'walletId' = ANY(:w)",
             w=wallets,
         )
         got = [{k: p[k] for k in ("resourceId", "billableSeconds", "costMicros", "reason")} for (p,) in rows]
@@ -208,7 +209,34 @@ def test_auto_stop_when_the_balance_runs_out_writes_a_stop_command(app_engine: E
     )
     assert len(rows) == 1
     msg_id, payload = rows[0]
-    assert payload["resourceId"] == p and payload["action"] == "pause" and payload["reason"] == "balance_exhausted"
+    assert payload["resourceId"] == p
+    assert payload["action"] == "pause"
+    assert payload["reason"] == "balance_exhausted"
     assert payload["commandId"] == msg_id
     notices = q(app_engine, "SELECT payload->>'kind' FROM outbox WHERE subject = :s", s=f"billing.out.notices.{w}")
     assert ("exhausted",) in notices
+
+
+def test_rental_of_another_wallet_is_refused_even_with_its_owner_in_the_batch(app_engine: Engine, unique: str) -> None:
+    # Found by the stateful test: the owner's rentals were loaded into its own state, not into the
+    # map of owners, so B's start was applied to B and the save failed (a poison batch).
+    a, b, p = f"a{unique[-39:]}", f"b{unique[-39:]}", f"p{unique[-39:]}"
+    start = {
+        "resourceId": p,
+        "resourceKind": "pod",
+        "gpuType": "A100",
+        "gpuCount": 1,
+        "tier": "on_demand",
+        "pricePerHourMicros": 1_000_000,
+    }
+    run(app_engine, [make_event("gpu.rental.started", {"walletId": a, **start})])
+    (r,) = run(
+        app_engine,
+        [
+            make_event("gpu.rental.metered", {"walletId": a, "resourceId": p, "uptimeSecondsTotal": 60}),
+            make_event("gpu.rental.started", {"walletId": b, **start}),
+            make_event("gpu.rental.metered", {"walletId": b, "resourceId": p, "uptimeSecondsTotal": 120}),
+        ],
+    )
+    assert r.dispositions == [Disposition.accepted, Disposition.rejected, Disposition.rejected]
+    assert {x.reason for x in r.rejections.values()} == {RejectReason.wallet_mismatch}

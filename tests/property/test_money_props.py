@@ -41,9 +41,7 @@ readings = st.integers(0, MAX_UPTIME_SECONDS) | st.integers(0, 7200)
     ),
     price_per_hour_micros=prices_per_hour,
 )
-def test_rental_charges_sum_to_floor_of_highest_reading(
-    readings: list[int], price_per_hour_micros: int
-) -> None:
+def test_rental_charges_sum_to_floor_of_highest_reading(readings: list[int], price_per_hour_micros: int) -> None:
     charged_seconds = 0  # the highest reading charged so far
     total_micros = 0
     for seconds in readings:

@@ -56,9 +56,7 @@ def make(kind: str, data: dict[str, Any], at: datetime, n: int) -> Event:
 resources = st.lists(
     st.tuples(
         st.integers(min_value=0, max_value=20_000_000) | st.sampled_from([510_000, 1_000_003, 1_234_567]),
-        st.sampled_from(
-            [("pod", "on_demand"), ("pod", "spot"), ("marketplace", "on_demand"), ("cluster", "spot")]
-        ),
+        st.sampled_from([("pod", "on_demand"), ("pod", "spot"), ("marketplace", "on_demand"), ("cluster", "spot")]),
     ),
     min_size=1,
     max_size=3,

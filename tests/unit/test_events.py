@@ -214,9 +214,7 @@ def test_extension_attributes_are_allowed_and_ignored() -> None:
 
 
 def test_bounds_are_inclusive() -> None:
-    top = with_data(
-        "gpu.rental.started", gpuCount=MAX_GPU_COUNT, pricePerHourMicros=MAX_PRICE_PER_HOUR_MICROS
-    )
+    top = with_data("gpu.rental.started", gpuCount=MAX_GPU_COUNT, pricePerHourMicros=MAX_PRICE_PER_HOUR_MICROS)
     assert isinstance(parse(top), RentalStartedEvent)
     assert isinstance(parse(with_data(uptimeSecondsTotal=MAX_UPTIME_SECONDS)), RentalMeteredEvent)
     assert isinstance(parse(with_data(uptimeSecondsTotal=0)), RentalMeteredEvent)
@@ -239,9 +237,7 @@ def test_models_are_frozen() -> None:
 
 def test_python_construction_by_field_name() -> None:
     data = RentalEnded(wallet_id="w1", resource_id="r1", uptime_seconds_total=60, reason="stopped")
-    event = RentalEndedEvent(
-        specversion="1.0", id="e1", source="s", time=datetime(2026, 1, 1, tzinfo=UTC), data=data
-    )
+    event = RentalEndedEvent(specversion="1.0", id="e1", source="s", time=datetime(2026, 1, 1, tzinfo=UTC), data=data)
     assert event.type == "gpu.rental.ended"
     assert parse_event(event_to_json(event), now=NOW) == event
     assert EVENT_ADAPTER.validate_python(event) == event
@@ -380,8 +376,7 @@ def _without(document: dict[str, Any], field: str) -> dict[str, Any]:
     [
         (
             with_data(uptimeSecondsTotal="12"),
-            "data.uptimeSecondsTotal: must be an integer (a JSON number, not a string, boolean or fraction), "
-            'got "12"',
+            'data.uptimeSecondsTotal: must be an integer (a JSON number, not a string, boolean or fraction), got "12"',
         ),
         (with_data(uptimeSecondsTotal=True), "data.uptimeSecondsTotal: must be an integer"),
         (with_data(uptimeSecondsTotal=12.0), "data.uptimeSecondsTotal: must be an integer"),

@@ -70,9 +70,7 @@ def make(kind: str, data: dict[str, Any], at: datetime = T0, event_id: str | Non
 
 
 def credit(w: str, amount: int, at: datetime = T0) -> Event:
-    return make(
-        "wallet.adjusted", {"walletId": w, "amountMicros": amount, "reason": "credit", "operator": "ops"}, at
-    )
+    return make("wallet.adjusted", {"walletId": w, "amountMicros": amount, "reason": "credit", "operator": "ops"}, at)
 
 
 def start(
@@ -344,9 +342,7 @@ def test_R4_projected_zero_at_is_exact_to_the_microsecond() -> None:
 
 
 def test_R4_projected_zero_at_with_odd_prices_stops_early_never_late() -> None:
-    state, _ = run(
-        [credit("w", 1_234_567), start("w", "p", 777_777), start("w", "q", 1_000_003, T0 + sec(7))]
-    )
+    state, _ = run([credit("w", 1_234_567), start("w", "p", 777_777), start("w", "q", 1_000_003, T0 + sec(7))])
     now = T0 + sec(10)
     zero = projected_zero_at(state, now)
     assert zero is not None
@@ -382,9 +378,7 @@ def test_R4_stop_commands_for_every_running_rental_at_zero() -> None:
     assert due_stops(state, zero - US) == ()
     commands = due_stops(state, zero)
     assert [(c.resource_id, c.resource_kind) for c in commands] == [("a", "pod"), ("b", "cluster")]
-    assert all(
-        c.action == "pause" and c.reason == "balance_exhausted" and c.issued_at == zero for c in commands
-    )
+    assert all(c.action == "pause" and c.reason == "balance_exhausted" and c.issued_at == zero for c in commands)
     assert [c.command_id for c in commands] == ["stop-w-a-1", "stop-w-b-1"]
     # The scheduler's tick issues the same commands, records them and says exhausted once.
     after, d = tick(state, zero)
@@ -507,9 +501,7 @@ def test_R5_at_most_60_admissions_per_rolling_minute() -> None:
 
 
 def test_R6_spot_preemption_settles_at_termination_reading_and_books_pod_spot() -> None:
-    state, decisions = run(
-        [credit("w", 5_000_000), start("w", "s", 250_000, tier="spot"), reading("w", "s", 600)]
-    )
+    state, decisions = run([credit("w", 5_000_000), start("w", "s", 250_000, tier="spot"), reading("w", "s", 600)])
     preempt = make(
         "gpu.spot.preempted",
         {
@@ -650,9 +642,7 @@ def test_paused_rental_does_not_accrue_and_late_reading_is_still_charged() -> No
 
 
 def test_stale_pause_or_resume_does_not_flip_a_rental_that_moved_on() -> None:
-    state, _ = run(
-        [credit("w", 5_000_000), start("w", "p", 3_600_000), reading("w", "p", 200, T0 + sec(200))]
-    )
+    state, _ = run([credit("w", 5_000_000), start("w", "p", 3_600_000), reading("w", "p", 200, T0 + sec(200))])
     # A pause older than the reading the state holds (lower counter) does not pause.
     assert decide(state, pause("w", "p", 100, T0 + sec(100)), T0 + sec(300)).outcome == "noop"
     paused = evolve(state, pause("w", "p", 250, T0 + sec(250)), T0 + sec(300))
@@ -712,9 +702,7 @@ def test_charging_vectors(case: dict[str, Any]) -> None:
 
     for wallet_id, balance in expect["wallets"].items():
         assert wallets[wallet_id].balance_micros == balance
-        postings = [
-            p for t in txns_of(decisions) for p in t.postings if p.account == wallet_account(wallet_id)
-        ]
+        postings = [p for t in txns_of(decisions) for p in t.postings if p.account == wallet_account(wallet_id)]
         assert sum(p.amount_micros for p in postings) == balance
     for resource_id, want in expect.get("rentals", {}).items():
         (rental,) = [w.rentals[resource_id] for w in wallets.values() if resource_id in w.rentals]
