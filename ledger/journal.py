@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
-from ledger.invariants import require, require_int
+from ledger.invariants import fail, require_int
 
 Product = Literal["pod_on_demand", "pod_spot", "marketplace", "cluster", "serverless"]
 PRODUCTS: Final[tuple[Product, ...]] = ("pod_on_demand", "pod_spot", "marketplace", "cluster", "serverless")
@@ -36,7 +36,8 @@ def wallet_account(wallet_id: str) -> str:
 
 
 def revenue_account(product: Product) -> str:
-    require(product in PRODUCTS, f"unknown product {product!r}")
+    if product not in PRODUCTS:
+        fail(f"unknown product {product!r}")
     return f"revenue:{product}"
 
 
@@ -47,8 +48,10 @@ class Posting:
 
     def __post_init__(self) -> None:
         require_int(self.amount_micros, "amount_micros")
-        require(self.amount_micros != 0, f"zero posting to {self.account}")
-        require(0 < len(self.account) <= 100, f"bad account name {self.account!r}")
+        if self.amount_micros == 0:
+            fail(f"zero posting to {self.account}")
+        if not (0 < len(self.account) <= 100):
+            fail(f"bad account name {self.account!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +67,8 @@ class JournalTxn:
     memo: str = field(default="")
 
     def __post_init__(self) -> None:
-        require(2 <= len(self.postings) <= MAX_POSTINGS_PER_TXN, f"{self.kind}: {len(self.postings)} postings")
+        if not (2 <= len(self.postings) <= MAX_POSTINGS_PER_TXN):
+            fail(f"{self.kind}: {len(self.postings)} postings")
         require_balanced(self.postings, self.kind)
 
 
@@ -72,7 +76,8 @@ def require_balanced(postings: Iterable[Posting], what: str = "transaction") -> 
     total = 0
     for p in postings:
         total += require_int(p.amount_micros, "amount_micros")
-    require(total == 0, f"{what}: postings sum to {total}, not 0")
+    if total != 0:
+        fail(f"{what}: postings sum to {total}, not 0")
 
 
 def transfer(
@@ -89,7 +94,8 @@ def transfer(
 ) -> JournalTxn:
     """Two-leg transaction moving ``amount_micros`` out of ``debit`` into ``credit``."""
     require_int(amount_micros, "amount_micros")
-    require(amount_micros > 0, f"{kind}: transfer of {amount_micros}")
+    if not (amount_micros > 0):
+        fail(f"{kind}: transfer of {amount_micros}")
     return JournalTxn(
         kind=kind,
         wallet_id=wallet_id,

@@ -20,7 +20,7 @@ import re
 from decimal import Decimal
 from typing import Final
 
-from ledger.invariants import fail, require, require_int
+from ledger.invariants import fail, require_int
 
 MICROS_PER_USD: Final = 1_000_000
 SECONDS_PER_HOUR: Final = 3600
@@ -55,12 +55,14 @@ class MoneyParseError(ValueError):
 
 def _require_non_negative(value: object, name: str) -> int:
     result = require_int(value, name)
-    require(result >= 0, f"{name} must be >= 0, got {result}")
+    if not (result >= 0):
+        fail(f"{name} must be >= 0, got {result}")
     return result
 
 
 def _require_bigint(value: int, name: str) -> int:
-    require(-BIGINT_MAX <= value <= BIGINT_MAX, f"{name} does not fit a BIGINT: {value}")
+    if not (-BIGINT_MAX <= value <= BIGINT_MAX):
+        fail(f"{name} does not fit a BIGINT: {value}")
     return value
 
 
@@ -80,7 +82,8 @@ def rental_charge_micros(prev_seconds: int, new_seconds: int, price_per_hour_mic
     prev = _require_non_negative(prev_seconds, "prev_seconds")
     new = _require_non_negative(new_seconds, "new_seconds")
     charge = rental_cost_micros(max(prev, new), price_per_hour_micros) - rental_cost_micros(prev, price_per_hour_micros)
-    require(charge >= 0, f"rental charge went negative: {charge}")
+    if not (charge >= 0):
+        fail(f"rental charge went negative: {charge}")
     return charge
 
 
@@ -106,7 +109,8 @@ def serverless_charge_micros(prev_exact_total: int, job_exact: int) -> int:
     job = _require_non_negative(job_exact, "job_exact")
     new_total = _require_bigint(prev + job, "serverless exact total")
     charge = serverless_cost_micros(new_total) - serverless_cost_micros(prev)
-    require(charge >= 0, f"serverless charge went negative: {charge}")
+    if not (charge >= 0):
+        fail(f"serverless charge went negative: {charge}")
     return charge
 
 

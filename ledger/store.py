@@ -17,7 +17,7 @@ from typing import Any, Final
 import psycopg
 
 from ledger.events import LogEvent, event_to_json
-from ledger.invariants import require, require_int
+from ledger.invariants import fail, require, require_int
 from ledger.journal import MAX_TXNS_PER_EVENT, JournalTxn
 
 EventKey = tuple[str, str]
@@ -46,7 +46,8 @@ class EventRecord:
     def from_event(cls, event: LogEvent) -> EventRecord:
         payload = event_to_json(event).decode()
         # jsonb cannot hold NUL; the parser refuses it, so meeting one here is a bug.
-        require("\\u0000" not in payload, f"event {event.key}: NUL in payload")
+        if not ("\\u0000" not in payload):
+            fail(f"event {event.key}: NUL in payload")
         return cls(
             source=event.source,
             event_id=event.id,
@@ -142,7 +143,8 @@ def _params(items: Sequence[AppendItem], received_at: datetime) -> dict[str, Any
         p["res"].append(r.resource_id)
         p["etm"].append(r.event_time)
         p["pay"].append(r.payload_json)
-        require(len(item.txns) <= MAX_TXNS_PER_EVENT, f"{r.key}: {len(item.txns)} transactions")
+        if not (len(item.txns) <= MAX_TXNS_PER_EVENT):
+            fail(f"{r.key}: {len(item.txns)} transactions")
         for txn_no, txn in enumerate(item.txns):
             p["t_src"].append(r.source)
             p["t_eid"].append(r.event_id)
@@ -168,9 +170,11 @@ def _params(items: Sequence[AppendItem], received_at: datetime) -> dict[str, Any
                 p["e_res"].append(txn.resource_id)
                 p["e_prod"].append(txn.product)
                 p["e_gpu"].append(txn.gpu_type)
-            require(txn_sum == 0, f"{r.key} txn {txn_no} ({txn.kind}) sums to {txn_sum}")
+            if txn_sum != 0:
+                fail(f"{r.key} txn {txn_no} ({txn.kind}) sums to {txn_sum}")
             batch_sum += txn_sum
-    require(batch_sum == 0, f"batch sums to {batch_sum}")
+    if batch_sum != 0:
+        fail(f"batch sums to {batch_sum}")
     return {"received_at": received_at, **p}
 
 
@@ -179,7 +183,8 @@ def append_batch(conn: psycopg.Connection[Any], items: Sequence[AppendItem], *, 
 
     The first occurrence of a key within the batch wins; later ones are duplicates.
     """
-    require(len(items) <= MAX_BATCH_EVENTS, f"batch of {len(items)} > {MAX_BATCH_EVENTS}")
+    if not (len(items) <= MAX_BATCH_EVENTS):
+        fail(f"batch of {len(items)} > {MAX_BATCH_EVENTS}")
     require(received_at.tzinfo is not None, "received_at must be timezone-aware")
     first: dict[EventKey, AppendItem] = {}
     in_batch_dups: list[EventKey] = []

@@ -38,7 +38,7 @@ from ledger.events import (
     StripePaymentSucceededEvent,
     StripeRefundSucceededEvent,
 )
-from ledger.invariants import require
+from ledger.invariants import fail, require
 from ledger.store import AppendItem, EventKey, EventRecord, append_batch
 from projections.messages import notice_message, settlement_message, stop_message
 from projections.outbox import OutboxMessage, enqueue
@@ -194,7 +194,8 @@ def process_batch(
 ) -> BatchResult:
     """Apply a batch in the caller's transaction (see the module docstring). Returns what became
     of each message, by index, for the adapter to ack, nak or dead-letter after the commit."""
-    require(len(incoming) <= MAX_BATCH, f"batch of {len(incoming)} > {MAX_BATCH}")
+    if not (len(incoming) <= MAX_BATCH):
+        fail(f"batch of {len(incoming)} > {MAX_BATCH}")
     require(now.tzinfo is not None, "now must be timezone-aware")
     result = BatchResult(dispositions=[Disposition.duplicate] * len(incoming))
     record_rejections(conn, rejected, now=now)
@@ -276,7 +277,8 @@ def process_batch(
 
     appended = append_batch(conn, items, received_at=now)
     # Under the wallet locks nobody else can have added these events since the check above.
-    require(not appended.duplicates, f"events appeared in the log under our lock: {appended.duplicates[:3]}")
+    if appended.duplicates:
+        fail(f"events appeared in the log under our lock: {appended.duplicates[:3]}")
     result.positions = appended.positions
 
     result.next_wakeups = {w: next_wakeup(s, now) for w, s in states.items()}

@@ -150,16 +150,20 @@ class RentalState:
         require_int(self.price_per_hour_micros, "price_per_hour_micros")
         require_int(self.billable_seconds, "billable_seconds")
         require_int(self.charged_micros, "charged_micros")
-        require(self.price_per_hour_micros >= 0, f"{self.resource_id}: negative price")
-        require(self.billable_seconds >= 0, f"{self.resource_id}: negative billable seconds")
-        require(
-            self.charged_micros == rental_cost_micros(self.billable_seconds, self.price_per_hour_micros),
-            f"{self.resource_id}: charged {self.charged_micros} != cost of {self.billable_seconds} s",
-        )
-        require((self.status == "ended") == (self.end_reason is not None), f"{self.resource_id}: end reason")
-        require((self.status == "ended") == (self.ended_at is not None), f"{self.resource_id}: ended_at")
-        require(0 <= self.stop_attempts <= self.stop_seq, f"{self.resource_id}: stop bookkeeping")
-        require((self.stop_attempts == 0) == (self.stop_issued_at is None), f"{self.resource_id}: stop issued_at")
+        if not (self.price_per_hour_micros >= 0):
+            fail(f"{self.resource_id}: negative price")
+        if not (self.billable_seconds >= 0):
+            fail(f"{self.resource_id}: negative billable seconds")
+        if self.charged_micros != rental_cost_micros(self.billable_seconds, self.price_per_hour_micros):
+            fail(f"{self.resource_id}: charged {self.charged_micros} != cost of {self.billable_seconds} s")
+        if (self.status == "ended") != (self.end_reason is not None):
+            fail(f"{self.resource_id}: end reason")
+        if (self.status == "ended") != (self.ended_at is not None):
+            fail(f"{self.resource_id}: ended_at")
+        if not (0 <= self.stop_attempts <= self.stop_seq):
+            fail(f"{self.resource_id}: stop bookkeeping")
+        if (self.stop_attempts == 0) != (self.stop_issued_at is None):
+            fail(f"{self.resource_id}: stop issued_at")
         _require_aware(self.started_at, "started_at")
         _require_aware(self.last_reading_at, "last_reading_at")
 
@@ -175,11 +179,13 @@ class EndpointState:
     def __post_init__(self) -> None:
         require_int(self.exact_millimicros_total, "exact_millimicros_total")
         require_int(self.charged_micros, "charged_micros")
-        require(self.exact_millimicros_total >= 0, f"{self.endpoint_id}: negative exact total")
-        require(
-            self.charged_micros == serverless_cost_micros(self.exact_millimicros_total),
-            f"{self.endpoint_id}: charged {self.charged_micros} != floor of {self.exact_millimicros_total} millimicros",
-        )
+        if not (self.exact_millimicros_total >= 0):
+            fail(f"{self.endpoint_id}: negative exact total")
+        if self.charged_micros != serverless_cost_micros(self.exact_millimicros_total):
+            fail(
+                f"{self.endpoint_id}: charged {self.charged_micros}"
+                f" != floor of {self.exact_millimicros_total} millimicros"
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +199,8 @@ class Hold:
 
     def __post_init__(self) -> None:
         require_int(self.amount_micros, "amount_micros")
-        require(self.amount_micros >= 0, f"hold {self.admission_id}: negative amount")
+        if not (self.amount_micros >= 0):
+            fail(f"hold {self.admission_id}: negative amount")
         _require_aware(self.expires_at, "expires_at")
 
 
@@ -245,10 +252,13 @@ class WalletState:
     def __post_init__(self) -> None:
         require_int(self.balance_micros, "balance_micros")
         for rid, rental in self.rentals.items():
-            require(rid == rental.resource_id, f"rental keyed {rid!r} is {rental.resource_id!r}")
-            require(rental.wallet_id == self.wallet_id, f"rental {rid} belongs to {rental.wallet_id}")
+            if rid != rental.resource_id:
+                fail(f"rental keyed {rid!r} is {rental.resource_id!r}")
+            if rental.wallet_id != self.wallet_id:
+                fail(f"rental {rid} belongs to {rental.wallet_id}")
         for eid, endpoint in self.endpoints.items():
-            require(eid == endpoint.endpoint_id, f"endpoint keyed {eid!r} is {endpoint.endpoint_id!r}")
+            if eid != endpoint.endpoint_id:
+                fail(f"endpoint keyed {eid!r} is {endpoint.endpoint_id!r}")
 
 
 def empty_wallet(wallet_id: str) -> WalletState:
@@ -442,7 +452,8 @@ def projected_low_at(state: WalletState, now: datetime) -> datetime | None:
 
 def stop_backoff(attempts: int) -> timedelta:
     """Delay before re-issuing a stop command already issued ``attempts`` times (>= 1)."""
-    require(attempts >= 1, f"backoff after {attempts} attempts")
+    if not (attempts >= 1):
+        fail(f"backoff after {attempts} attempts")
     exponent = min(attempts - 1, 8)  # bounded: 5 * 2**8 is already past the cap
     return timedelta(seconds=min(STOP_BACKOFF_BASE_SECONDS * 2**exponent, STOP_BACKOFF_CAP_SECONDS))
 
@@ -492,7 +503,8 @@ def mark_stops_issued(state: WalletState, commands: tuple[StopCommand, ...]) -> 
     rentals = dict(state.rentals)
     for c in commands:
         r = rentals[c.resource_id]
-        require(r.status == "running", f"stop command for {r.status} rental {r.resource_id}")
+        if r.status != "running":
+            fail(f"stop command for {r.status} rental {r.resource_id}")
         require(c.command_id == stop_command_id(state.wallet_id, r.resource_id, r.stop_seq + 1), "stop seq")
         rentals[c.resource_id] = replace(
             r, stop_seq=r.stop_seq + 1, stop_attempts=r.stop_attempts + 1, stop_issued_at=c.issued_at
@@ -606,10 +618,8 @@ class _Fact:
 
 def _apply_fact(state: WalletState, event: LogEvent) -> _Fact:
     """The money and rental-state effect of one event. Independent of ``now`` (replay-safe)."""
-    require(
-        event.wallet_id == state.wallet_id,
-        f"event {event.id} of wallet {event.wallet_id} applied to {state.wallet_id}",
-    )
+    if event.wallet_id != state.wallet_id:
+        fail(f"event {event.id} of wallet {event.wallet_id} applied to {state.wallet_id}")
     _require_aware(event.time, "event time")
     if isinstance(event, WalletAdjustedEvent):
         return _adjusted(state, event)
@@ -802,11 +812,13 @@ def _job_completed(state: WalletState, event: ServerlessJobCompletedEvent) -> _F
         return _Fact(state, "noop")
     before = state.endpoints.get(d.endpoint_id) or EndpointState(d.endpoint_id)
     exact = serverless_exact_millimicros(d.compute_ms, d.price_per_second_micros)
-    require(exact >= 0, f"job {d.job_id}: negative exact cost {exact}")
+    if not (exact >= 0):
+        fail(f"job {d.job_id}: negative exact cost {exact}")
     total = before.exact_millimicros_total + exact
     after = EndpointState(d.endpoint_id, exact_millimicros_total=total, charged_micros=serverless_cost_micros(total))
     charge = after.charged_micros - before.charged_micros
-    require(charge >= 0, f"job {d.job_id}: negative charge {charge}")
+    if not (charge >= 0):
+        fail(f"job {d.job_id}: negative charge {charge}")
     txns: tuple[JournalTxn, ...] = ()
     if charge > 0:
         txns = (
@@ -891,7 +903,8 @@ def _reading(
     pause (see below) does not pause a running rental.
     """
     require_int(seconds, "uptime_seconds_total")
-    require(seconds >= 0, f"{event.id}: negative reading {seconds}")
+    if not (seconds >= 0):
+        fail(f"{event.id}: negative reading {seconds}")
     if rental.status == "ended":
         if seconds <= rental.billable_seconds:
             return _Fact(state, "noop")
@@ -909,7 +922,8 @@ def _reading(
     if seconds > rental.billable_seconds:
         cost = rental_cost_micros(seconds, rental.price_per_hour_micros)
         charge = cost - rental.charged_micros
-        require(charge >= 0, f"{rental.resource_id}: negative charge {charge}")
+        if not (charge >= 0):
+            fail(f"{rental.resource_id}: negative charge {charge}")
         updated = replace(updated, billable_seconds=seconds, charged_micros=cost)
         if charge > 0:
             memo = f"{seconds} s" + (" tier=spot" if rental.tier == "spot" else "")
@@ -1052,34 +1066,36 @@ def _require_consistent(before: WalletState, after: WalletState, txns: tuple[Jou
     wallet = wallet_account(before.wallet_id)
     delta = 0
     for txn in txns:
-        require(sum(p.amount_micros for p in txn.postings) == 0, f"unbalanced {txn.kind}")
+        if sum(p.amount_micros for p in txn.postings) != 0:
+            fail(f"unbalanced {txn.kind}")
         for p in txn.postings:
             if p.account == wallet:
                 delta += p.amount_micros
         if txn.kind == "charge":
             debit = txn.postings[0]
-            require(debit.account == wallet and debit.amount_micros < 0, f"{txn.kind}: not a charge of the wallet")
+            if not (debit.account == wallet and debit.amount_micros < 0):
+                fail(f"{txn.kind}: not a charge of the wallet")
     require(after.balance_micros == before.balance_micros + delta, "balance does not follow the journal")
     for rid, r in after.rentals.items():
-        require(
-            r.charged_micros == rental_cost_micros(r.billable_seconds, r.price_per_hour_micros),
-            f"{rid}: charged != cost",
-        )
+        if r.charged_micros != rental_cost_micros(r.billable_seconds, r.price_per_hour_micros):
+            fail(f"{rid}: charged != cost")
         old = before.rentals.get(rid)
-        if old is not None:
-            require(r.billable_seconds >= old.billable_seconds, f"{rid}: billable seconds went back")
+        if old is not None and not (r.billable_seconds >= old.billable_seconds):
+            fail(f"{rid}: billable seconds went back")
 
 
 # ------------------------------------------------------------------------------------------- time
 
 
 def _require_aware(dt: datetime, what: str) -> None:
-    require(dt.tzinfo is not None and dt.utcoffset() is not None, f"{what} must be timezone-aware: {dt!r}")
+    if not (dt.tzinfo is not None and dt.utcoffset() is not None):
+        fail(f"{what} must be timezone-aware: {dt!r}")
 
 
 def _to_us(dt: datetime) -> int:
     """Integer microseconds since the epoch (exact); a naive datetime is a bug."""
-    require(dt.tzinfo is not None, f"naive datetime {dt!r}: times must be timezone-aware")
+    if not (dt.tzinfo is not None):
+        fail(f"naive datetime {dt!r}: times must be timezone-aware")
     return (dt - _EPOCH) // _US
 
 

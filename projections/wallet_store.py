@@ -14,7 +14,7 @@ from typing import Any, Final
 
 import psycopg
 
-from ledger.invariants import require
+from ledger.invariants import fail, require
 from ledger.journal import wallet_account
 from projections.rules import EndpointState, Hold, PaymentState, PendingStripeFact, RentalState, WalletState
 
@@ -79,7 +79,8 @@ def _rental_from_row(row: Sequence[Any]) -> RentalState:
 def lock_wallets(conn: psycopg.Connection[Any], wallet_ids: Iterable[str]) -> list[str]:
     """Create missing wallet rows and lock all of them, in id order. Returns the sorted ids."""
     ids = sorted(set(wallet_ids))
-    require(len(ids) <= MAX_WALLETS_PER_LOAD, f"{len(ids)} wallets in one load")
+    if not (len(ids) <= MAX_WALLETS_PER_LOAD):
+        fail(f"{len(ids)} wallets in one load")
     if not ids:
         return ids
     with conn.cursor() as cur:
@@ -203,7 +204,8 @@ def save_wallets(
         wallet_rows.append(new)
         for rid, r in new.rentals.items():
             if old.rentals.get(rid) != r:
-                require(r.wallet_id == wid, f"rental {rid} of {r.wallet_id} saved under {wid}")
+                if r.wallet_id != wid:
+                    fail(f"rental {rid} of {r.wallet_id} saved under {wid}")
                 rental_rows.append(r)
         for eid, e in new.endpoints.items():
             if old.endpoints.get(eid) != e:
