@@ -20,6 +20,9 @@ def _add_subcommands() -> None:
     from consumers.report_cli import report_app
 
     app.add_typer(report_app, name="report")
+    from consumers.demo import demo
+
+    app.command("demo")(demo)
 
 
 _add_subcommands()
