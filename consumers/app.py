@@ -1,6 +1,8 @@
 """`billing up`: one process runs the whole service (DESIGN section 7).
 
 * the JetStream intake (``consumers.intake``): ``billing.in.>`` into the ledger, batch by batch;
+  with ``BILLING_INTAKE_PARTITIONS=N`` one intake per partition this instance owns
+  (``consumers.partitions``: a PostgreSQL advisory lock per partition, a fair share per instance);
 * the outbox relay (``consumers.relay``): stop commands, notices and settlements out;
 * the auto-stop scheduler (``consumers.scheduler``): predicted zero instants into stop commands;
 * the admission replies (``consumers.admission``): NATS request-reply;
@@ -10,7 +12,8 @@
   (Prometheus).
 
 NATS is FastStream's :class:`~faststream.nats.NatsBroker`: it owns the connection (reconnecting for
-ever, logging breaks and reconnects, draining at the end); the components run on its nats-py
+ever, logging breaks and reconnects, draining at the end; ``BILLING_NATS_URL`` may list the servers of
+a cluster separated by commas); the components run on its nats-py
 connection (the intake explains why it pulls by hand). The streams of the contract are declared
 (created or updated, never deleted) before anything starts.
 
@@ -31,12 +34,16 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
+from urllib.parse import urlsplit, urlunsplit
 
+import nats.errors
 import uvicorn
 from fastapi import FastAPI, Response
 from fastapi.responses import JSONResponse
 from faststream.nats import NatsBroker
 from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.errors import ServiceUnavailableError
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
@@ -46,10 +53,11 @@ from consumers.admission import run_admission
 from consumers.http_api import build_api, install_error_handlers
 from consumers.metrics import CONTENT_TYPE_LATEST, Metrics
 from consumers.names import NatsNames
+from consumers.partitions import run_partitioned
 from consumers.relay import run_relay
 from consumers.runtime import ServiceUrls
 from consumers.scheduler import run_scheduler
-from consumers.settings import Settings
+from consumers.settings import Settings, nats_servers
 from consumers.streams import ensure_streams
 from ledger.db import make_engine
 
@@ -57,10 +65,12 @@ log = logging.getLogger("billing")
 
 # /readyz: how long the database may take to answer SELECT 1 before the service is "not ready".
 READY_DB_TIMEOUT_S: Final = 2.0
-# Connections of the service: the intake, the relay, the scheduler, up to 4 admissions, readiness.
+# Connections of the service: the intake, the relay, the scheduler, up to 4 admissions, readiness;
+# partitioned, one more per partition the instance may own (each runs its own batches).
 ENGINE_POOL_SIZE: Final = 8
 # Worker threads of the event loop's default executor (asyncio.to_thread): the intake, the relay, the
-# scheduler, up to 4 admissions and readiness probes, with room to spare.
+# scheduler, up to 4 admissions and readiness probes, with room to spare; partitioned, one more per
+# partition.
 WORKER_THREADS: Final = 16
 # A TCP connect to PostgreSQL that hangs longer than this fails (and is retried by the loops).
 DB_CONNECT_TIMEOUT_S: Final = 10
@@ -68,6 +78,8 @@ DB_CONNECT_TIMEOUT_S: Final = 10
 HTTP_GRACEFUL_S: Final = 5
 # After the components have stopped (or been cancelled), the broker's drain of the connection.
 NATS_DRAIN_TIMEOUT_S: Final = 5
+# Start-up: how long JetStream may take to answer the stream declarations (a cluster electing leaders).
+STREAMS_WITHIN_S: Final = 60.0
 # Components still running this long after being cancelled are left behind (logged).
 CANCEL_GRACE_S: Final = 5.0
 
@@ -175,17 +187,19 @@ async def run_service(
     if stop is None:
         stop = asyncio.Event()
         install_stop_signals(stop)
+    partitions = settings.intake_partitions
     # Every component runs its database work in worker threads: room for all of them at once.
-    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(WORKER_THREADS, "billing-db"))
+    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(WORKER_THREADS + partitions, "billing-db"))
     names = NatsNames(settings.nats_namespace)
     engine = make_engine(
         urls.database_url,
         role=settings.database_role or None,
-        pool_size=ENGINE_POOL_SIZE,
+        pool_size=ENGINE_POOL_SIZE + partitions,
         connect_args={"connect_timeout": DB_CONNECT_TIMEOUT_S},
     )
+    servers = nats_servers(urls.nats_url)
     broker = NatsBroker(
-        urls.nats_url,
+        servers,
         max_reconnect_attempts=-1,  # a NATS restart must never end the service
         reconnect_time_wait=1,
         drain_timeout=NATS_DRAIN_TIMEOUT_S,
@@ -195,7 +209,7 @@ async def run_service(
         await broker.start()
         nc = broker.connection
         js = nc.jetstream()
-        streams = await ensure_streams(js, names, replicas=settings.nats_replicas)
+        streams = await _declare_streams(js, names, settings.nats_replicas, stop)
 
         registry = CollectorRegistry()
         readiness = Readiness({"intake": asyncio.Event(), "admission": asyncio.Event()})
@@ -216,8 +230,24 @@ async def run_service(
             )
         )
         intake_config = intake.IntakeConfig.from_settings(settings)
-        components: dict[str, Coroutine[Any, Any, None]] = {
-            "intake": intake.run(
+        intake_run: Coroutine[Any, Any, None]
+        if partitions:
+            intake_run = run_partitioned(
+                nc,
+                engine,
+                names,
+                intake_config,
+                partitions,
+                stop,
+                rebalance_s=settings.intake_rebalance_s,
+                metrics=Metrics(registry),
+                clock=clock,
+                relay_kick=relay_kick,
+                scheduler_kick=scheduler_kick,
+                ready=readiness.components["intake"],
+            )
+        else:
+            intake_run = intake.run(
                 nc,
                 engine,
                 names,
@@ -228,7 +258,9 @@ async def run_service(
                 relay_kick=relay_kick,
                 scheduler_kick=scheduler_kick,
                 ready=readiness.components["intake"],
-            ),
+            )
+        components: dict[str, Coroutine[Any, Any, None]] = {
+            "intake": intake_run,
             "relay": run_relay(engine, js, names, stop, kick=relay_kick, registry=registry),
             "scheduler": run_scheduler(
                 engine, nc, names, stop, kick=scheduler_kick, relay_kick=relay_kick, registry=registry
@@ -251,11 +283,11 @@ async def run_service(
             "admission on %s, HTTP http://%s:%d%s",
             make_url(urls.database_url).render_as_string(hide_password=True),
             settings.database_role or "login's own",
-            urls.nats_url,
+            ", ".join(_redacted(u) for u in servers),
             f" (namespace {names.namespace})" if names.namespace else "",
             ", ".join(streams),
             names.in_stream,
-            intake_config.durable,
+            f"{intake_config.durable}-<p> ({partitions} partitions)" if partitions else intake_config.durable,
             intake_config.batch_size,
             names.admission_rental.rsplit(".", 1)[0] + ".*",
             settings.http_host,
@@ -270,6 +302,31 @@ async def run_service(
         log.info("billing stopped")
 
 
+async def _declare_streams(js: JetStreamContext, names: NatsNames, replicas: int, stop: asyncio.Event) -> list[str]:
+    """``ensure_streams``, tried again while JetStream does not answer: on a cluster a stream just
+    created by another instance has no leader for a moment, and its info request times out."""
+    deadline = asyncio.get_running_loop().time() + STREAMS_WITHIN_S
+    delay = 0.5
+    while True:
+        try:
+            return await ensure_streams(js, names, replicas=replicas)
+        except (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError) as exc:
+            if stop.is_set() or asyncio.get_running_loop().time() + delay > deadline:
+                raise
+            log.warning("JetStream did not answer while declaring the streams (%r): again in %.1f s", exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+
+def _redacted(url: str) -> str:
+    """A server URL for the log: the password (if any) replaced."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 async def _supervise(
     tasks: dict[str, asyncio.Task[None]],
     stop: asyncio.Event,
@@ -281,7 +338,13 @@ async def _supervise(
     bounded. Returns the exit status."""
     stop_waiter = asyncio.create_task(stop.wait())
     await asyncio.wait([*tasks.values(), stop_waiter], return_when=asyncio.FIRST_COMPLETED)
-    failed = [name for name, task in tasks.items() if task.done()]
+    # A component that returned because ``stop`` was set (possibly before ``stop_waiter`` got its
+    # turn to run) has not failed; one that raised has, whenever.
+    failed = [
+        name
+        for name, task in tasks.items()
+        if task.done() and (not stop.is_set() or task.cancelled() or task.exception() is not None)
+    ]
     for name in failed:
         task = tasks[name]
         exc = None if task.cancelled() else task.exception()

@@ -3,7 +3,8 @@
 Every refused input is a row of ``rejected_inputs`` (append-only: its reason, a detail a person can
 act on, and the bytes exactly as received) and a message on ``billing.dlq.<reason>``. Once the
 cause is fixed (a producer's bug, a rental whose start finally arrived), ``replay`` sends the stored
-bytes back to ``billing.in.<walletId>``; nothing in the table is marked. The replayed input is then
+bytes back to ``billing.in.<walletId>``; nothing in the table is marked. On a partitioned deployment
+the server's mapping puts them into the wallet's partition like any producer's publish. The replayed input is then
 either accepted (charged once: the ``(source, id)`` key makes a repeat a no-op) or refused again,
 and a refusal is kept once per ``(source, id, reason)``.
 
@@ -27,7 +28,7 @@ from rich.table import Table
 from sqlalchemy import Connection, text
 
 from consumers.names import NatsNames
-from consumers.settings import Settings
+from consumers.settings import Settings, nats_servers
 from ledger.events import ID_PATTERN, RejectReason
 
 dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: inputs refused with a reason, and their replay.")
@@ -180,7 +181,8 @@ def replay(
 async def _republish(nats_url: str, names: NatsNames, rows: list[DeadLetterRow]) -> tuple[int, list[DeadLetterRow]]:
     import nats
 
-    nc = await nats.connect(nats_url, connect_timeout=5, max_reconnect_attempts=3)
+    # BILLING_NATS_URL may list a cluster's servers separated by commas.
+    nc = await nats.connect(servers=nats_servers(nats_url), connect_timeout=5, max_reconnect_attempts=3)
     try:
         js = nc.jetstream(timeout=PUBLISH_TIMEOUT_S)
         sent, skipped = 0, []

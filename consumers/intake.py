@@ -16,6 +16,15 @@ The path of a batch (DESIGN sections 3 and 10):
 A crash anywhere before the ack means redelivery, which the ``(source, id)`` key of the log turns
 into a no-op: every event is counted exactly once.
 
+**Subjects and consumers** (:class:`ConsumerSpec`). Unpartitioned (``BILLING_INTAKE_PARTITIONS=0``,
+the default: single node, embedded server, tests): one durable ``billing-intake`` on ``billing.in.>``,
+and a wallet's facts must arrive on ``billing.in.<walletId>``. Partitioned (N > 0, the cluster of
+DESIGN section 8 whose NATS mapping stores ``billing.in.<p>.<walletId>``): one durable
+``billing-intake-<p>`` per partition on ``billing.in.<p>.*``, run by the instance that owns the
+partition (``consumers.partitions``), and a fact is accepted only when ``p`` is
+``FNV-1a-32(walletId) mod N`` (a producer can address a partition by hand); anything else is
+``subject_mismatch``. This class is one consumer's loop either way.
+
 When the transaction fails:
 
 * database unavailable (a restart, a failover, a dropped connection: psycopg's ``OperationalError``
@@ -85,10 +94,11 @@ from nats.js.errors import BadRequestError
 from sqlalchemy import Engine
 
 from consumers.metrics import Metrics
-from consumers.names import NatsNames
+from consumers.names import NatsNames, partition_of
 from consumers.settings import Settings
 from ledger.db import unit_of_work
 from ledger.events import MAX_DETAIL_CHARS, Rejection, RejectReason, parse_event
+from ledger.invariants import require
 from projections.processor import BatchResult, Disposition, Incoming, RejectedInput, process_batch
 
 log = logging.getLogger("billing.intake")
@@ -150,33 +160,76 @@ class IntakeConfig:
         return min(self.nak_delay_s * float(2**exponent), self.nak_delay_max_s)
 
 
-def consumer_config(names: NatsNames, config: IntakeConfig) -> ConsumerConfig:
+@dataclass(frozen=True, slots=True)
+class ConsumerSpec:
+    """Which durable consumer an :class:`Intake` pulls, and which subjects its messages must have.
+
+    Unpartitioned (``partitions == 0``): one durable on ``billing.in.>``, a wallet's facts on
+    ``billing.in.<walletId>``. Partitioned (``consumers.partitions``): one durable per partition on
+    ``billing.in.<p>.*``, and one for the strays (subjects no partition takes, all refused)."""
+
+    durable: str
+    filter_subjects: tuple[str, ...]
+    partitions: int = 0
+    description: str = "billing intake: billing.in.> into the ledger"
+
+    @classmethod
+    def unpartitioned(cls, names: NatsNames, config: IntakeConfig) -> ConsumerSpec:
+        return cls(config.durable, (names.in_subjects,))
+
+    @classmethod
+    def partition(cls, names: NatsNames, config: IntakeConfig, partition: int, partitions: int) -> ConsumerSpec:
+        require(0 <= partition < partitions, f"partition {partition} outside 0..{partitions - 1}")
+        return cls(
+            f"{config.durable}-{partition}",
+            (names.in_partition_filter(partition),),
+            partitions,
+            f"billing intake: partition {partition} of {partitions} (billing.in.{partition}.*) into the ledger",
+        )
+
+    @classmethod
+    def strays(cls, names: NatsNames, config: IntakeConfig, partitions: int) -> ConsumerSpec:
+        return cls(
+            f"{config.durable}-strays",
+            names.in_stray_filters,
+            partitions,
+            "billing intake: billing.in subjects outside the partitioned shape, dead-lettered",
+        )
+
+
+def consumer_config(names: NatsNames, config: IntakeConfig, spec: ConsumerSpec | None = None) -> ConsumerConfig:
+    spec = spec or ConsumerSpec.unpartitioned(names, config)
+    single = len(spec.filter_subjects) == 1
     return ConsumerConfig(
-        name=config.durable,
-        durable_name=config.durable,
-        description="billing intake: billing.in.> into the ledger",
+        name=spec.durable,
+        durable_name=spec.durable,
+        description=spec.description,
         deliver_policy=DeliverPolicy.ALL,
         ack_policy=AckPolicy.EXPLICIT,
         ack_wait=config.ack_wait_s,
         max_deliver=config.max_deliver,
         max_ack_pending=config.max_ack_pending,
-        filter_subject=names.in_subjects,
+        filter_subject=spec.filter_subjects[0] if single else None,
+        filter_subjects=None if single else list(spec.filter_subjects),
     )
 
 
-async def ensure_consumer(js: JetStreamContext, names: NatsNames, config: IntakeConfig) -> ConsumerInfo:
+async def ensure_consumer(
+    js: JetStreamContext, names: NatsNames, config: IntakeConfig, spec: ConsumerSpec | None = None
+) -> ConsumerInfo:
     """Create the durable consumer, or update it to this configuration (kept as is if the server
     refuses the change: it still works, and the warning says what differs)."""
-    wanted = consumer_config(names, config)
+    wanted = consumer_config(names, config, spec)
+    durable = wanted.durable_name or config.durable
     info: ConsumerInfo
     try:
         info = await js.add_consumer(names.in_stream, wanted)
     except BadRequestError as exc:
-        info = await js.consumer_info(names.in_stream, config.durable)
+        info = await js.consumer_info(names.in_stream, durable)
         log.warning(
             "consumer %s/%s kept with its existing configuration (ack_wait %s s, max_deliver %s): %s",
             names.in_stream,
-            config.durable,
+            durable,
             info.config.ack_wait,
             info.config.max_deliver,
             exc.description,
@@ -259,8 +312,47 @@ def _metadata(msg: Msg) -> tuple[int, int, int]:
     return meta.num_delivered, meta.sequence.stream, meta.num_pending
 
 
-def prepare(msgs: Sequence[Msg], *, now: datetime, names: NatsNames, max_deliver: int) -> list[_Item]:
-    """Parse every message (pure, CPU only)."""
+def expected_subject(names: NatsNames, wallet_id: str, partitions: int) -> str:
+    """The only subject a wallet's facts may arrive on: ``billing.in.<walletId>`` unpartitioned,
+    ``billing.in.<p>.<walletId>`` with ``p = FNV-1a-32(walletId) mod partitions`` partitioned."""
+    if partitions == 0:
+        return names.in_subject(wallet_id)
+    return names.in_partition_subject(partition_of(wallet_id, partitions), wallet_id)
+
+
+def _mismatch_detail(subject: str, wallet_id: str, expected: str, names: NatsNames, partitions: int) -> str:
+    if partitions == 0:
+        detail = (
+            f"data.walletId {wallet_id} does not match the subject {subject!r}: "
+            f"events of a wallet are published to {expected!r} only"
+        )
+        prefix = names.subject("billing.in.")
+        middle = subject[len(prefix) : -len(wallet_id) - 1] if subject.startswith(prefix) else ""
+        if subject.endswith(f".{wallet_id}") and middle.isdigit():
+            detail += (
+                "; the subject has the partitioned shape billing.in.<p>.<walletId> of a NATS mapping: "
+                "set BILLING_INTAKE_PARTITIONS to the mapping's N"
+            )
+        return detail
+    p = partition_of(wallet_id, partitions)
+    if subject == names.in_subject(wallet_id):
+        return (
+            f"subject {subject!r} is not partitioned: with {partitions} partitions the NATS mapping "
+            f"'billing.in.*' -> 'billing.in.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}' stores "
+            f"wallet {wallet_id}'s events as {expected!r}; is the mapping missing from the server's account?"
+        )
+    return (
+        f"data.walletId {wallet_id} does not match the subject {subject!r}: wallet {wallet_id} is in "
+        f"partition {p} of {partitions} (FNV-1a-32 of the wallet id mod {partitions}); its events are "
+        f"stored as {expected!r} only"
+    )
+
+
+def prepare(
+    msgs: Sequence[Msg], *, now: datetime, names: NatsNames, max_deliver: int, partitions: int = 0
+) -> list[_Item]:
+    """Parse every message (pure, CPU only); refuse a fact whose subject is not its wallet's
+    (``partitions``: 0 unpartitioned, else the mapping's N, see :func:`expected_subject`)."""
     items = []
     for msg in msgs:
         delivered, seq, _ = _metadata(msg)
@@ -269,12 +361,9 @@ def prepare(msgs: Sequence[Msg], *, now: datetime, names: NatsNames, max_deliver
         if isinstance(parsed, Rejection):
             items.append(_Item(msg.subject, delivered, seq, refused=RejectedInput(parsed, raw, msg.subject, delivered)))
             continue
-        expected = names.in_subject(parsed.wallet_id)
+        expected = expected_subject(names, parsed.wallet_id, partitions)
         if msg.subject != expected:
-            detail = (
-                f"data.walletId {parsed.wallet_id} does not match the subject {msg.subject!r}: "
-                f"events of a wallet are published to {expected!r} only"
-            )
+            detail = _mismatch_detail(msg.subject, parsed.wallet_id, expected, names, partitions)
             rejection = Rejection(
                 reason=RejectReason.subject_mismatch,
                 detail=detail[:MAX_DETAIL_CHARS],
@@ -350,6 +439,8 @@ class _Puller:
 
     def __init__(self, nc: Client, stream: str, durable: str, buffer_limit: int) -> None:
         self._nc = nc
+        self._durable = durable
+        self._last_status: str | None = None
         self._next_subject = f"$JS.API.CONSUMER.MSG.NEXT.{stream}.{durable}"
         self._inbox = nc.new_inbox()
         self._seq = 0
@@ -382,12 +473,18 @@ class _Puller:
                 request.done.set()
             if status not in ("404", "408"):
                 description = msg.headers.get("Description") if msg.headers else None
-                log.warning("pull request ended with status %s %s", status, description)
+                # Once per streak: during a leader election every retry gets the same 503.
+                level = logging.DEBUG if status == self._last_status else logging.WARNING
+                log.log(level, "pull request of %s ended with status %s %s", self._durable, status, description or "")
+                self._last_status = status
+            else:
+                self._last_status = None
             return
         if not msg.reply.startswith("$JS.ACK."):
             log.warning("ignored a message on the intake's inbox that is not a JetStream delivery: %s", msg.subject)
             return
         self.buffer.append(msg)
+        self._last_status = None
         request = self.current
         if request is not None:
             request.received += 1
@@ -443,8 +540,10 @@ class Intake:
         relay_kick: asyncio.Event | None = None,
         scheduler_kick: asyncio.Event | None = None,
         ready: asyncio.Event | None = None,
+        spec: ConsumerSpec | None = None,
     ) -> None:
         self._nc = nc
+        self._spec = spec or ConsumerSpec.unpartitioned(names, config)
         self._relay_kick = relay_kick
         self._scheduler_kick = scheduler_kick
         self._ready = ready
@@ -455,14 +554,14 @@ class Intake:
         self._metrics = metrics or Metrics()
         self._clock = clock or (lambda: datetime.now(UTC))
         self._max_deliver = config.max_deliver
-        self._puller = _Puller(nc, names.in_stream, config.durable, buffer_limit=4 * config.batch_size + 1000)
+        self._puller = _Puller(nc, names.in_stream, self._spec.durable, buffer_limit=4 * config.batch_size + 1000)
         self._in_hand: list[Msg] = []
         self._in_hand_since: float | None = None
 
     # --- lifetime ---------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        info = await ensure_consumer(self._js, self._names, self._config)
+        info = await ensure_consumer(self._js, self._names, self._config, self._spec)
         self._max_deliver = info.config.max_deliver or self._config.max_deliver
         await self._puller.start()
         keepalive = asyncio.create_task(self._keep_in_progress(), name="intake-in-progress")
@@ -470,9 +569,9 @@ class Intake:
             self._ready.set()
         log.info(
             "intake consuming %s from %s/%s (batch %d, ack_wait %s s, max_deliver %d)",
-            self._names.in_subjects,
+            ", ".join(self._spec.filter_subjects),
             self._names.in_stream,
-            self._config.durable,
+            self._spec.durable,
             self._config.batch_size,
             info.config.ack_wait,
             self._max_deliver,
@@ -490,7 +589,7 @@ class Intake:
             await self._puller.close()
             with contextlib.suppress(Exception):
                 await self._nc.flush(timeout=int(PUBLISH_TIMEOUT_S))
-            log.info("intake stopped")
+            log.info("intake stopped (%s)", self._spec.durable)
 
     async def _drain(self, stop: asyncio.Event) -> None:
         """At shutdown: let the outstanding request end, then finish what was delivered."""
@@ -543,7 +642,9 @@ class Intake:
             now = self._clock()
             # Inline, not in a worker thread: ~15 us a message, a few ms a batch; in a thread it
             # only fights the event loop for the GIL (measured here: the whole loop ~20% slower).
-            items = prepare(msgs, now=now, names=self._names, max_deliver=self._max_deliver)
+            items = prepare(
+                msgs, now=now, names=self._names, max_deliver=self._max_deliver, partitions=self._spec.partitions
+            )
             outcomes = await self._process(list(range(len(items))), items, now, stop)
             await self._settle(msgs, items, outcomes)
         finally:

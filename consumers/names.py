@@ -15,6 +15,24 @@ from ledger.invariants import require
 
 _NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_-]{0,40}$")
 
+_FNV32_OFFSET = 0x811C9DC5
+_FNV32_PRIME = 0x01000193
+
+
+def fnv1a_32(data: bytes) -> int:
+    """FNV-1a, 32 bits: the hash of nats-server's ``{{partition(N, k)}}`` subject mapping."""
+    h = _FNV32_OFFSET
+    for byte in data:
+        h = ((h ^ byte) * _FNV32_PRIME) & 0xFFFFFFFF
+    return h
+
+
+def partition_of(wallet_id: str, partitions: int) -> int:
+    """The partition the mapping ``billing.in.* -> billing.in.{{partition(N,1)}}.{{wildcard(1)}}``
+    gives a wallet: FNV-1a-32 of the wallet token, mod N."""
+    require(partitions > 0, f"partitions must be positive, not {partitions}")
+    return fnv1a_32(wallet_id.encode()) % partitions
+
 
 @dataclass(frozen=True, slots=True)
 class NatsNames:
@@ -45,7 +63,24 @@ class NatsNames:
         return self.subject("billing.in.>")
 
     def in_subject(self, wallet_id: str) -> str:
+        """Where producers publish a wallet's usage facts (the contract's subject)."""
         return self.subject(f"billing.in.{wallet_id}")
+
+    # Partitioned intake (DESIGN section 8, deploy/README.md "Partitions"): the NATS subject mapping
+    # stores billing.in.<walletId> as billing.in.<p>.<walletId>, p = FNV-1a-32(walletId) mod N.
+    def in_partition_subject(self, partition: int, wallet_id: str) -> str:
+        """Where the mapping stores a wallet's usage facts: ``billing.in.<p>.<walletId>``."""
+        return self.subject(f"billing.in.{partition}.{wallet_id}")
+
+    def in_partition_filter(self, partition: int) -> str:
+        """The filter of partition ``p``'s durable consumer: ``billing.in.<p>.*``."""
+        return self.subject(f"billing.in.{partition}.*")
+
+    @property
+    def in_stray_filters(self) -> tuple[str, str]:
+        """What no partition consumer takes: ``billing.in.<one token>`` (stored unmapped: the mapping
+        is missing) and ``billing.in.<a>.<b>.>`` (deeper than the partitioned shape)."""
+        return self.subject("billing.in.*"), self.subject("billing.in.*.*.>")
 
     @property
     def dlq_stream(self) -> str:

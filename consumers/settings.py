@@ -16,7 +16,8 @@ class Settings(BaseSettings):
     # The role the service runs as (SET ROLE on every connection): INSERT/SELECT on the log and the
     # journal, nothing that could change history. Empty disables (only for a login that already is it).
     database_role: str = "billing_app"
-    # Unset: `billing up` starts an embedded nats-server with JetStream in data_dir.
+    # Unset: `billing up` starts an embedded nats-server with JetStream in data_dir. A cluster: the
+    # servers separated by commas (nats://u:p@nats-1:4222,nats://u:p@nats-2:4222,...), see nats_servers().
     nats_url: str | None = None
     # Prefix of every subject and stream; empty in production (the contract's names exactly).
     nats_namespace: str = ""
@@ -54,3 +55,21 @@ class Settings(BaseSettings):
     intake_nak_delay_max_s: float = Field(default=60.0, ge=0, le=3600)
     # Back-off between attempts at a batch whose transaction failed (database down): doubling, capped.
     intake_db_retry_max_s: float = Field(default=5.0, gt=0, le=300)
+    # Partitions of billing.in (DESIGN section 8, consumers/partitions.py). 0: one durable consumer on
+    # billing.in.> with subjects billing.in.<walletId> (single node, embedded server, tests). N > 0:
+    # the NATS mapping stores billing.in.<p>.<walletId>; one durable per partition, each pulled by
+    # exactly one instance at a time (a PostgreSQL advisory lock). N must equal the mapping's N.
+    intake_partitions: int = Field(default=0, ge=0, le=256)
+    # Partitioned: how often an instance checks its locks, counts the live instances and takes or
+    # gives up partitions (a dead instance's partitions move within about this long).
+    intake_rebalance_s: float = Field(default=2.0, gt=0, le=60)
+
+
+def nats_servers(url: str) -> list[str]:
+    """The server URLs of ``BILLING_NATS_URL``: one, or several separated by commas (a cluster).
+
+    nats-py refuses the comma-separated string itself ("invalid connect url option")."""
+    servers = [u.strip() for u in url.split(",") if u.strip()]
+    if not servers:
+        raise ValueError("BILLING_NATS_URL names no server")
+    return servers

@@ -12,6 +12,8 @@ from datetime import timedelta
 from typing import Any
 
 import nats
+import nats.errors
+import nats.js.errors
 from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.api import PubAck, RawStreamMsg
@@ -87,6 +89,21 @@ async def publish_events(js: JetStreamContext, names: NatsNames, events: Iterabl
         )
         last = ack.seq
     return last
+
+
+async def publish_retrying(
+    js: JetStreamContext, subject: str, raw: bytes, *, msg_id: str, within: float = 30.0, attempt_s: float = 2.0
+) -> PubAck:
+    """A producer's publish through a NATS node failure: tried again (same ``Nats-Msg-Id``, so the
+    stream keeps one copy) on a timeout or a lost connection, for at most ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            return await js.publish(subject, raw, timeout=attempt_s, headers={"Nats-Msg-Id": msg_id})
+        except (TimeoutError, nats.errors.Error, nats.js.errors.Error) as exc:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"publish to {subject} failed for {within} s: {exc!r}") from exc
+            await asyncio.sleep(0.1)
 
 
 async def drained(js: JetStreamContext, names: NatsNames, durable: str, last_seq: int) -> bool:
