@@ -49,7 +49,7 @@ from projections.rules import (
     WalletState,
     admit_rental,
     admit_serverless,
-    apply,
+    apply_fact,
     next_wakeup,
     tick,
 )
@@ -242,7 +242,7 @@ def process_batch(
             refused.append(RejectedInput(rejection, item.raw, item.subject, item.delivery_count))
             continue
         prior = states[ev.wallet_id]
-        state, decision = apply(prior, ev, at)
+        state, decision = apply_fact(prior, ev)
         if decision.outcome == "not_started" and not item.last_attempt:
             result.dispositions[idx] = Disposition.retry
             continue
@@ -274,6 +274,17 @@ def process_batch(
         )
         messages.extend(_messages(decision, at))
         result.dispositions[idx] = Disposition.accepted
+
+    # Housekeeping once per wallet at the batch's instant (see rules.apply_fact): stop commands,
+    # their re-issue, notices, expired holds. A rebuild gives each event its original instant;
+    # there the last event's instant stands for the wallet's.
+    last_at: dict[str, datetime] = {}
+    for idx in todo:
+        if result.dispositions[idx] == Disposition.accepted:
+            last_at[incoming[idx].event.wallet_id] = incoming[idx].received_at or now
+    for wid, at in last_at.items():
+        states[wid], decision = tick(states[wid], at)
+        messages.extend(_messages(decision, at))
 
     appended = append_batch(conn, items, received_at=now)
     # Under the wallet locks nobody else can have added these events since the check above.

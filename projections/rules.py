@@ -1042,6 +1042,21 @@ def apply(state: WalletState, event: LogEvent, now: datetime) -> tuple[WalletSta
     return new_state, decision
 
 
+def apply_fact(state: WalletState, event: LogEvent) -> tuple[WalletState, Decision]:
+    """The fact of one event alone (charges, rental transitions, settlements), without the
+    housekeeping at ``now``. A batch writer applies every event of a wallet this way and then
+    calls :func:`tick` once at the batch's instant: all events of a batch are processed at the same
+    ``now``, so one housekeeping per wallet decides the same stop commands as one per event, minus
+    those a later event of the same batch makes moot (a pause, a top-up), and one notice per
+    status change of the batch rather than per intermediate state."""
+    fact = _apply_fact(state, event)
+    if fact.outcome in ("rejected", "not_started"):
+        require(fact.state is state and not fact.txns, "a refused event changed the state")
+        return state, Decision(outcome=fact.outcome, rejection=fact.rejection)
+    _require_consistent(state, fact.state, fact.txns)
+    return fact.state, Decision(outcome=fact.outcome, txns=fact.txns, settlements=fact.settlements, rejection=None)
+
+
 def decide(state: WalletState, event: LogEvent, now: datetime) -> Decision:
     """What ``event`` decides against ``state`` at ``now`` (see :func:`apply`)."""
     return apply(state, event, now)[1]

@@ -131,8 +131,9 @@ def load_wallets(
             for w, pi, was_seen, credited, refunded, disputes, pending in cur.fetchall():
                 pays[w][pi] = _payment_from_row(pi, was_seen, credited, refunded, disputes, pending)
         cur.execute(
-            "SELECT w.wallet_id, coalesce(b.balance_micros, 0), w.status, w.last_notice, w.holds,"
-            "       w.serverless_admissions"
+            # jsonb as text: most wallets hold '[]', and parsing it in Python per row is not free.
+            "SELECT w.wallet_id, coalesce(b.balance_micros, 0), w.status, w.last_notice, w.holds::text,"
+            "       w.serverless_admissions::text"
             "  FROM wallets w LEFT JOIN account_balances b ON b.account = 'wallet:' || w.wallet_id"
             " WHERE w.wallet_id = ANY(%b)",
             (ids,),
@@ -171,11 +172,13 @@ def load_wallets(
         states[wallet_id] = WalletState(
             wallet_id=wallet_id,
             balance_micros=int(balance),
-            holds=_holds_from_json(holds),
+            holds=() if holds == "[]" else _holds_from_json(json.loads(holds)),
             rentals=rentals[wallet_id],
             endpoints=eps[wallet_id],
             jobs_seen=frozenset(seen[wallet_id]),
-            serverless_admissions=tuple(datetime.fromisoformat(t) for t in admissions),
+            serverless_admissions=()
+            if admissions == "[]"
+            else tuple(datetime.fromisoformat(t) for t in json.loads(admissions)),
             status=status,
             last_notice=last_notice,
             payments=pays[wallet_id],
