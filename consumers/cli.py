@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+from typing import Annotated
 
 import typer
 
@@ -78,6 +79,22 @@ def up() -> None:
             code = asyncio.run(run_service(settings, urls))
     if code:
         raise typer.Exit(code)
+
+
+@app.command()
+def verify(
+    database_url: str = typer.Option(None, envvar="BILLING_DATABASE_URL", help="Owner's URL of the database."),
+    keep: bool = typer.Option(False, "--keep", help="Keep the scratch schema verify_<random> to look at."),
+    wallet: Annotated[
+        list[str] | None, typer.Option("--wallet", help="Only this wallet (repeatable); default: all.")
+    ] = None,
+    limit: int = typer.Option(10, "--limit", help="Differing rows shown per table."),
+) -> None:
+    """Rebuild the journal and every projection from the event log alone into a scratch schema and
+    report any difference (exit 1 if something differs, 2 if verify cannot run)."""
+    from projections.verify import verify_command
+
+    raise typer.Exit(verify_command(database_url, keep=keep, wallets=wallet or (), limit=limit))
 
 
 def main() -> None:
