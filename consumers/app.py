@@ -50,6 +50,7 @@ from sqlalchemy.engine import make_url
 
 from consumers import intake
 from consumers.admission import run_admission
+from consumers.finance_api import build_finance_api
 from consumers.http_api import build_api, install_error_handlers
 from consumers.metrics import CONTENT_TYPE_LATEST, Metrics
 from consumers.names import NatsNames
@@ -217,6 +218,7 @@ async def run_service(
         api = build_http(engine, lambda: nc, registry, readiness)
         # The wallet, Stripe and finance routes (consumers.http_api) on the same app and port.
         api.include_router(build_api(engine, settings, clock=clock))
+        api.include_router(build_finance_api(engine, settings, clock=clock))
         install_error_handlers(api)
         http = _HttpServer(
             uvicorn.Config(

@@ -736,5 +736,8 @@ def create_app(
         "Stripe webhooks, wallet and rental reads. Money is integer micro-USD (`...Micros`).",
     )
     app.include_router(build_api(engine, settings, stripe_client=stripe_client, clock=clock))
+    from consumers.finance_api import build_finance_api  # it imports this module's auth
+
+    app.include_router(build_finance_api(engine, settings, stripe_client=stripe_client, clock=clock))
     install_error_handlers(app)
     return app

@@ -26,6 +26,12 @@ def test_openapi_documents_the_contract() -> None:
         "/stripe/webhook",
         "/wallets/{walletId}",
         "/rentals/{resourceId}",
+        "/finance/trial-balance",
+        "/finance/statements/{walletId}",
+        "/finance/revenue",
+        "/finance/stripe-reconciliation",
+        "/finance/debts",
+        "/finance/rejected",
     }
     wallet = doc["components"]["schemas"]["WalletResponse"]["properties"]
     assert {"balanceMicros", "availableMicros", "holdsMicros", "burnMicrosPerHour", "projectedZeroAt", "state"} <= set(

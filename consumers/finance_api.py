@@ -1,0 +1,207 @@
+"""HTTP under ``/finance/...`` (finance scope): the reports of projections.reports as JSON, or CSV
+with ``?format=csv`` (or ``Accept: text/csv``). Also the Stripe side of the reconciliation: every
+succeeded PaymentIntent and refund of the period from Stripe's list APIs, all pages."""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any, Final, Literal
+
+import stripe
+from fastapi import APIRouter, Depends, Path, Query, Request
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import Engine, text
+
+from consumers.api_errors import ApiError
+from consumers.http_api import TokenAuthenticator, _errors, _scope_dependency, parse_api_tokens
+from consumers.settings import Settings
+from consumers.stripe_gateway import _call, client_from_settings
+from ledger.money import cents_to_micros
+from projections import reports
+from projections.reports import Report, StripeRecord
+
+# Stripe list pages are at most 100 items; a bound keeps one report from paging for ever.
+MAX_STRIPE_ITEMS: Final = 100_000
+DEFAULT_PERIOD: Final = timedelta(days=30)
+
+# Module level: annotations are strings here (PEP 563) and FastAPI resolves them in this namespace.
+Fmt = Annotated[Literal["json", "csv"] | None, Query(alias="format", description="json (default) or csv")]
+From = Annotated[datetime | None, Query(alias="from", description="ISO 8601 instant (default: 30 days before to)")]
+To = Annotated[datetime | None, Query(alias="to", description="ISO 8601 instant (default: now)")]
+At = Annotated[datetime | None, Query(description="ISO 8601 instant (default: now)")]
+GroupBy = Annotated[
+    str,
+    Query(
+        alias="groupBy",
+        pattern=r"^(day|product|gpuType)(,(day|product|gpuType))*$",
+        description="comma-separated: day, product, gpuType",
+    ),
+]
+WalletId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+
+
+def _instant(value: datetime | None, default: datetime) -> datetime:
+    if value is None:
+        return default
+    return value if value.tzinfo else value.replace(tzinfo=UTC)  # an instant without offset is UTC
+
+
+def _period(start: datetime | None, end: datetime | None, now: datetime) -> tuple[datetime, datetime]:
+    e = _instant(end, now)
+    # e - 30 days does not exist for an instant in the first days of year 1 (found by the fuzzer).
+    earliest = datetime.min.replace(tzinfo=UTC)
+    s = _instant(start, e - DEFAULT_PERIOD if e - earliest > DEFAULT_PERIOD else earliest)
+    if s > e:
+        raise ApiError(422, "invalid_period", "from must not be after to")
+    return s, e
+
+
+def _render(report: Report, request: Request, fmt: str | None, body: dict[str, Any]) -> Response:
+    wants_csv = fmt == "csv" or (fmt is None and "text/csv" in request.headers.get("accept", ""))
+    if fmt not in (None, "json", "csv"):
+        raise ApiError(422, "invalid_format", "format must be json or csv")
+    if wants_csv:
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(report.columns)
+        w.writerows(report.rows)
+        return Response(buf.getvalue(), media_type="text/csv")
+    return JSONResponse(body)
+
+
+def stripe_records(client: stripe.StripeClient, start: datetime, end: datetime) -> list[StripeRecord]:
+    """Stripe's own records of the period: succeeded PaymentIntents and refunds (all pages)."""
+    window: Any = {"gte": int(start.timestamp()), "lt": int(end.timestamp())}
+
+    def fetch() -> list[StripeRecord]:
+        out: list[StripeRecord] = []
+        params: Any = {"created": window, "limit": 100}
+        for pi in client.v1.payment_intents.list(params=params).auto_paging_iter():
+            d = pi.to_dict()
+            created = datetime.fromtimestamp(int(d.get("created") or 0), UTC)
+            if d.get("status") != "succeeded" or not (start <= created < end):
+                continue
+            wallet = (d.get("metadata") or {}).get("walletId")
+            out.append(
+                StripeRecord("payment", d["id"], cents_to_micros(int(d.get("amount_received") or 0)), wallet, created)
+            )
+            if len(out) > MAX_STRIPE_ITEMS:
+                raise ApiError(422, "period_too_large", "more than 100,000 Stripe records: choose a shorter period")
+        for re in client.v1.refunds.list(params=params).auto_paging_iter():
+            d = re.to_dict()
+            created = datetime.fromtimestamp(int(d.get("created") or 0), UTC)
+            if d.get("status") != "succeeded" or not (start <= created < end):
+                continue
+            out.append(StripeRecord("refund", d["id"], cents_to_micros(int(d.get("amount") or 0)), None, created))
+            if len(out) > MAX_STRIPE_ITEMS:
+                raise ApiError(422, "period_too_large", "more than 100,000 Stripe records: choose a shorter period")
+        return out
+
+    return _call(fetch)
+
+
+def build_finance_api(
+    engine: Engine,
+    settings: Settings,
+    *,
+    stripe_client: stripe.StripeClient | None = None,
+    clock: Callable[[], datetime] | None = None,
+) -> APIRouter:
+    now = clock or (lambda: datetime.now(UTC))
+    auth = TokenAuthenticator(parse_api_tokens(settings.api_tokens.get_secret_value()))
+    client = stripe_client if stripe_client is not None else client_from_settings(settings)
+    router = APIRouter(
+        prefix="/finance",
+        tags=["finance"],
+        dependencies=[Depends(_scope_dependency(auth, "finance"))],
+        responses={
+            200: {
+                "description": "The report: JSON, or CSV with format=csv or Accept: text/csv",
+                "content": {"application/json": {}, "text/csv": {"schema": {"type": "string"}}},
+            },
+            **_errors(401, 403, 422, 502, 503),
+        },
+    )
+
+    def read(fn: Callable[..., Report], *args: Any) -> Report:
+        with engine.connect() as conn:
+            conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
+            return fn(conn, *args)
+
+    @router.get("/trial-balance", summary="Every account's balance at an instant; the total is zero")
+    def trial_balance(request: Request, at: At = None, fmt: Fmt = None) -> Response:
+        t = _instant(at, now())
+        rep = read(reports.trial_balance, t)
+        body = {
+            "at": t.isoformat(),
+            "accounts": [{"account": a, "balanceMicros": b} for a, b in rep.rows],
+            "totalMicros": rep.summary["totalMicros"],
+        }
+        return _render(rep, request, fmt, body)
+
+    @router.get("/statements/{walletId}", summary="Opening balance, movements and closing balance of a wallet")
+    def statement(
+        request: Request,
+        walletId: WalletId,  # the contract's path parameter name
+        start: From = None,
+        end: To = None,
+        fmt: Fmt = None,
+    ) -> Response:
+        s, e = _period(start, end, now())
+        rep = read(reports.statement, walletId, s, e)
+        return _render(rep, request, fmt, {**rep.summary, "movements": rep.as_dicts()})
+
+    @router.get("/revenue", summary="Recognised revenue grouped by day, product and GPU type")
+    def revenue(
+        request: Request,
+        start: From = None,
+        end: To = None,
+        group_by: GroupBy = "day,product,gpuType",
+        fmt: Fmt = None,
+    ) -> Response:
+        s, e = _period(start, end, now())
+        keys = [k for k in group_by.split(",") if k]
+        unknown = [k for k in keys if k not in reports.GROUP_KEYS]
+        if unknown:
+            raise ApiError(
+                422, "invalid_group_by", f"groupBy takes {', '.join(reports.GROUP_KEYS)}; unknown: {unknown}"
+            )
+        rep = read(reports.revenue, s, e, keys)
+        return _render(rep, request, fmt, {**rep.summary, "rows": rep.as_dicts()})
+
+    @router.get("/debts", summary="Wallets below zero")
+    def debts(request: Request, fmt: Fmt = None) -> Response:
+        rep = read(reports.debts)
+        return _render(rep, request, fmt, {**rep.summary, "wallets": rep.as_dicts()})
+
+    @router.get("/rejected", summary="Rejected inputs by reason")
+    def rejected(
+        request: Request,
+        start: From = None,
+        end: To = None,
+        fmt: Fmt = None,
+    ) -> Response:
+        s, e = _period(start, end, now())
+        rep = read(reports.rejected_inputs, s, e)
+        return _render(rep, request, fmt, {**rep.summary, "rows": rep.as_dicts()})
+
+    @router.get("/stripe-reconciliation", summary="Ledger top-ups and refunds against Stripe's own records")
+    def stripe_reconciliation(
+        request: Request,
+        start: From = None,
+        end: To = None,
+        fmt: Fmt = None,
+    ) -> Response:
+        if client is None:
+            raise ApiError(503, "stripe_not_configured", "Stripe is not configured: set BILLING_STRIPE_API_KEY")
+        s, e = _period(start, end, now())
+        theirs = stripe_records(client, s, e)
+        with engine.connect() as conn:
+            mine = reports.ledger_stripe_records(conn, s, e)
+        rep = reports.reconcile(mine, theirs, s, e)
+        return _render(rep, request, fmt, {**rep.summary, "rows": rep.as_dicts()})
+
+    return router

@@ -1,0 +1,1153 @@
+"""Fault suite (issue #7 item 4): the real `billing up` (and the intake and the relay in-process)
+under kill -9, batches slower than ack_wait, relay deaths, NATS and PostgreSQL restarts, floods of
+malformed input, skewed clocks and concurrent writers of one wallet.
+
+Every scenario publishes a known stream of events (faults_support.Workload: credits, debits, pod
+starts, counter readings with repeats and stale ones, serverless jobs with a repeated report, ends,
+and a wallet that runs dry), injects its fault, lets the service recover, and checks against a
+reference computed here from the published events with ledger.money's formulas:
+
+* the journal sums to zero (each transaction of the scenario's wallets, and the whole journal), each
+  account balance equals the sum of its entries, and `billing verify` (rebuild from the log and
+  compare) finds no difference for the scenario's wallets;
+* every wallet's balance equals the reference;
+* each event is in the log at most once, and exactly once when its publish was acknowledged;
+* where a wallet runs dry, every stop command written for it was published to COMPUTE_COMMANDS,
+  once, and none was written for a wallet funded before its first charge. A funded wallet that the
+  service stopped because it applied the wallet's events out of stream order (its first event in
+  the log is not its credit) is reported in the table, not failed: that is the bug pinned by the
+  strict xfail at the end of this module.
+
+A summary table (fault, times injected, events lost, charges doubled, redeliveries, time to
+recover) is printed at the end of the session.
+
+The scenarios that restart NATS or PostgreSQL run the service on an EmbeddedNats / EmbeddedPostgres
+of their own; the run's shared servers are never stopped.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import secrets
+import shutil
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import pytest
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from nats.js import JetStreamContext
+from prometheus_client import CollectorRegistry
+from sqlalchemy import Engine, create_engine, pool
+from sqlalchemy.engine import make_url
+
+from consumers.embedded import EmbeddedNats, EmbeddedPostgres
+from consumers.intake import IntakeConfig
+from consumers.names import NatsNames
+from consumers.relay import run_relay
+from ledger.events import MAX_EVENT_BYTES, RejectReason, event_to_json
+from projections.verify import verify
+from tests.integration.faults_support import (
+    DURABLE,
+    FaultRow,
+    FaultTable,
+    NatsTap,
+    Outgoing,
+    Probe,
+    Service,
+    Workload,
+    acked_messages,
+    all_stops_published,
+    check_ledger,
+    check_stop_commands,
+    connect,
+    consumer,
+    delivered_messages,
+    drained,
+    free_port,
+    intake_running,
+    lock_waits,
+    logged,
+    namespace_of,
+    outgoing,
+    publish,
+    publish_retrying,
+    query,
+    rental_status,
+    second_instance,
+    service_env,
+    stop_rows,
+    stream_messages,
+    streams,
+    wait_for,
+)
+
+if TYPE_CHECKING:
+    from tests.conftest import TestDatabase
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+SETTLE_WITHIN_S = 40.0
+IN_PROCESS = IntakeConfig(durable=DURABLE, batch_size=100, max_wait_s=0.2, nak_delay_s=0.05, nak_delay_max_s=0.5)
+
+
+# --------------------------------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="session")
+def fault_table(pytestconfig: pytest.Config) -> Iterator[FaultTable]:
+    """One row per scenario; printed (past output capture) when the session ends."""
+    table = FaultTable()
+    yield table
+    if table.rows:
+        capture = pytestconfig.pluginmanager.getplugin("capturemanager")
+        if capture is None:
+            print("\n\n" + table.render() + "\n")
+        else:
+            with capture.global_and_fixture_disabled():
+                print("\n\n" + table.render() + "\n")
+
+
+@pytest.fixture
+def tag() -> str:
+    """Prefix of this scenario's wallets, resources and event ids (unique across runs)."""
+    return f"fx{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def launch(tmp_path: Path) -> Iterator[Callable[..., Service]]:
+    """Makes `billing up` services; any still running is killed at teardown, and the tail of each
+    log is printed (pytest shows it when the test failed)."""
+    made: list[Service] = []
+
+    def make(env: dict[str, str], name: str = "billing") -> Service:
+        svc = Service(env, tmp_path / f"{name}.log", name)
+        made.append(svc)
+        return svc
+
+    yield make
+    for svc in made:
+        svc.stop()
+    for path in sorted({svc.log_path for svc in made}):
+        print(f"--- {path.name} (tail) ---\n{path.read_text(errors='replace')[-4000:]}")
+
+
+@pytest.fixture
+def private_dir() -> Iterator[Path]:
+    """A directory outside pytest's basetemp for private servers (pgserver opens its parents to the
+    postgres user; a concurrent pytest run prunes old basetemps)."""
+    path = Path(tempfile.mkdtemp(prefix="billing-faults-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def private_nats(private_dir: Path) -> Iterator[EmbeddedNats]:
+    server = EmbeddedNats(private_dir / "nats", port=free_port())
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def private_pg(private_dir: Path) -> Iterator[EmbeddedPostgres]:
+    server = EmbeddedPostgres(private_dir / "pg")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+async def settle(
+    *, engine: Engine, js: JetStreamContext, names: NatsNames, wl: Workload, last_seq: int, expected: int
+) -> None:
+    """Wait (bounded) until every message is acked and every expected event is in the log."""
+    await wait_for(lambda: drained(js, names, last_seq), within=SETTLE_WITHIN_S, what="every message acked")
+    await wait_for(
+        lambda: logged(engine, wl.source) >= expected, within=10, what=f"{expected} events of {wl.source} logged"
+    )
+
+
+async def answer_stops(*, engine: Engine, js: JetStreamContext, names: NatsNames, wl: Workload) -> None:
+    """Wait until the dry wallets' stop commands are out, answer them as the compute plane does
+    (pause each dry pod: no re-issue after this scenario), and wait until every stop command written
+    is published."""
+    await wait_for(
+        lambda: all_stops_published(engine, wl.wallets, wl.dry_wallets),
+        within=20,
+        what="a published stop command for every dry wallet",
+    )
+    last = await publish(js, names, wl.outgoing(wl.pause_dry()))
+    await wait_for(
+        lambda: set(rental_status(engine, wl.dry_rentals).values()) == {"paused"}, within=20, what="dry pods paused"
+    )
+    await wait_for(lambda: drained(js, names, last), within=20, what="the pauses acked")
+    await wait_for(
+        lambda: all_stops_published(engine, wl.wallets, wl.dry_wallets),
+        within=20,
+        what="every stop command published after the pauses",
+    )
+
+
+async def check_and_record(
+    table: FaultTable,
+    *,
+    fault: str,
+    injected: int,
+    recover_s: float,
+    engine: Engine,
+    database_url: str,
+    js: JetStreamContext,
+    names: NatsNames,
+    wl: Workload,
+    published: Sequence[Outgoing],
+    redelivered: int | None,
+    note: str = "",
+    stops: bool = True,
+) -> None:
+    """The checks every scenario ends with; its row goes into the table before anything is asserted."""
+    keys = {m.key for m in published if m.key is not None}
+    result = check_ledger(engine, wl.source, keys, wl.expected_balances())
+    stop_check = await check_stop_commands(engine, js, names, wl.wallets, wl.dry_wallets) if stops else None
+    rebuilt = await asyncio.to_thread(verify, database_url, wallet_ids=wl.wallets)
+    if stop_check is not None and stop_check.reordered:
+        note += f"; SPURIOUS stops, events applied before the credit: {stop_check.reordered}"
+    table.add(FaultRow(fault, injected, len(result.lost), result.doubled, recover_s, redelivered, note))
+    problems = result.problems()
+    if stop_check is not None:
+        problems += stop_check.problems()
+    if not rebuilt.ok:
+        problems.append("billing verify found differences:\n" + rebuilt.report())
+    assert not problems, "\n".join(problems)
+    assert result.logged_events == len(keys)
+
+
+def chunks(items: Sequence[Any], n: int) -> list[Sequence[Any]]:
+    size = -(-len(items) // n)
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+def with_pauses(wl: Workload, msgs: Sequence[Outgoing]) -> list[Outgoing]:
+    return [*msgs, *wl.outgoing(wl.pause_dry())]
+
+
+# --------------------------------------------------------------------- 1. between commit and ack
+
+
+async def test_kill_9_between_commit_and_ack_turns_redeliveries_into_no_ops(
+    database: TestDatabase,
+    app_engine: Engine,
+    nats_url: str,
+    unique: str,
+    tag: str,
+    tmp_path: Path,
+    launch: Callable[..., Service],
+    fault_table: FaultTable,
+) -> None:
+    """The service reaches NATS through a tap that, once armed, holds everything the service sends
+    from its first ack on: the batch in hand has committed and its acks go into the tap, never to
+    NATS; then kill -9. Those messages are committed and unacked: redelivered to the next instance,
+    they must be no-ops. Three times over."""
+    wl = Workload(tag, wallets=30, readings=24, jobs=12)
+    msgs = wl.outgoing()
+    tap = NatsTap(nats_url)
+    tap_url = await tap.start()
+    cycles = 3
+    dropped: list[int] = []
+    unacked: list[int] = []
+    duplicates = 0.0
+    try:
+        async with streams(nats_url, namespace_of(unique)) as (_nc, js, names), Probe(js, names) as probe:
+            env = service_env(
+                database_url=database.url,
+                nats_url=tap_url,
+                namespace=names.namespace,
+                data_dir=tmp_path / "data",
+                intake_batch_size=50,
+                intake_ack_wait_s=2,
+            )
+            svc = launch(env)
+            svc.start()
+            await svc.ready()
+            last = 0
+            for part in chunks(msgs, cycles):
+                tap.hold_at_next_ack()
+                last = await publish(js, names, part)
+                await wait_for(tap.held_acks, within=10, what="the acks of a committed batch held in the tap")
+                await asyncio.sleep(0.2)  # the rest of that batch's acks
+                duplicates += await svc.metric("billing_intake_messages_total", disposition="duplicate")
+                committed = logged(app_engine, wl.source)
+                before = tap.dropped_acks
+                svc.kill()
+                await wait_for(lambda b=before: tap.dropped_acks > b, within=5, what="the tap to drop the acks")
+                dropped.append(tap.dropped_acks - before)
+                unacked.append(committed - acked_messages(await consumer(js, names)))
+                svc.start()
+                await svc.ready()
+            restarted = time.monotonic()
+            await settle(engine=app_engine, js=js, names=names, wl=wl, last_seq=last, expected=len(msgs))
+            recover_s = time.monotonic() - restarted
+            await answer_stops(engine=app_engine, js=js, names=names, wl=wl)
+            duplicates += await svc.metric("billing_intake_messages_total", disposition="duplicate")
+            assert await svc.terminate() == 0
+            await check_and_record(
+                fault_table,
+                fault="1. kill -9 between commit and ack",
+                injected=cycles,
+                recover_s=recover_s,
+                engine=app_engine,
+                database_url=database.url,
+                js=js,
+                names=names,
+                wl=wl,
+                published=with_pauses(wl, msgs),
+                redelivered=probe.redelivered,
+                note=(
+                    f"committed-unacked at kills {unacked} (acks dropped {dropped}); "
+                    f"redeliveries already in the log, no-ops: {int(duplicates)}"
+                ),
+            )
+    finally:
+        await tap.close()
+    assert all(d > 0 for d in dropped), f"each kill must land between a commit and its acks: {dropped}"
+    assert sum(unacked) > 0
+    assert duplicates >= sum(dropped), "every committed, unacked message must come back as a duplicate"
+
+
+# ----------------------------------------------------------------------- 2. at random instants
+
+
+async def test_kill_9_at_random_instants(
+    database: TestDatabase,
+    app_engine: Engine,
+    nats_url: str,
+    unique: str,
+    tag: str,
+    tmp_path: Path,
+    launch: Callable[..., Service],
+    fault_table: FaultTable,
+) -> None:
+    """kill -9 at random instants while batches are in flight: what was delivered and not committed
+    is rolled back by PostgreSQL and redelivered; nothing is lost, nothing counted twice."""
+    rng = random.Random(tag)
+    wl = Workload(tag, wallets=30, readings=24, jobs=12)
+    msgs = wl.outgoing()
+    kills = 3
+    in_flight: list[int] = []
+    unacked: list[int] = []
+    async with streams(nats_url, namespace_of(unique)) as (_nc, js, names), Probe(js, names) as probe:
+        env = service_env(
+            database_url=database.url,
+            nats_url=nats_url,
+            namespace=names.namespace,
+            data_dir=tmp_path / "data",
+            intake_batch_size=50,
+            intake_ack_wait_s=2,
+        )
+        svc = launch(env)
+        svc.start()
+        await svc.ready()
+        last = 0
+        for part in chunks(msgs, kills):
+            base = logged(app_engine, wl.source)
+            last = await publish(js, names, part)
+            # A random instant inside the chunk's consumption (a chunk takes ~0.1-0.3 s to go through).
+            await wait_for(
+                lambda b=base: logged(app_engine, wl.source) > b, within=10, what="consumption", interval=0.005
+            )
+            await asyncio.sleep(rng.uniform(0.0, 0.025))
+            svc.kill()
+            info = await consumer(js, names)
+            committed = logged(app_engine, wl.source)
+            in_flight.append(delivered_messages(info) - committed)
+            unacked.append(committed - acked_messages(info))
+            svc.start()
+            await svc.ready()
+        restarted = time.monotonic()
+        await settle(engine=app_engine, js=js, names=names, wl=wl, last_seq=last, expected=len(msgs))
+        recover_s = time.monotonic() - restarted
+        await answer_stops(engine=app_engine, js=js, names=names, wl=wl)
+        assert await svc.terminate() == 0
+        await check_and_record(
+            fault_table,
+            fault="2. kill -9 at random instants",
+            injected=kills,
+            recover_s=recover_s,
+            engine=app_engine,
+            database_url=database.url,
+            js=js,
+            names=names,
+            wl=wl,
+            published=with_pauses(wl, msgs),
+            redelivered=probe.redelivered,
+            note=f"delivered-uncommitted at kills {in_flight}, committed-unacked {unacked}",
+        )
+    assert sum(in_flight) + sum(unacked) > 0, "no kill landed while a batch was in flight"
+
+
+# ------------------------------------------------------------ 3. slower than ack_wait, 2 instances
+
+
+async def test_batch_slower_than_ack_wait_with_two_instances(
+    database: TestDatabase,
+    app_engine: Engine,
+    owner_engine: Engine,
+    nats_url: str,
+    unique: str,
+    tag: str,
+    tmp_path: Path,
+    launch: Callable[..., Service],
+    fault_table: FaultTable,
+) -> None:
+    """Two instances, ack_wait 1 s. The test holds the row lock of one wallet; instance a takes that
+    wallet's events and blocks in PostgreSQL for longer than ack_wait (about 5 s); instance b, started
+    meanwhile, takes everything else and whatever JetStream redelivers of a's batch. Once the lock is
+    released, nothing is charged twice."""
+    wl = Workload(tag, wallets=30, readings=8, jobs=6)
+    msgs = wl.outgoing()
+    first = len(wl.wallets)  # round robin: the first message of each wallet is its credit
+    hot = wl.wallets[0]
+    slow = [m for m in msgs[first:] if m.token == hot]
+    rest = [m for m in msgs[first:] if m.token != hot]
+    hold_s = 2.5
+    async with streams(nats_url, namespace_of(unique)) as (_nc, js, names), Probe(js, names, owner_engine) as probe:
+        env = service_env(
+            database_url=database.url,
+            nats_url=nats_url,
+            namespace=names.namespace,
+            data_dir=tmp_path / "data",
+            intake_batch_size=100,
+            intake_ack_wait_s=1,
+        )
+        a, b = launch(env, "a"), launch(second_instance(env), "b")
+        a.start()
+        await a.ready()
+        last = await publish(js, names, msgs[:first])
+        await settle(engine=app_engine, js=js, names=names, wl=wl, last_seq=last, expected=first)
+        plain = make_url(database.url).set(drivername="postgresql").render_as_string(hide_password=False)
+        with psycopg.connect(plain) as lock:
+            lock.execute("SELECT wallet_id FROM wallets WHERE wallet_id = %s FOR UPDATE", (hot,))
+            blocked_at = time.monotonic()
+            await publish(js, names, slow)
+            await wait_for(lambda: probe.lock_waits > 0, within=10, what="a's batch blocked on the wallet's lock")
+            b.start()
+            await b.ready()
+            last = await publish(js, names, rest)
+            await asyncio.sleep(hold_s)
+            others_done = logged(app_engine, wl.source) - first
+            lock.commit()
+            held_s = time.monotonic() - blocked_at
+        released = time.monotonic()
+        await settle(engine=app_engine, js=js, names=names, wl=wl, last_seq=last, expected=len(msgs))
+        recover_s = time.monotonic() - released
+        await answer_stops(engine=app_engine, js=js, names=names, wl=wl)
+        duplicates = [await s.metric("billing_intake_messages_total", disposition="duplicate") for s in (a, b)]
+        assert await a.terminate() == 0
+        assert await b.terminate() == 0
+        await check_and_record(
+            fault_table,
+            fault="3. batch slower than ack_wait, 2 instances",
+            injected=1,
+            recover_s=recover_s,
+            engine=app_engine,
+            database_url=database.url,
+            js=js,
+            names=names,
+            wl=wl,
+            published=with_pauses(wl, msgs),
+            redelivered=probe.redelivered,
+            note=(
+                f"row lock held {held_s:.1f} s, ack_wait 1 s, slow batch of {len(slow)} events; b logged "
+                f"{others_done} of {len(rest)} others meanwhile; batches blocked at once: {probe.lock_waits}; "
+                f"duplicates (no-ops) a/b: {int(duplicates[0])}/{int(duplicates[1])}"
+            ),
+        )
+
+
+# ------------------------------------------------------------ 4. relay dies between publish, mark
+
+
+class RelayDied(RuntimeError):
+    pass
+
+
+class DiesAfterPublish:
+    """The relay's JetStream, dying (raising) right after the stream acknowledged the ``die_at``-th
+    publish of one of ``ours``: rows published, their PubAcks in, the outbox not marked."""
+
+    def __init__(self, js: JetStreamContext, ours: set[str], die_at: int) -> None:
+        self._js, self._ours, self._die_at = js, ours, die_at
+        self.published = 0
+        self.died = asyncio.Event()
+
+    async def publish_async(self, subject: str, payload: bytes, **kwargs: Any) -> asyncio.Future[Any]:
+        future = await self._js.publish_async(subject, payload, **kwargs)
+        if kwargs.get("headers", {}).get("Nats-Msg-Id") in self._ours and not self.died.is_set():
+            self.published += 1
+            if self.published >= self._die_at:
+                await asyncio.wait_for(asyncio.shield(future), timeout=5)  # in the stream now
+                self.died.set()
+                raise RelayDied(f"relay died after publishing {self.published} rows, before marking them")
+        return future
+
+
+async def test_relay_dying_between_publish_and_mark(
+    database: TestDatabase,
+    app_engine: Engine,
+    nats_url: str,
+    unique: str,
+    tag: str,
+    fault_table: FaultTable,
+) -> None:
+    """In-process: the intake writes stop commands, notices and settlements to the outbox; a relay
+    dies twice after JetStream acknowledged its publishes and before it marked the rows; a fresh
+    relay then publishes them again. Each Nats-Msg-Id is in the streams exactly once."""
+    wl = Workload(tag, wallets=10, readings=4, jobs=2, dry=6)
+    msgs = with_pauses(wl, wl.outgoing())
+    async with streams(nats_url, namespace_of(unique)) as (nc, js, names):
+        async with intake_running(nc, app_engine, names, IN_PROCESS):
+            last = await publish(js, names, wl.outgoing())
+            await wait_for(lambda: drained(js, names, last), within=SETTLE_WITHIN_S, what="the workload consumed")
+            last = await publish(js, names, wl.outgoing(wl.pause_dry()))
+            await wait_for(lambda: drained(js, names, last), within=SETTLE_WITHIN_S, what="the pauses consumed")
+        rows = query(
+            app_engine, "SELECT msg_id FROM outbox WHERE payload->>'walletId' = ANY(:w) ORDER BY id", w=wl.wallets
+        )
+        ours = {r[0] for r in rows}
+        assert len(ours) == len(rows) >= 2 * len(wl.dry_wallets)
+        deaths = []
+        for die_at in (len(ours) // 2, len(ours)):
+            dying = DiesAfterPublish(js, ours, die_at)
+            stop, failed = asyncio.Event(), CollectorRegistry()
+            task = asyncio.create_task(
+                run_relay(app_engine, dying, names, stop, poll_interval=0.1, backoff_initial=5.0, registry=failed)  # type: ignore[arg-type]
+            )
+            await wait_for(
+                lambda r=failed: r.get_sample_value("billing_outbox_relay_pass_failures_total"),
+                within=20,
+                what="the relay to die after publishing (its pass rolled back)",
+            )
+            assert dying.died.is_set()
+            task.cancel()  # the process is gone: no retry, no mark
+            await asyncio.gather(task, return_exceptions=True)
+            deaths.append(dying.published)
+        unmarked = query(
+            app_engine, "SELECT count(*) FROM outbox WHERE msg_id = ANY(:m) AND published_at IS NULL", m=sorted(ours)
+        )[0][0]
+        assert unmarked > 0
+        registry = CollectorRegistry()
+        stop = asyncio.Event()
+        restarted = time.monotonic()
+        task = asyncio.create_task(run_relay(app_engine, nc, names, stop, poll_interval=0.1, registry=registry))
+        await wait_for(
+            lambda: (
+                not query(
+                    app_engine, "SELECT 1 FROM outbox WHERE msg_id = ANY(:m) AND published_at IS NULL", m=sorted(ours)
+                )
+            ),
+            within=20,
+            what="every row of the scenario marked published",
+        )
+        recover_s = time.monotonic() - restarted
+        stop.set()
+        await asyncio.wait_for(task, timeout=10)
+        in_streams: Counter[str | None] = Counter()
+        for stream in (names.commands_stream, names.out_stream):
+            in_streams.update((m.headers or {}).get("Nats-Msg-Id") for m in await stream_messages(js, stream))
+        repeats = registry.get_sample_value("billing_outbox_duplicate_acks_total") or 0.0
+        await check_and_record(
+            fault_table,
+            fault="4. relay dies between publish and mark",
+            injected=len(deaths),
+            recover_s=recover_s,
+            engine=app_engine,
+            database_url=database.url,
+            js=js,
+            names=names,
+            wl=wl,
+            published=msgs,
+            redelivered=None,
+            note=(
+                f"{len(ours)} outbox rows; relay died after publishing {deaths}; republished rows "
+                f"JetStream dropped as duplicates: {int(repeats)}"
+            ),
+        )
+    assert {k: n for k, n in in_streams.items() if k in ours} == dict.fromkeys(ours, 1)
+    assert all(n == 1 for n in in_streams.values()), "a message id twice in a stream"
+    assert repeats >= 1
+
+
+# -------------------------------------------------------------------------- 5. NATS restarted
+
+
+async def test_nats_restarted_with_unacked_messages(
+    database: TestDatabase,
+    app_engine: Engine,
+    private_nats: EmbeddedNats,
+    unique: str,
+    tag: str,
+    tmp_path: Path,
+    launch: Callable[..., Service],
+    fault_table: FaultTable,
+) -> None:
+    """The service on a private nats-server, stopped mid-stream with messages delivered and unacked,
+    then started again on the same data dir and port; the producer retries its publishes (same
+    Nats-Msg-Id) through the outage."""
+    wl = Workload(tag, wallets=30, readings=24, jobs=12)
+    msgs = wl.outgoing()
+    half = len(msgs) // 2
+    down_s = 1.5
+    async with streams(private_nats.url, namespace_of(unique)) as (_nc, js, names), Probe(js, names) as probe:
+        env = service_env(
+            database_url=database.url,
+            nats_url=private_nats.url,
+            namespace=names.namespace,
+            data_dir=tmp_path / "data",
+            intake_batch_size=50,
+            intake_ack_wait_s=2,
+        )
+        svc = launch(env)
+        svc.start()
+        await svc.ready()
+        await publish(js, names, msgs[:half])
+        await wait_for(lambda: logged(app_engine, wl.source) > 0, within=10, what="consumption")
+        info = await consumer(js, names)
+        unacked = int(info.num_ack_pending or 0) + int(info.num_pending or 0)
+        private_nats.stop()
+        producer = asyncio.create_task(publish_retrying(js, names, msgs[half:], within=30))
+        await asyncio.sleep(down_s)
+        private_nats.start()
+        restarted = time.monotonic()
+        last, failed_attempts = await asyncio.wait_for(producer, timeout=40)
+        await settle(engine=app_engine, js=js, names=names, wl=wl, last_seq=last, expected=len(msgs))
+        recover_s = time.monotonic() - restarted
+        await answer_stops(engine=app_engine, js=js, names=names, wl=wl)
+        assert await svc.terminate() == 0
+        await check_and_record(
+            fault_table,
+            fault="5. NATS restarted mid-stream",
+            injected=1,
+            recover_s=recover_s,
+            engine=app_engine,
+            database_url=database.url,
+            js=js,
+            names=names,
+            wl=wl,
+            published=with_pauses(wl, msgs),
+            redelivered=probe.redelivered,
+            note=(
+                f"down {down_s} s with {unacked} messages unacked or undelivered; "
+                f"producer publish attempts that failed: {failed_attempts}"
+            ),
+        )
+    assert unacked > 0, "NATS was not stopped mid-stream"
+
+
+# --------------------------------------------------------------------- 6. PostgreSQL restarted
+
+
+async def test_postgres_restarted_mid_batch(
+    private_pg: EmbeddedPostgres,
+    nats_url: str,
+    unique: str,
+    tag: str,
+    tmp_path: Path,
+    launch: Callable[..., Service],
+    fault_table: FaultTable,
+) -> None:
+    """The service on a private PostgreSQL (`billing up` migrates it), stopped (fast shutdown: open
+    transactions cut) mid-stream and started again: the batches in hand are held and retried."""
+    url = private_pg.url
+    engine = create_engine(url, poolclass=pool.NullPool)
+    wl = Workload(tag, wallets=30, readings=24, jobs=12)
+    msgs = wl.outgoing()
+    down_s = 1.5
+    try:
+        async with streams(nats_url, namespace_of(unique)) as (_nc, js, names), Probe(js, names) as probe:
+            env = service_env(
+                database_url=url,
+                nats_url=nats_url,
+                namespace=names.namespace,
+                data_dir=tmp_path / "data",
+                intake_batch_size=50,
+                intake_ack_wait_s=5,
+            )
+            svc = launch(env)
+            svc.start()
+            await svc.ready()
+            last = await publish(js, names, msgs)
+            await wait_for(lambda: logged(engine, wl.source) > 0, within=10, what="consumption")
+            committed = logged(engine, wl.source)
+            private_pg.stop()
+            await asyncio.sleep(down_s)
+            assert private_pg.start() == url
+            restarted = time.monotonic()
+            await settle(engine=engine, js=js, names=names, wl=wl, last_seq=last, expected=len(msgs))
+            recover_s = time.monotonic() - restarted
+            await answer_stops(engine=engine, js=js, names=names, wl=wl)
+            assert await svc.terminate() == 0
+            held = svc.log().count("billing.intake: database unavailable")
+            await check_and_record(
+                fault_table,
+                fault="6. PostgreSQL restarted mid-batch",
+                injected=1,
+                recover_s=recover_s,
+                engine=engine,
+                database_url=url,
+                js=js,
+                names=names,
+                wl=wl,
+                published=with_pauses(wl, msgs),
+                redelivered=probe.redelivered,
+                note=f"down {down_s} s after {committed} of {len(msgs)} events; batch retries while down: {held}",
+            )
+    finally:
+        engine.dispose()
+    assert committed < len(msgs), "PostgreSQL was not stopped mid-stream"
+    assert held > 0, "no batch was held through the outage"
+
+
+# ------------------------------------------------------------------------- 7. malformed flood
+
+_ID = "@ID@"
+
+
+def _templates(wl: Workload, wallets: Sequence[str], now: datetime) -> list[dict[str, Any]]:
+    """Valid events as JSON documents, with a placeholder id (made unique when published)."""
+    w = wallets[0]
+    evs = [
+        wl.credit(w, 1_000_000, count=False),
+        wl.reading(w, f"{w}-pod", 42, count=False),
+        wl.job(w, f"{w}-ep", "jx", 1_500, 333, count=False),
+    ]
+    out = []
+    for ev in evs:
+        doc = json.loads(event_to_json(ev))
+        doc["id"] = _ID
+        doc["source"] = f"{wl.source}-bad"
+        doc["time"] = now.isoformat()
+        out.append(doc)
+    return out
+
+
+_JUNK = st.one_of(
+    st.text(max_size=8), st.booleans(), st.floats(allow_nan=False), st.none(), st.lists(st.integers(), max_size=2)
+)
+
+
+@st.composite
+def bad_message(draw: st.DrawFn, templates: list[dict[str, Any]], now: datetime) -> tuple[str, bytes]:
+    """(kind, raw bytes) of an input the service must refuse, record and dead-letter."""
+    kind = draw(
+        st.sampled_from(
+            [
+                *("bytes", "broken_json", "drop", "retype", "out_of_range", "bad_id", "unknown_type", "extra"),
+                *("future", "naive_time", "envelope", "mismatch"),
+            ]
+        )
+    )
+    if kind == "bytes":
+        return kind, draw(st.binary(max_size=300))
+    doc = json.loads(json.dumps(draw(st.sampled_from(templates))))
+    data = doc["data"]
+    fields = sorted(k for k in data if k != "walletId")
+    if kind == "broken_json":
+        raw = json.dumps(doc).encode()
+        cut = draw(st.integers(1, len(raw) - 1))
+        return kind, raw[:cut] + draw(st.sampled_from([b"", b",", b"\x00", b"]", b"{{"]))
+    if kind == "drop":
+        target = draw(st.sampled_from(["doc", "data"]))
+        if target == "doc":
+            del doc[draw(st.sampled_from(["specversion", "id", "source", "type", "time", "data"]))]
+        else:
+            del data[draw(st.sampled_from(sorted(data)))]
+    elif kind == "retype":
+        data[draw(st.sampled_from(fields))] = draw(_JUNK)
+    elif kind == "out_of_range":
+        numeric = [k for k in fields if isinstance(data[k], int)]
+        data[draw(st.sampled_from(numeric))] = draw(st.one_of(st.integers(max_value=-1), st.integers(min_value=10**13)))
+    elif kind == "bad_id":
+        data["walletId"] = draw(st.sampled_from(["", "has space", "x" * 65, "ü", "a.b", "a>b"]))
+    elif kind == "unknown_type":
+        doc["type"] = draw(
+            st.sampled_from(["gpu.rental.exploded", "wallet.adjust", "GPU.RENTAL.STARTED", "gpu.rental.started "])
+        )
+    elif kind == "extra":
+        data[draw(st.sampled_from(["surprise", "wallet_id", "UptimeSecondsTotal"]))] = 1
+    elif kind == "future":
+        doc["time"] = (now + timedelta(minutes=draw(st.integers(6, 60 * 24 * 365)))).isoformat()
+    elif kind == "naive_time":
+        doc["time"] = draw(st.sampled_from(["2026-11-28T10:00:00", "yesterday", "", "2026-13-01T00:00:00Z"]))
+    elif kind == "envelope":
+        doc["specversion"] = draw(st.sampled_from(["0.3", "1", 1.0, None]))
+    # "mismatch": valid as it is; published to a subject that is not its wallet's
+    return kind, json.dumps(doc).encode()
+
+
+async def test_flood_of_malformed_messages_interleaved_with_good_ones(
+    database: TestDatabase,
+    app_engine: Engine,
+    nats_url: str,
+    unique: str,
+    tag: str,
+    fault_table: FaultTable,
+) -> None:
+    """Hypothesis generates malformed inputs (arbitrary bytes, broken JSON, schema violations of
+    every kind, times in the future, events on another wallet's subject) and a too-large one; they
+    are published interleaved with a good workload, each bad one on a subject of its own. Every
+    good event is charged; every bad one is in rejected_inputs and on billing.dlq.<reason>, once."""
+    wl = Workload(tag, wallets=8, readings=3, jobs=3, dry=0)
+    now = datetime.now(UTC).replace(microsecond=0)
+    templates = _templates(wl, wl.wallets, now)
+    generated: list[list[tuple[str, bytes]]] = []
+
+    @settings(
+        max_examples=60,
+        database=None,
+        deadline=None,
+        phases=[Phase.generate],
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(st.lists(bad_message(templates, now), min_size=1, max_size=8))
+    def collect(batch: list[tuple[str, bytes]]) -> None:
+        generated.append(batch)
+
+    collect()
+    bad: list[tuple[str, str, bytes]] = []  # (kind, subject token, raw)
+    for kind, raw in [pair for batch in generated for pair in batch]:
+        n = len(bad)
+        bad.append((kind, f"{tag}-bad{n}", raw.replace(_ID.encode(), f"{tag}-bad{n}".encode())))
+    big = json.loads(json.dumps(templates[0]))
+    big["data"]["reason"] = "x" * (MAX_EVENT_BYTES + 1)
+    bad.append(("too_large", f"{tag}-bad{len(bad)}", json.dumps(big).encode()))
+    good = wl.outgoing()
+    stream: list[Outgoing] = []
+    per_good = -(-len(bad) // len(good))
+    for i, m in enumerate(good):
+        stream.append(m)
+        stream += [Outgoing(token, raw, f"{token}/msg") for _, token, raw in bad[i * per_good : (i + 1) * per_good]]
+    assert sum(1 for m in stream if m.key is None) == len(bad)
+    async with streams(nats_url, namespace_of(unique)) as (nc, js, names):
+        async with intake_running(nc, app_engine, names, IN_PROCESS) as metrics:
+            started = time.monotonic()
+            last = await publish(js, names, stream)
+            await settle(engine=app_engine, js=js, names=names, wl=wl, last_seq=last, expected=len(good))
+            recover_s = time.monotonic() - started
+        letters = await stream_messages(js, names.dlq_stream)
+        subjects = [names.in_subject(token) for _, token, _ in bad]
+        rejected = query(
+            app_engine, "SELECT subject, reason, raw FROM rejected_inputs WHERE subject = ANY(:s)", s=subjects
+        )
+        recorded = Counter(r[0] for r in rejected)
+        reasons = {r[0]: r[1] for r in rejected}
+        dead = Counter((m.headers or {}).get("Billing-Subject") for m in letters)
+        missing = [
+            (kind, token, raw[:60])
+            for kind, token, raw in bad
+            if recorded[names.in_subject(token)] != 1 or dead[names.in_subject(token)] != 1
+        ]
+        kinds = Counter(kind for kind, _, _ in bad)
+        await check_and_record(
+            fault_table,
+            fault="7. flood of malformed messages",
+            injected=len(bad),
+            recover_s=recover_s,
+            engine=app_engine,
+            database_url=database.url,
+            js=js,
+            names=names,
+            wl=wl,
+            published=stream,
+            redelivered=None,
+            stops=False,
+            note=(
+                f"{len(bad)} bad among {len(good)} good; dead-lettered by reason "
+                f"{dict(sorted(Counter(reasons.values()).items()))}; missing or twice: {len(missing)}"
+            ),
+        )
+    assert not missing, f"bad inputs not recorded and dead-lettered exactly once: {missing[:10]}"
+    assert {bytes(r[2]) for r in rejected} == {raw for _, _, raw in bad}  # kept exactly as received
+    for letter in letters:
+        subject = (letter.headers or {}).get("Billing-Subject")
+        if subject in reasons:
+            assert letter.subject == names.dlq_subject(reasons[subject])
+    expected_reason = {
+        "future": "future_time",
+        "unknown_type": "unknown_type",
+        "mismatch": "subject_mismatch",
+        "too_large": "too_large",
+    }
+    for kind, token, _ in bad:
+        reason = reasons[names.in_subject(token)]
+        assert reason in {r.value for r in RejectReason}
+        assert reason == expected_reason.get(kind, reason), (kind, reason)
+    assert metrics.registry.get_sample_value("billing_intake_messages_total", {"disposition": "rejected"}) == len(bad)
+    print(f"malformed kinds: {dict(sorted(kinds.items()))}")
+
+
+# --------------------------------------------------------------------------------- 8. clock skew
+
+
+async def test_skewed_producer_clocks(
+    database: TestDatabase,
+    app_engine: Engine,
+    nats_url: str,
+    unique: str,
+    tag: str,
+    fault_table: FaultTable,
+) -> None:
+    """Producers with skewed clocks: events 4 minutes in the future are accepted, 6 minutes in the
+    future dead-lettered as future_time (and not charged), hours in the past charged."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    wl = Workload(tag, wallets=0, dry=0, now=now)
+    ahead_ok, ahead_bad = now + timedelta(minutes=4), now + timedelta(minutes=6)
+    good, refused = [], []
+    for i in range(6):
+        w = wl.add_wallet(f"{tag}-s{i}")
+        old, recent = f"{w}-old", f"{w}-recent"
+        t0 = now - timedelta(hours=3 + i)
+        good += [
+            wl.credit(w, 10_000_000, at=now - timedelta(hours=5)),
+            wl.credit(w, 2_000_000, at=ahead_ok),
+            wl.start(w, old, 720_000 + i, at=t0),
+            wl.reading(w, old, 600, at=t0 + timedelta(minutes=10)),
+            wl.reading(w, old, 1_200 + i, kind="ended", at=t0 + timedelta(minutes=20)),
+            wl.job(w, f"{w}-ep", "j1", 2_500, 777, at=now - timedelta(hours=6)),
+            wl.start(w, recent, 1_080_000, at=ahead_ok),
+            wl.reading(w, recent, 30 + i, kind="ended", at=ahead_ok),
+        ]
+        refused += [
+            wl.credit(w, 50_000_000, at=ahead_bad, count=False),
+            wl.reading(w, old, 9_999, at=ahead_bad, count=False),
+            wl.job(w, f"{w}-ep", "j2", 9_000, 777, at=now + timedelta(hours=2), count=False),
+        ]
+    msgs = [*wl.outgoing(good), *(outgoing(ev, good=False) for ev in refused)]
+    random.Random(tag).shuffle(msgs)
+    async with streams(nats_url, namespace_of(unique)) as (nc, js, names):
+        async with intake_running(nc, app_engine, names, IN_PROCESS):
+            started = time.monotonic()
+            last = await publish(js, names, msgs)
+            await settle(engine=app_engine, js=js, names=names, wl=wl, last_seq=last, expected=len(good))
+            recover_s = time.monotonic() - started
+        ids = [ev.id for ev in refused]
+        rejected = query(app_engine, "SELECT event_id, reason FROM rejected_inputs WHERE event_id = ANY(:i)", i=ids)
+        letters = [
+            m for m in await stream_messages(js, names.dlq_stream) if m.subject == names.dlq_subject("future_time")
+        ]
+        await check_and_record(
+            fault_table,
+            fault="8. skewed producer clocks",
+            injected=len(good) + len(refused),
+            recover_s=recover_s,
+            engine=app_engine,
+            database_url=database.url,
+            js=js,
+            names=names,
+            wl=wl,
+            published=msgs,
+            redelivered=None,
+            stops=False,
+            note=(
+                f"+4 min and -3..-8 h accepted: {len(good)}; "
+                f"+6 min and +2 h dead-lettered as future_time: {len(refused)}"
+            ),
+        )
+    assert sorted(rejected) == sorted((i, "future_time") for i in ids)
+    assert sorted(str((m.headers or {}).get("Billing-Event-Id")) for m in letters) == sorted(ids)
+
+
+# ------------------------------------------------------------------ 9. concurrent debits, 1 wallet
+
+
+async def test_concurrent_debits_of_one_wallet(
+    database: TestDatabase,
+    app_engine: Engine,
+    owner_engine: Engine,
+    nats_url: str,
+    unique: str,
+    tag: str,
+    tmp_path: Path,
+    launch: Callable[..., Service],
+    fault_table: FaultTable,
+) -> None:
+    """Four publishers at once pour debits, readings of three pods and serverless jobs into one
+    wallet while two instances consume: the wallet's writes serialize on its lock and its balance is
+    exact to the micro."""
+    rng = random.Random(tag)
+    wl = Workload(tag, wallets=10, readings=4, jobs=3)
+    hot = wl.add_wallet(f"{tag}-hot")
+    pods = [f"{hot}-pod{k}" for k in range(3)]
+    opening = [wl.credit(hot, 500_000_000), *(wl.start(hot, p, 720_001 + 13 * k) for k, p in enumerate(pods))]
+    per_publisher: list[list[Outgoing]] = []
+    for p in range(4):
+        evs = []
+        for i in range(150):
+            if i % 3 == 0:
+                evs.append(wl.credit(hot, -(10_000 + 7 * p + i)))
+            elif i % 3 == 1:
+                evs.append(wl.reading(hot, pods[(i + p) % 3], rng.randint(1, 20_000)))
+            else:
+                evs.append(
+                    wl.job(hot, f"{hot}-ep{p % 2}", f"p{p}-j{i}", rng.randint(1, 90_000), rng.choice([1, 333, 4_999]))
+                )
+        per_publisher.append(wl.outgoing(evs))
+    closing = [wl.reading(hot, p, wl.rentals[p].max_uptime, kind="ended") for p in pods]
+    background = wl.outgoing(wl.events)
+    async with streams(nats_url, namespace_of(unique)) as (_nc, js, names), Probe(js, names, owner_engine) as probe:
+        env = service_env(
+            database_url=database.url,
+            nats_url=nats_url,
+            namespace=names.namespace,
+            data_dir=tmp_path / "data",
+            intake_batch_size=50,
+        )
+        a, b = launch(env, "a"), launch(second_instance(env), "b")
+        a.start()
+        b.start()
+        await asyncio.gather(a.ready(), b.ready())
+        await publish(js, names, wl.outgoing(opening))
+        publishers = [await connect(nats_url) for _ in per_publisher]
+        try:
+            started = time.monotonic()
+            await asyncio.gather(
+                *(
+                    publish(c.jetstream(), names, part, window=25)
+                    for c, part in zip(publishers, per_publisher, strict=True)
+                ),
+                publish(js, names, background),
+            )
+        finally:
+            for c in publishers:
+                await c.close()
+        last = await publish(js, names, wl.outgoing(closing))
+        everything = [
+            *wl.outgoing(opening),
+            *(m for part in per_publisher for m in part),
+            *background,
+            *wl.outgoing(closing),
+        ]
+        await settle(engine=app_engine, js=js, names=names, wl=wl, last_seq=last, expected=len(everything))
+        recover_s = time.monotonic() - started
+        await answer_stops(engine=app_engine, js=js, names=names, wl=wl)
+        accepted = [await s.metric("billing_intake_messages_total", disposition="accepted") for s in (a, b)]
+        assert await a.terminate() == 0
+        assert await b.terminate() == 0
+        await check_and_record(
+            fault_table,
+            fault="9. concurrent debits of one wallet, 2 instances",
+            injected=sum(len(p) for p in per_publisher),
+            recover_s=recover_s,
+            engine=app_engine,
+            database_url=database.url,
+            js=js,
+            names=names,
+            wl=wl,
+            published=with_pauses(wl, everything),
+            redelivered=probe.redelivered,
+            note=(
+                f"4 publishers x 150 events on one wallet; accepted by a/b: {int(accepted[0])}/{int(accepted[1])}; "
+                f"batches waiting on a wallet lock at once: {probe.lock_waits}"
+            ),
+        )
+    assert min(accepted) > 0, "both instances must have written"
+
+
+# ----------------------------------------------------------------------------- a bug, pinned down
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "BUG: two unpartitioned instances (the default, as deploy/ runs them) apply one wallet's events "
+        "out of stream order; a gpu.rental.started applied before the wallet's credit makes the rules see "
+        "a running pod on a $0 wallet, and a funded wallet gets a balance_exhausted stop command"
+    ),
+)
+async def test_two_instances_keep_a_wallets_events_in_stream_order(
+    app_engine: Engine,
+    owner_engine: Engine,
+    database: TestDatabase,
+    nats_url: str,
+    unique: str,
+    tag: str,
+) -> None:
+    """Deterministic reproduction of the spurious stop commands that scenario 9 can show.
+
+    Wallet H's stream is: credit $500, then a pod start. Instance A takes a batch [event of wallet L,
+    credit of H] and is slow on L (its first row lock in id order, L < H: the test holds L's row
+    insert open, as any slow writer or big batch could); it has not touched H yet. Instance B, idle,
+    takes the next message, H's start, and commits it first: the pod runs on a wallet with $0.
+    Expected: no stop command for H (it is funded before the start in its own stream). Actual:
+    ``stop-<H>-<pod>-1`` (balance_exhausted) and an ``exhausted`` notice, then ``replenished``."""
+    low, hot = f"{tag}-a-slow", f"{tag}-b-hot"
+    pod = f"{hot}-pod"
+    wl = Workload(tag, wallets=0, dry=0)
+    wl.add_wallet(low)
+    wl.add_wallet(hot)
+    first = wl.outgoing([wl.credit(low, 1_000_000), wl.credit(hot, 500_000_000)])
+    start = wl.outgoing([wl.start(hot, pod, 3_600_000)])
+    end = wl.outgoing([wl.reading(hot, pod, 60, kind="ended")])
+    plain = make_url(database.url).set(drivername="postgresql").render_as_string(hide_password=False)
+    async with streams(nats_url, namespace_of(unique)) as (nc, js, names):
+        other = await connect(nats_url)
+        try:
+            with psycopg.connect(plain) as lock:
+                # Uncommitted: a writer of L waits for this transaction, before it inserts H's row.
+                lock.execute("INSERT INTO wallets (wallet_id) VALUES (%s)", (low,))
+                await publish(js, names, first)  # before A runs: its first pull takes both
+                async with intake_running(nc, app_engine, names, IN_PROCESS):
+                    await wait_for(lambda: lock_waits(owner_engine) > 0, within=10, what="instance A slow on L")
+                    async with intake_running(other, app_engine, names, IN_PROCESS):
+                        await publish(js, names, start)
+                        await wait_for(
+                            lambda: rental_status(app_engine, [pod]) == {pod: "running"},
+                            within=10,
+                            what="instance B to apply H's start",
+                        )
+                        lock.commit()
+                        last = await publish(js, names, end)
+                        await wait_for(lambda: drained(js, names, last), within=20, what="everything consumed")
+        finally:
+            await other.close()
+        # Publish what the outbox holds for these wallets (into this namespace), as a relay would.
+        stop = asyncio.Event()
+        relay = asyncio.create_task(run_relay(app_engine, nc, names, stop, poll_interval=0.1))
+        await wait_for(
+            lambda: (
+                not query(
+                    app_engine,
+                    "SELECT 1 FROM outbox WHERE payload->>'walletId' = ANY(:w) AND published_at IS NULL",
+                    w=wl.wallets,
+                )
+            ),
+            within=20,
+            what="the outbox rows published",
+        )
+        stop.set()
+        await asyncio.wait_for(relay, timeout=10)
+    keys = {m.key for m in [*first, *start, *end] if m.key is not None}
+    result = check_ledger(app_engine, wl.source, keys, wl.expected_balances())
+    assert not result.problems(), result.problems()  # the money is right: only the command is wrong
+    notices = [
+        r[0]
+        for r in query(
+            app_engine,
+            "SELECT payload->>'kind' FROM outbox WHERE subject = :s ORDER BY id",
+            s=f"billing.out.notices.{hot}",
+        )
+    ]
+    assert stop_rows(app_engine, [hot]) == [], f"funded wallet stopped; notices {notices}"
