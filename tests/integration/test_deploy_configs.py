@@ -849,6 +849,16 @@ async def ensure_stream(js: Any, name: str, subjects: list[str]) -> None:
         await js.stream_info(name)
     except nats.js.errors.NotFoundError:
         await js.add_stream(config)
+    # A new 3-replica stream answers publishes only once its group has elected a leader; on a
+    # loaded machine that takes a moment (seen in CI as "no responders"). Wait for it, bounded.
+    deadline = asyncio.get_running_loop().time() + 15
+    while True:
+        info = await js.stream_info(name)
+        if info.cluster is not None and info.cluster.leader:
+            return
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"stream {name} has no leader after 15 s")
+        await asyncio.sleep(0.05)
 
 
 # Wallet ids whose partitions cover all 8 (checked below), in the contract's alphabet.
