@@ -37,8 +37,11 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy ledger projections consumers
 
+# Store throughput beside a raw COPY, then the whole service end to end (`billing up` on a fresh
+# database and a unique NATS namespace) beside raw NATS-consume and COPY baselines, same run.
 bench: install
 	$(BIN)/python bench/bench_store.py
+	$(BIN)/python bench/bench_e2e.py
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock:
