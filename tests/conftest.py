@@ -3,6 +3,7 @@ tests/services.py for where they come from), a fresh database per run, unique na
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -42,19 +43,26 @@ def pg_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, s
         yield server
 
 
-@pytest.fixture(scope="session")
-def database(pg_server: tuple[str, str]) -> Iterator[TestDatabase]:
-    admin_url, origin = pg_server
-    name = f"billing_test_{RUN_ID}"
+@contextlib.contextmanager
+def migrated_database(admin_url: str, tag: str) -> Iterator[str]:
+    """A fresh database on the run's server, migrated; dropped afterwards. Yields its owner URL."""
+    name = f"billing_{tag}_{RUN_ID}_{secrets.token_hex(3)}"
     with psycopg.connect(_plain(admin_url), autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
     url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
     try:
         upgrade(url)
-        yield TestDatabase(url=url, name=name, origin=origin)
+        yield url
     finally:
         with psycopg.connect(_plain(admin_url), autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def database(pg_server: tuple[str, str]) -> Iterator[TestDatabase]:
+    admin_url, origin = pg_server
+    with migrated_database(admin_url, "test") as url:
+        yield TestDatabase(url=url, name=make_url(url).database or "", origin=origin)
 
 
 @pytest.fixture(scope="session")

@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
-import psycopg
 import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
@@ -67,7 +66,6 @@ from ledger.events import (
     StripeRefundSucceededEvent,
     event_to_json,
 )
-from ledger.migrate import upgrade
 from ledger.schema import APP_ROLE
 from projections.processor import (
     Disposition,
@@ -78,7 +76,7 @@ from projections.processor import (
     tick_wallets,
 )
 from projections.verify import verify
-from tests.conftest import RUN_ID
+from tests.conftest import migrated_database
 from tests.factories import make_event
 
 Event = LogEvent
@@ -442,17 +440,8 @@ def sdb(pg_server: tuple[str, str]) -> Iterator[str]:
     """A fresh, migrated database of this module, so that the final full verify sees only traffic
     that went through the real units of work (the run's shared database also holds hand-made
     journals of the store's tests)."""
-    admin_url, _ = pg_server
-    name = f"billing_stateful_{RUN_ID}_{secrets.token_hex(3)}"
-    with psycopg.connect(_plain(admin_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    try:
-        upgrade(url)
+    with migrated_database(pg_server[0], "stateful") as url:
         yield url
-    finally:
-        with psycopg.connect(_plain(admin_url), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 # --- The machine -----------------------------------------------------------------------------------

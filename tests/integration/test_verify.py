@@ -14,7 +14,6 @@ from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
-import psycopg
 import pytest
 from sqlalchemy import Engine, create_engine, pool, text
 from sqlalchemy.engine import make_url
@@ -34,7 +33,6 @@ from ledger.events import (
     StripeRefundSucceededEvent,
     event_to_json,
 )
-from ledger.migrate import upgrade
 from ledger.schema import APP_ROLE
 from projections.processor import (
     Disposition,
@@ -45,7 +43,7 @@ from projections.processor import (
     tick_wallets,
 )
 from projections.verify import COMPARED, VerifyError, VerifyResult, verify, verify_command
-from tests.conftest import RUN_ID
+from tests.conftest import migrated_database
 from tests.factories import T0, make_event
 from tests.integration.vectors import load_cases, renamed
 
@@ -62,17 +60,8 @@ def _plain(url: str) -> str:
 @pytest.fixture(scope="module")
 def vdb(pg_server: tuple[str, str]) -> Iterator[str]:
     """Owner's URL of a fresh, migrated database for this module."""
-    admin_url, _ = pg_server
-    name = f"billing_verify_{RUN_ID}_{secrets.token_hex(3)}"
-    with psycopg.connect(_plain(admin_url), autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(admin_url).set(database=name).render_as_string(hide_password=False)
-    try:
-        upgrade(url)
+    with migrated_database(pg_server[0], "verify") as url:
         yield url
-    finally:
-        with psycopg.connect(_plain(admin_url), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 @pytest.fixture(scope="module")
