@@ -33,7 +33,6 @@ What FastStream cannot say by itself is added to its output by :class:`BillingAs
 from __future__ import annotations
 
 import json
-import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, get_args
@@ -45,6 +44,7 @@ from faststream.specification.base import Specification
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
+from consumers import generated_docs
 from consumers.admission import InvalidAnswer, RentalAnswer, RentalAsk, ServerlessAnswer, ServerlessAsk
 from consumers.intake import PROCESSING_ERROR
 from consumers.streams import DUPLICATE_WINDOW_S
@@ -379,25 +379,13 @@ def asyncapi_document() -> dict[str, Any]:
 
 
 def render(document: dict[str, Any]) -> str:
-    return json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    return generated_docs.render(document, sort_keys=False)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    check = "--check" in args
-    paths = [a for a in args if a != "--check"]
-    path = Path(paths[0]) if paths else DEFAULT_PATH
-    text = render(asyncapi_document())
-    if check:
-        current = path.read_text() if path.exists() else ""
-        if current != text:
-            print(f"{path} is stale: run python -m consumers.asyncapi", file=sys.stderr)
-            return 1
-        print(f"{path} is up to date")
-        return 0
-    path.write_text(text)
-    print(f"wrote {path}")
-    return 0
+    return generated_docs.write_or_check(
+        argv, DEFAULT_PATH, lambda: render(asyncapi_document()), "python -m consumers.asyncapi"
+    )
 
 
 if __name__ == "__main__":

@@ -8,14 +8,13 @@ fails the same way. No database, NATS or Stripe is touched: the app is only desc
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Any
 
 from pydantic import SecretStr
 from sqlalchemy import create_engine
 
+from consumers import generated_docs
 from consumers.http_api import create_app
 from consumers.settings import Settings
 
@@ -33,25 +32,13 @@ def openapi_document() -> dict[str, Any]:
 
 
 def render(document: dict[str, Any]) -> str:
-    return json.dumps(document, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
+    return generated_docs.render(document, sort_keys=True)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    check = "--check" in args
-    paths = [a for a in args if a != "--check"]
-    path = Path(paths[0]) if paths else DEFAULT_PATH
-    text = render(openapi_document())
-    if check:
-        current = path.read_text() if path.exists() else ""
-        if current != text:
-            print(f"{path} is stale: run python -m consumers.export_openapi", file=sys.stderr)
-            return 1
-        print(f"{path} is up to date")
-        return 0
-    path.write_text(text)
-    print(f"wrote {path}")
-    return 0
+    return generated_docs.write_or_check(
+        argv, DEFAULT_PATH, lambda: render(openapi_document()), "python -m consumers.export_openapi"
+    )
 
 
 if __name__ == "__main__":

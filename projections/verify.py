@@ -250,12 +250,12 @@ def verify(
     scope = None if wallet_ids is None else tuple(sorted(set(wallet_ids)))
     owned = isinstance(url_or_engine, str)
     engine = create_engine(url_or_engine, poolclass=pool.NullPool) if isinstance(url_or_engine, str) else url_or_engine
-    started = time.perf_counter()
+    started_s = time.perf_counter()
     try:
         with engine.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
             conn.begin()
             try:
-                result = _verify_in(conn, scratch, scope, chunk_size, sample_limit, keep, started)
+                result = _verify_in(conn, scratch, scope, chunk_size, sample_limit, keep, started_s)
                 if keep:
                     conn.commit()
                 return result
@@ -274,7 +274,7 @@ def _verify_in(
     chunk_size: int,
     sample_limit: int,
     keep: bool,
-    started: float,
+    started_s: float,
 ) -> VerifyResult:
     pg = conn.connection.driver_connection
     if not isinstance(pg, psycopg.Connection):
@@ -322,7 +322,7 @@ def _verify_in(
         events=events,
         replayed=replayed,
         batches=batches,
-        seconds=time.perf_counter() - started,
+        seconds=time.perf_counter() - started_s,
         tables=tables,
         invariants=invariants,
         replay_problems=tuple(problems),
