@@ -9,8 +9,8 @@ it once: the unique index makes the second wait for the first and then do nothin
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final
 
@@ -76,14 +76,18 @@ class AppendResult:
     """Position in the log of each event this batch added."""
     duplicates: tuple[EventKey, ...]
     """Events already in the log (or repeated within the batch): nothing was written for them."""
+    balance_deltas: dict[str, tuple[int, int]] = field(default_factory=dict)
+    """``book_balances=False`` only: account -> (sum of the new postings, highest position), for
+    :func:`apply_balances`. Empty when the statement booked the balances itself."""
 
 
 _EVENT_COLS: Final = "position, source, event_id, type, wallet_id, resource_id, event_time, received_at, payload"
 
 # One statement: insert the events that are new, then the journal of exactly those events (joined
-# on the key, so a duplicate's journal falls out with it), then the balances of the touched
-# accounts. Balance rows are locked in account order so that concurrent batches cannot deadlock.
-_APPEND_SQL: Final = f"""
+# on the key, so a duplicate's journal falls out with it), then (unless the caller books them itself,
+# see :func:`apply_balances`) the balances of the touched accounts. Balance rows are locked in account
+# order so that concurrent batches cannot deadlock.
+_APPEND_CTES: Final = f"""
 WITH new_events AS (
     INSERT INTO events ({_EVENT_COLS})
     SELECT coalesce(pos, nextval('events_position_seq')), s, i, t, w, r, et, coalesce(rc, %(received_at)s),
@@ -112,7 +116,9 @@ WITH new_events AS (
            AS x(s, i, n, en, a, amt, k, w, r, p, g)
       JOIN new_events e ON e.source = x.s AND e.event_id = x.i
     RETURNING event_position, account, amount_micros
-), balances AS (
+)"""
+
+_APPEND_SQL: Final = f"""{_APPEND_CTES}, balances AS (
     INSERT INTO account_balances AS b (account, balance_micros, last_position)
     SELECT account, sum(amount_micros), max(event_position) FROM entries
      GROUP BY account ORDER BY account
@@ -121,6 +127,20 @@ WITH new_events AS (
            last_position = greatest(b.last_position, EXCLUDED.last_position)
 )
 SELECT position, source, event_id FROM new_events
+"""
+
+# The same without the balances: the caller books them with :func:`apply_balances` as the last
+# statement of its transaction (the entries CTE is still run: a data-modifying CTE always is).
+_APPEND_SQL_DEFERRED_BALANCES: Final = f"""{_APPEND_CTES}
+SELECT position, source, event_id FROM new_events
+"""
+
+_APPLY_BALANCES_SQL: Final = """
+INSERT INTO account_balances AS b (account, balance_micros, last_position)
+SELECT a, amt, pos FROM unnest(%b::text[], %b::int8[], %b::int8[]) AS x(a, amt, pos) ORDER BY a
+ON CONFLICT (account) DO UPDATE
+   SET balance_micros = b.balance_micros + EXCLUDED.balance_micros,
+       last_position = greatest(b.last_position, EXCLUDED.last_position)
 """
 
 
@@ -178,10 +198,23 @@ def _params(items: Sequence[AppendItem], received_at: datetime) -> dict[str, Any
     return {"received_at": received_at, **p}
 
 
-def append_batch(conn: psycopg.Connection[Any], items: Sequence[AppendItem], *, received_at: datetime) -> AppendResult:
+def append_batch(
+    conn: psycopg.Connection[Any],
+    items: Sequence[AppendItem],
+    *,
+    received_at: datetime,
+    book_balances: bool = True,
+) -> AppendResult:
     """Append events and their journal in the caller's transaction (commit is the caller's).
 
     The first occurrence of a key within the batch wins; later ones are duplicates.
+
+    ``book_balances=False``: the balances are left to the caller, who passes
+    ``result.balance_deltas`` to :func:`apply_balances` as the LAST statement before its commit.
+    Why: a few accounts (``revenue:<product>``, ``stripe:clearing``) are in nearly every batch, and
+    the first writer to update such a row holds it until its commit. Updated inside this statement,
+    they would serialise concurrent writers (the partitions' intakes) from here to their commits;
+    updated last, only for the commit itself.
     """
     if not (len(items) <= MAX_BATCH_EVENTS):
         fail(f"batch of {len(items)} > {MAX_BATCH_EVENTS}")
@@ -200,8 +233,34 @@ def append_batch(conn: psycopg.Connection[Any], items: Sequence[AppendItem], *, 
     if not unique:
         return AppendResult(positions={}, duplicates=tuple(in_batch_dups))
     with conn.cursor() as cur:
-        cur.execute(_APPEND_SQL, _params(unique, received_at))
+        cur.execute(_APPEND_SQL if book_balances else _APPEND_SQL_DEFERRED_BALANCES, _params(unique, received_at))
         rows = cur.fetchall()
     positions = {(src, eid): pos for pos, src, eid in rows}
     dups = [k for k in first if k not in positions]
-    return AppendResult(positions=positions, duplicates=(*dups, *in_batch_dups))
+    deltas: dict[str, tuple[int, int]] = {}
+    if not book_balances:
+        for item in unique:
+            position = positions.get(item.record.key)
+            if position is None:
+                continue  # a duplicate: its journal was not written
+            for txn in item.txns:
+                for posting in txn.postings:
+                    total, last = deltas.get(posting.account, (0, position))
+                    deltas[posting.account] = (total + posting.amount_micros, max(last, position))
+        if sum(total for total, _ in deltas.values()) != 0:
+            fail("the balance deltas of a batch do not sum to zero")
+    return AppendResult(positions=positions, duplicates=(*dups, *in_batch_dups), balance_deltas=deltas)
+
+
+def apply_balances(conn: psycopg.Connection[Any], deltas: Mapping[str, tuple[int, int]]) -> None:
+    """Book ``AppendResult.balance_deltas`` (account -> (delta, highest position)) into
+    ``account_balances``, rows locked in account order (no deadlock between concurrent writers).
+    Call it last before the commit (see :func:`append_batch`)."""
+    if not deltas:
+        return
+    accounts = sorted(deltas)
+    with conn.cursor() as cur:
+        cur.execute(
+            _APPLY_BALANCES_SQL,
+            (accounts, [deltas[a][0] for a in accounts], [deltas[a][1] for a in accounts]),
+        )

@@ -13,8 +13,9 @@ The path of one batch (DESIGN section 10):
 3. apply each new event in batch order; an event whose resource has not started yet is left out
    of the log (the intake naks it with a delay) unless it is its last attempt, when it is
    rejected; rejected events go to ``rejected_inputs`` and are dead-lettered after the commit;
-4. one statement appends the accepted events, their journal and balances; then the changed
-   projection rows, the serverless jobs seen, the outbox rows and the rejected inputs.
+4. one statement appends the accepted events and their journal; then the changed projection rows,
+   the serverless jobs seen, the outbox rows and the rejected inputs; the account balances last,
+   so that the accounts every batch touches (revenue, clearing) are locked only until the commit.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from ledger.events import (
     StripeRefundSucceededEvent,
 )
 from ledger.invariants import fail, require
-from ledger.store import AppendItem, EventKey, EventRecord, append_batch
+from ledger.store import AppendItem, EventKey, EventRecord, append_batch, apply_balances
 from projections.messages import notice_message, settlement_message, stop_message
 from projections.outbox import OutboxMessage, enqueue
 from projections.rules import (
@@ -286,7 +287,7 @@ def process_batch(
         states[wid], decision = tick(states[wid], at)
         messages.extend(_messages(decision, at))
 
-    appended = append_batch(conn, items, received_at=now)
+    appended = append_batch(conn, items, received_at=now, book_balances=False)
     # Under the wallet locks nobody else can have added these events since the check above.
     if appended.duplicates:
         fail(f"events appeared in the log under our lock: {appended.duplicates[:3]}")
@@ -309,6 +310,9 @@ def process_batch(
     enqueue(conn, messages, now=now)
     result.outbox = len(messages)
     record_rejections(conn, refused, now=now)
+    # Last: the rows of the busiest accounts (revenue, clearing) stay locked only until the commit
+    # that follows (see ledger.store.append_batch).
+    apply_balances(conn, appended.balance_deltas)
     return result
 
 
