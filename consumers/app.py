@@ -1,8 +1,10 @@
 """`billing up`: one process runs the whole service (DESIGN section 7).
 
-* the JetStream intake (``consumers.intake``): ``billing.in.>`` into the ledger, batch by batch;
-  with ``BILLING_INTAKE_PARTITIONS=N`` one intake per partition this instance owns
-  (``consumers.partitions``: a PostgreSQL advisory lock per partition, a fair share per instance);
+* the JetStream intake (``consumers.intake``): ``billing.in.>`` into the ledger, batch by batch, run
+  only while this instance owns its durable consumer (``consumers.partitions``: a PostgreSQL advisory
+  lock per durable, so a wallet's events are applied in stream order): unpartitioned, one instance
+  pulls ``billing-intake`` and the others stand by; with ``BILLING_INTAKE_PARTITIONS=N`` one intake
+  per partition this instance owns, a fair share per instance;
 * the outbox relay (``consumers.relay``): stop commands, notices and settlements out;
 * the auto-stop scheduler (``consumers.scheduler``): predicted zero instants into stop commands;
 * the admission replies (``consumers.admission``): NATS request-reply;
@@ -52,9 +54,10 @@ from consumers import intake
 from consumers.admission import run_admission
 from consumers.finance_api import build_finance_api
 from consumers.http_api import build_api, install_error_handlers
+from consumers.lane_workers import LaneWorkers
 from consumers.metrics import CONTENT_TYPE_LATEST, Metrics
 from consumers.names import NatsNames
-from consumers.partitions import run_partitioned
+from consumers.partitions import run_owned
 from consumers.relay import run_relay
 from consumers.runtime import ServiceUrls
 from consumers.scheduler import run_scheduler
@@ -189,13 +192,19 @@ async def run_service(
         stop = asyncio.Event()
         install_stop_signals(stop)
     partitions = settings.intake_partitions
+    processes = settings.effective_intake_workers()
+    # Transactions the intake may run at once in this process: one per lane of each intake
+    # (partitioned: each partition the instance may own); none with lane worker processes.
+    intake_transactions = 0 if processes else max(partitions, 1) * settings.effective_intake_lanes()
     # Every component runs its database work in worker threads: room for all of them at once.
-    asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(WORKER_THREADS + partitions, "billing-db"))
+    asyncio.get_running_loop().set_default_executor(
+        ThreadPoolExecutor(WORKER_THREADS + intake_transactions, "billing-db")
+    )
     names = NatsNames(settings.nats_namespace)
     engine = make_engine(
         urls.database_url,
         role=settings.database_role or None,
-        pool_size=ENGINE_POOL_SIZE + partitions,
+        pool_size=ENGINE_POOL_SIZE + intake_transactions,
         connect_args={"connect_timeout": DB_CONNECT_TIMEOUT_S},
     )
     servers = nats_servers(urls.nats_url)
@@ -206,6 +215,10 @@ async def run_service(
         drain_timeout=NATS_DRAIN_TIMEOUT_S,
         logger=logging.getLogger("billing.nats"),
     )
+    workers = LaneWorkers(urls.database_url, settings.database_role or None, processes) if processes else None
+    # In the background: spawning the workers and importing the service's modules into them takes
+    # seconds on a busy machine; the lanes wait for it, nothing else does.
+    workers_started = asyncio.create_task(workers.start(), name="billing-lane-workers") if workers else None
     try:
         await broker.start()
         nc = broker.connection
@@ -232,35 +245,24 @@ async def run_service(
             )
         )
         intake_config = intake.IntakeConfig.from_settings(settings)
-        intake_run: Coroutine[Any, Any, None]
-        if partitions:
-            intake_run = run_partitioned(
-                nc,
-                engine,
-                names,
-                intake_config,
-                partitions,
-                stop,
-                rebalance_s=settings.intake_rebalance_s,
-                metrics=Metrics(registry),
-                clock=clock,
-                relay_kick=relay_kick,
-                scheduler_kick=scheduler_kick,
-                ready=readiness.components["intake"],
-            )
-        else:
-            intake_run = intake.run(
-                nc,
-                engine,
-                names,
-                intake_config,
-                stop,
-                metrics=Metrics(registry),
-                clock=clock,
-                relay_kick=relay_kick,
-                scheduler_kick=scheduler_kick,
-                ready=readiness.components["intake"],
-            )
+        # Both modes through the ownership of consumers.partitions: two instances pulling one durable
+        # would apply a wallet's events out of stream order.
+        intake_run = run_owned(
+            nc,
+            engine,
+            names,
+            intake_config,
+            partitions,
+            stop,
+            rebalance_s=settings.intake_rebalance_s,
+            metrics=Metrics(registry),
+            clock=clock,
+            relay_kick=relay_kick,
+            scheduler_kick=scheduler_kick,
+            ready=readiness.components["intake"],
+            role=settings.database_role or None,
+            workers=workers,
+        )
         components: dict[str, Coroutine[Any, Any, None]] = {
             "intake": intake_run,
             "relay": run_relay(engine, js, names, stop, kick=relay_kick, registry=registry),
@@ -281,7 +283,7 @@ async def run_service(
         }
         tasks = {name: asyncio.create_task(coro, name=f"billing-{name}") for name, coro in components.items()}
         log.info(
-            "billing up: database %s (role %s), NATS %s%s, streams %s, intake %s/%s (batch %d), "
+            "billing up: database %s (role %s), NATS %s%s, streams %s, intake %s/%s (batch %d, lanes in %s), "
             "admission on %s, HTTP http://%s:%d%s",
             make_url(urls.database_url).render_as_string(hide_password=True),
             settings.database_role or "login's own",
@@ -289,8 +291,11 @@ async def run_service(
             f" (namespace {names.namespace})" if names.namespace else "",
             ", ".join(streams),
             names.in_stream,
-            f"{intake_config.durable}-<p> ({partitions} partitions)" if partitions else intake_config.durable,
+            f"{intake_config.durable}-<p> ({partitions} partitions)"
+            if partitions
+            else f"{intake_config.durable} (one instance at a time)",
             intake_config.batch_size,
+            f"{processes} worker processes" if processes else f"{settings.effective_intake_lanes()} threads",
             names.admission_rental.rsplit(".", 1)[0] + ".*",
             settings.http_host,
             settings.http_port,
@@ -300,6 +305,12 @@ async def run_service(
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(broker.stop(), timeout=NATS_DRAIN_TIMEOUT_S + 1)
+        if workers is not None:  # the intake has stopped: no lane in flight
+            if workers_started is not None:
+                workers_started.cancel()  # no-op when it is done
+                with contextlib.suppress(asyncio.CancelledError):
+                    await workers_started
+            await asyncio.to_thread(workers.shutdown)
         engine.dispose()
         log.info("billing stopped")
 

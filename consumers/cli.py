@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 
+from consumers.gc_tuning import tune_gc
 from consumers.settings import Settings
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help="Billing and metering service of the GPU cloud.")
@@ -75,6 +76,7 @@ def up() -> None:
         upgrade(urls.database_url)
         log.info("migrations applied")
         with runtime_file(settings, urls):
+            tune_gc()
             # From here the service's own handlers take SIGTERM/SIGINT: finish the batch, then exit.
             code = asyncio.run(run_service(settings, urls))
     if code:

@@ -1,51 +1,101 @@
-"""The partitioned intake (DESIGN section 8): N durable consumers, one active owner per partition.
+"""Who pulls each durable consumer of ``billing.in``: one owner at a time (DESIGN sections 8 and 10).
 
-The NATS subject mapping (deploy/nats/accounts.conf)
-``billing.in.* -> billing.in.{{partition(N,1)}}.{{wildcard(1)}}`` stores a wallet's usage facts as
-``billing.in.<p>.<walletId>`` with ``p = FNV-1a-32(walletId) mod N``. With
-``BILLING_INTAKE_PARTITIONS=N`` every instance of the service can pull any of the N durable
-consumers ``billing-intake-<p>`` (filter ``billing.in.<p>.*``), but at any time exactly one instance
-pulls each, so a wallet always has a single writer, and its facts are applied in stream order.
+A wallet's facts must be applied in stream order: a ``gpu.rental.started`` applied before the wallet's
+credit makes the rules see a running pod on a $0 wallet and emit a ``balance_exhausted`` stop command for
+a funded wallet. Two instances pulling one durable break that order (each takes the next messages while
+the other is still in its transaction), so every durable has at most one puller, in both modes:
 
-**Who owns a partition: a PostgreSQL session-level advisory lock.** Partition ``p`` belongs to the
-instance whose dedicated connection holds ``pg_try_advisory_lock(<class>, p)`` (``<class>`` is derived
-from the namespace and the durable name, so two services or test runs sharing a database never
-collide). The lock lives exactly as long as that connection: a ``kill -9``'d instance's sockets close,
-PostgreSQL frees its locks at once, and the survivors take its partitions at their next rebalance
-(``BILLING_INTAKE_REBALANCE_S``, 2 s by default). TCP keepalives bound how long a silently vanished host
-(no FIN) keeps them. The exclusion sits where the writes happen: an instance that loses NATS but keeps
-the database still owns its partitions and nobody else writes them; one that loses the connection of a
-lock stops that partition's intake at its next check.
+* **unpartitioned** (``BILLING_INTAKE_PARTITIONS=0``, the default): the durable ``billing-intake`` on
+  ``billing.in.>`` is one owned *unit* (unit 0). One instance pulls it; the others stand by (ready,
+  serving HTTP, admission, relay and scheduler) and take it over when the owner dies or releases it;
+* **partitioned** (``BILLING_INTAKE_PARTITIONS=N``): the NATS subject mapping (deploy/nats/accounts.conf)
+  ``billing.in.* -> billing.in.{{partition(N,1)}}.{{wildcard(1)}}`` stores a wallet's usage facts as
+  ``billing.in.<p>.<walletId>`` with ``p = FNV-1a-32(walletId) mod N``; each of the N durables
+  ``billing-intake-<p>`` (filter ``billing.in.<p>.*``) is a unit, and the instances share them.
+
+**Who owns a unit: a PostgreSQL session-level advisory lock.** Unit ``p`` belongs to the instance whose
+dedicated connection holds ``pg_try_advisory_lock(<class>, p)`` (``<class>`` is derived from the
+namespace, the durable name and the mode, so two services, two test runs or the two modes sharing a
+database never collide). The lock lives exactly as long as that connection: a ``kill -9``'d instance's
+sockets close, PostgreSQL frees its locks at once, and the survivors take its units at their next
+rebalance (``BILLING_INTAKE_REBALANCE_S``, 2 s by default). TCP keepalives bound how long a silently
+vanished host (no FIN) keeps them. The exclusion sits where the writes happen: an instance that loses
+NATS but keeps the database still owns its units and nobody else writes them; one that loses the
+connection of a lock stops that unit's intake at its next check.
 
 **Fair share.** Each instance also holds a *shared* advisory lock ``(<member class>, 0)`` on its own
 connection while it runs; the live instances are the holders of that lock (``pg_locks``), no table and
 no heartbeat to expire. Every ``rebalance_s`` (with jitter) an instance:
 
-1. checks the connection of every lock it holds (``SELECT 1``, bounded); a lost one stops that
-   partition's intake (the batch in hand is finished; the wallet row locks of
-   ``projections.processor`` keep that correct even if another instance has already started);
-2. counts the live instances ``L`` and computes its share ``ceil(N / L)``;
-3. releases partitions beyond its share (highest first): it stops their intake (the batch in hand is
+1. checks the connection of every lock it holds (``SELECT 1``, bounded); a lost one stops that unit's
+   intake (the batch in hand is finished; the wallet row locks of ``projections.processor`` keep that
+   correct even if another instance has already started);
+2. counts the live instances ``L`` and computes its share ``ceil(units / L)``;
+3. releases units beyond its share (highest first): it stops their intake (the batch in hand is
    committed and acked, the prefetched messages handled), and only then unlocks;
-4. below its share, tries the partitions nobody holds (per ``pg_locks``), starting at an offset of its
-   own so that instances starting together do not all reach for partition 0, with
-   ``pg_try_advisory_lock`` as the arbiter.
+4. below its share, tries the units nobody holds (per ``pg_locks``), starting at an offset of its own so
+   that instances starting together do not all reach for unit 0, with ``pg_try_advisory_lock`` as the
+   arbiter.
 
-The shares sum to at least N, so nothing stays unowned once the live count is right; with 2 instances
-and N=8 each holds 4, and when one dies the other holds all 8 within one rebalance period.
+The shares sum to at least the number of units, so nothing stays unowned once the live count is right;
+with 2 instances and N=8 each holds 4, and when one dies the other holds all 8 within one rebalance
+period. Unpartitioned, the share of every instance is the one unit: whoever takes the lock first pulls,
+and a standby takes over within one rebalance period of the owner's death or release.
 
-The owner of partition 0 also runs ``billing-intake-strays`` (filters ``billing.in.*`` and
+Partitioned, the owner of partition 0 also runs ``billing-intake-strays`` (filters ``billing.in.*`` and
 ``billing.in.*.*.>``): the subjects no partition consumer takes. Everything it receives is dead-lettered
 as ``subject_mismatch`` with a detail that says what is wrong (typically: the server has no mapping),
-instead of piling up unread in the stream.
+instead of piling up unread in the stream. Its order does not matter (it only refuses).
+
+**Order across a change of owner.** JetStream keeps a delivered, un-acked message *pending* until its
+``ack_wait`` expires, then queues it for redelivery, and serves a pull from that redelivery queue first
+(the expired ones in stream order), new messages after. An owner that stops cleanly (a rebalance,
+SIGTERM) settles everything delivered to it before it unlocks: committed and acked, dead-lettered, or
+nak-ed (immediately: redelivered first; or with a delay: a reading whose rental has not started yet,
+*parked* on purpose). An owner that dies leaves its batch in hand and its prefetch pending for up to
+``ack_wait`` (30 s), while the next owner's first pulls would get the *newer* messages at once: the same
+reordering as two pullers. So before its first pull, a new owner whose predecessor did not release the
+unit cleanly, on a consumer with ``num_ack_pending > 0``, waits until those deliveries have expired;
+its first pulls then get them, in stream order, before anything newer.
+
+* *How long.* Every delivery to the dead owner and every in-progress ack it sent happened before it
+  died, it died before its lock was free, and nats-server drops a pull request whose subscriber is gone;
+  so all it held has expired by *takeover + the consumer's ack_wait* (``TAKEOVER_MARGIN_S`` more for the
+  server's timer). The wait ends earlier if ``num_ack_pending`` drops to 0 (an owner that had only lost
+  its lock connection settled them itself), and at ``stop``; it is polled, so it is bounded. A unit given
+  up during that wait is not a clean release: the dead owner's messages are still pending.
+* *Clean or not: the table* ``intake_owners`` *(stream, durable) -> owner, state.* ``num_ack_pending``
+  alone cannot tell a dead owner's batch from parked readings, which stay pending after the cleanest of
+  releases (a delay up to ``nak_delay_max_s``); waiting ``ack_wait`` at every rebalance and every deploy
+  would stall the intake for nothing. So, on the lock's own connection (only the holder writes): on
+  acquiring, the owner reads the row and marks it ``held`` by a token unique to this acquisition, before
+  its first pull; after a clean stop (its :class:`~consumers.intake.Intake` returned with
+  ``unsettled`` False: everything delivered settled, acks flushed) it marks it ``released`` (where the
+  owner is still its token), and only then unlocks. A new owner pulls at once when it finds
+  ``released``, or its own earlier token for a unit it stopped cleanly but could not mark (its lock's
+  connection had dropped); anything else (``held`` by another: that one died or was cut off; no row: the
+  first run) counts as unclean. A row written by a dead owner is harmless: the next owner overwrites it.
+* *Cost.* After an unclean loss, a unit with something pending starts consuming ``ack_wait`` after the
+  takeover instead of at once: the dead owner's messages would only come back then anyway, and the
+  newer ones wait with them. A ``kill -9`` + restart of a single instance costs the same.
+* *Alternatives weighed.* Recreating the consumer at ``ack_floor + 1`` (everything un-acked redelivered at
+  once, in order, no wait): the ack floor stays behind a reading parked for minutes, so everything
+  acked after it would be delivered and processed again (no-ops, but a transaction each, up to
+  ``max_ack_pending`` at a time), the parked readings would lose their delivery counts and delays
+  (``max_deliver`` never reached: never dead-lettered as ``not_started``), and deleting a durable races
+  with an owner that is only cut off. Nak-ing the dead owner's messages from the new owner is not
+  possible (JetStream takes an ack only on the reply subject of that delivery, which only the dead
+  owner knew). Without a marker, waiting whenever ``num_ack_pending > 0`` stalls every clean hand-over
+  that has a reading parked.
 
 **Why not JetStream pinned-client priority groups** (``priority_policy: pinned_client``, nats-server
 2.11+; the installed 2.15.1 has them): nats-py 2.16 has no API for them (no ``priority_groups`` in
 ``ConsumerConfig``, no ``group``/pin id in pulls), so the raw pull loop would have to carry the pin
 protocol by hand; the pin moves on the *NATS* side only (an instance cut off from PostgreSQL but not from
 NATS stays pinned and holds its batches, while one cut off from NATS but not from PostgreSQL can still
-be mid-commit when the pin moves); and the handover time is the pinned TTL rather than a closed socket.
-The advisory lock puts the exclusion next to the writes and costs one idle connection per partition.
+be mid-commit when the pin moves); the handover time is the pinned TTL rather than a closed socket; and
+a new pinned client still gets newer messages before the old one's un-acked ones expire. The advisory
+lock puts the exclusion next to the writes and costs one idle connection per owned unit.
 """
 
 from __future__ import annotations
@@ -57,6 +107,7 @@ import logging
 import math
 import os
 import random
+import secrets
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -66,26 +117,29 @@ from typing import Any, Final
 import psycopg
 from nats.aio.client import Client
 from prometheus_client import Counter, Gauge
+from psycopg.sql import SQL, Identifier
 from sqlalchemy import Engine
 
-from consumers.intake import ConsumerSpec, Intake, IntakeConfig
+from consumers.intake import ConsumerSpec, Intake, IntakeConfig, ensure_consumer
+from consumers.lane_workers import LaneWorkers
 from consumers.metrics import Metrics
 from consumers.names import NatsNames, fnv1a_32, partition_of
+from ledger.invariants import fail
 
 __all__ = [
+    "OwnedIntake",
     "PartitionLocks",
-    "PartitionedIntake",
     "fair_share",
     "fnv1a_32",
     "lock_classes",
     "partition_of",
-    "run_partitioned",
+    "run_owned",
 ]
 
 log = logging.getLogger("billing.partitions")
 
 LOCK_QUERY_TIMEOUT_S: Final = 5.0
-"""A lock query (check, count, try) that takes longer counts as a lost connection."""
+"""A lock query (check, count, try, mark) that takes longer counts as a lost connection."""
 CONNECT_TIMEOUT_S: Final = 5
 # libpq TCP keepalives of the lock connections: a host that vanished without closing its sockets
 # loses its locks after about idle + interval * count seconds.
@@ -93,29 +147,42 @@ KEEPALIVES_IDLE_S: Final = 5
 KEEPALIVES_INTERVAL_S: Final = 2
 KEEPALIVES_COUNT: Final = 3
 RELEASE_WITHIN_S: Final = 30.0
-"""How long a released partition's intake gets to finish its batch before it is cancelled."""
+"""How long a released unit's intake gets to finish its batch before it is cancelled."""
 RESTART_DELAY_S: Final = 1.0
 RESTART_DELAY_MAX_S: Final = 15.0
-"""Back-off of a partition's intake that failed (e.g. its consumer could not be created during a
-NATS leader election): doubling, capped; the partition is kept meanwhile."""
+"""Back-off of a unit's intake that failed (e.g. its consumer could not be created during a NATS
+leader election): doubling, capped; the unit is kept meanwhile."""
+TAKEOVER_MARGIN_S: Final = 0.5
+"""Waited beyond the consumer's ack_wait after an unclean takeover: the server's redelivery timer
+fires a millisecond after the expiry, plus scheduling on a loaded machine."""
+TAKEOVER_POLL_S: Final = 0.5
+"""During that wait, how often the consumer's un-acked count is read (0: nothing left to wait for)."""
 MEMBER_KEY: Final = 0
 
+RELEASED: Final = "released"
+"""``intake_owners.state`` of a unit let go cleanly (else ``held``: owned, or its owner died)."""
 
-def lock_classes(names: NatsNames, durable: str) -> tuple[int, int]:
-    """(partition class, member class): the first key of ``pg_advisory_lock(int4, int4)``.
 
-    Derived from the namespace and the durable name, so that services or test runs sharing one
-    database never share locks. Non-negative, so that ``pg_locks.classid`` (an oid) shows it as is."""
-    digest = hashlib.sha256(f"billing-intake\x00{names.namespace}\x00{durable}".encode()).digest()
-    partition_class = int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+def lock_classes(names: NatsNames, durable: str, *, partitioned: bool = True) -> tuple[int, int]:
+    """(unit class, member class): the first key of ``pg_advisory_lock(int4, int4)``.
+
+    Derived from the namespace, the durable name and the mode, so that services or test runs sharing
+    one database never share locks, and an unpartitioned instance never counts as a member of a
+    partitioned service (or holds its partition 0). Non-negative, so that ``pg_locks.classid`` (an
+    oid) shows it as is."""
+    key = f"billing-intake\x00{names.namespace}\x00{durable}"
+    if not partitioned:
+        key += "\x00unpartitioned"
+    digest = hashlib.sha256(key.encode()).digest()
+    unit_class = int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
     member_class = int.from_bytes(digest[4:8], "big") & 0x7FFFFFFF
-    if member_class == partition_class:
+    if member_class == unit_class:
         member_class ^= 1
-    return partition_class, member_class
+    return unit_class, member_class
 
 
 def fair_share(partitions: int, live: int) -> int:
-    """Partitions one of ``live`` instances should own: ``ceil(partitions / live)``."""
+    """Units one of ``live`` instances should own: ``ceil(partitions / live)``."""
     return math.ceil(partitions / max(live, 1))
 
 
@@ -130,25 +197,64 @@ _LOCKS_OF_CLASS = (
     " AND classid = %s::bigint::oid"
 )
 
+# One statement, one snapshot: the previous holder's row as it was, and this acquisition's mark.
+_CLAIM = (
+    "WITH previous AS (SELECT state, owner FROM intake_owners WHERE stream = %(stream)s AND durable = %(durable)s),"
+    " mark AS (INSERT INTO intake_owners (stream, durable, owner, state, changed_at)"
+    "  VALUES (%(stream)s, %(durable)s, %(owner)s, 'held', now())"
+    "  ON CONFLICT (stream, durable) DO UPDATE"
+    "  SET owner = EXCLUDED.owner, state = EXCLUDED.state, changed_at = EXCLUDED.changed_at)"
+    " SELECT state, owner FROM previous"
+)
+_RELEASE = (
+    "UPDATE intake_owners SET state = 'released', changed_at = now()"
+    " WHERE stream = %(stream)s AND durable = %(durable)s AND owner = %(owner)s AND state = 'held'"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    """This instance's mark on a unit it has just locked, and what the previous holder left."""
+
+    stream: str
+    durable: str
+    owner: str
+    """Token of this acquisition (``<instance>/<random>``), as ``intake_owners.owner``."""
+    previous_state: str | None
+    """``held`` or ``released``; None when the unit never had an owner that marked it."""
+    previous_owner: str | None
+
 
 class PartitionLocks:
-    """The PostgreSQL side: the membership lock and one session advisory lock per held partition,
-    each on its own autocommit connection (closing the connection releases the lock)."""
+    """The PostgreSQL side: the membership lock and one session advisory lock per held unit, each on
+    its own autocommit connection (closing the connection releases the lock), and the unit's row of
+    ``intake_owners``, written on the connection that holds its lock."""
 
-    def __init__(self, conninfo: str, names: NatsNames, durable: str, instance: str) -> None:
+    def __init__(
+        self,
+        conninfo: str,
+        names: NatsNames,
+        durable: str,
+        instance: str,
+        *,
+        partitioned: bool = True,
+        role: str | None = None,
+    ) -> None:
         self._conninfo = conninfo
-        self.partition_class, self.member_class = lock_classes(names, durable)
+        self.partition_class, self.member_class = lock_classes(names, durable, partitioned=partitioned)
         self._app_name = f"billing-intake {instance}"[:63]
+        self._role = role or None
         self._member: psycopg.AsyncConnection[Any] | None = None
         self._probe: psycopg.AsyncConnection[Any] | None = None
         self._held: dict[int, psycopg.AsyncConnection[Any]] = {}
+        self._claims: dict[int, Claim] = {}
 
     @property
     def held(self) -> set[int]:
         return set(self._held)
 
     async def _connect(self) -> psycopg.AsyncConnection[Any]:
-        return await asyncio.wait_for(
+        conn = await asyncio.wait_for(
             psycopg.AsyncConnection.connect(
                 self._conninfo,
                 autocommit=True,
@@ -161,6 +267,17 @@ class PartitionLocks:
             ),
             timeout=CONNECT_TIMEOUT_S + 1,
         )
+        if self._role is not None:
+            # The service's privileges on intake_owners, as its engine has (ledger.db.make_engine).
+            try:
+                await asyncio.wait_for(
+                    conn.execute(SQL("SET ROLE {}").format(Identifier(self._role))),
+                    timeout=LOCK_QUERY_TIMEOUT_S,
+                )
+            except BaseException:
+                await self._discard(conn)
+                raise
+        return conn
 
     @staticmethod
     async def _discard(conn: psycopg.AsyncConnection[Any] | None) -> None:
@@ -210,7 +327,7 @@ class PartitionLocks:
         return max(int(count), 1)
 
     async def taken(self) -> set[int] | None:
-        """Partitions some instance holds (per ``pg_locks``); None if that cannot be read now."""
+        """Units some instance holds (per ``pg_locks``); None if that cannot be read now."""
         if self._member is None:
             return None
         try:
@@ -222,13 +339,13 @@ class PartitionLocks:
 
             return await asyncio.wait_for(go(), timeout=LOCK_QUERY_TIMEOUT_S)
         except Exception as exc:
-            log.warning("could not read the partition locks (%s)", exc)
+            log.warning("could not read the intake locks (%s)", exc)
             return None
 
-    # --- partitions -------------------------------------------------------------------------------
+    # --- units ------------------------------------------------------------------------------------
 
     async def try_acquire(self, partition: int) -> bool:
-        """Take partition ``p``'s lock if nobody holds it; the connection that took it is kept."""
+        """Take unit ``p``'s lock if nobody holds it; the connection that took it is kept."""
         if partition in self._held:
             return True
         try:
@@ -238,7 +355,7 @@ class PartitionLocks:
                 self._probe, "SELECT pg_try_advisory_lock(%s, %s)", (self.partition_class, partition)
             )
         except Exception as exc:
-            log.warning("could not try the lock of partition %d (%s)", partition, exc)
+            log.warning("could not try the lock of unit %d (%s)", partition, exc)
             await self._discard(self._probe)
             self._probe = None
             return False
@@ -246,6 +363,24 @@ class PartitionLocks:
             return False
         self._held[partition], self._probe = self._probe, None
         return True
+
+    async def claim(self, partition: int, stream: str, durable: str, owner: str) -> Claim:
+        """Mark a unit this instance has just locked as ``held`` by ``owner`` (before its first pull),
+        returning what the previous holder left. Raises if the mark cannot be written (the caller
+        gives the lock up: pulling unmarked would let a successor take a crash for a clean stop)."""
+        conn = self._held.get(partition)
+        if conn is None:
+            fail(f"claim of unit {partition} without its lock")
+
+        async def go() -> tuple[str, str] | None:
+            cur = await conn.execute(_CLAIM, {"stream": stream, "durable": durable, "owner": owner})
+            row = await cur.fetchone()
+            return (str(row[0]), str(row[1])) if row else None
+
+        previous = await asyncio.wait_for(go(), timeout=LOCK_QUERY_TIMEOUT_S)
+        claim = Claim(stream, durable, owner, *(previous or (None, None)))
+        self._claims[partition] = claim
+        return claim
 
     async def still_held(self, partition: int) -> bool:
         """Whether the connection holding ``p``'s lock still answers (then the lock is still ours)."""
@@ -255,17 +390,37 @@ class PartitionLocks:
         try:
             return bool(await self._scalar(conn, "SELECT 1") == 1)
         except Exception as exc:
-            log.error("the connection holding partition %d's lock is gone (%s)", partition, exc)
+            log.error("the connection holding unit %d's lock is gone (%s)", partition, exc)
+            self._claims.pop(partition, None)
             await self._discard(self._held.pop(partition, None))
             return False
 
-    async def release(self, partition: int) -> None:
+    async def release(self, partition: int, *, clean: bool = False) -> bool:
+        """Unlock a unit; with ``clean`` (its intake settled everything delivered to it) first mark its
+        row ``released`` on the lock's connection. Returns whether that mark was written."""
         conn = self._held.pop(partition, None)
+        claim = self._claims.pop(partition, None)
         if conn is None:
-            return
+            return False
+        marked = False
+        if clean and claim is not None:
+            try:
+
+                async def go() -> int:
+                    cur = await conn.execute(
+                        _RELEASE, {"stream": claim.stream, "durable": claim.durable, "owner": claim.owner}
+                    )
+                    return cur.rowcount
+
+                marked = await asyncio.wait_for(go(), timeout=LOCK_QUERY_TIMEOUT_S) == 1
+            except Exception as exc:
+                log.warning(
+                    "could not mark unit %d released (%s): its next owner will wait for ack_wait", partition, exc
+                )
         with contextlib.suppress(Exception):  # closing the connection releases the lock anyway
             await self._scalar(conn, "SELECT pg_advisory_unlock(%s, %s)", (self.partition_class, partition))
         await self._discard(conn)
+        return marked
 
     async def close(self) -> None:
         for p in list(self._held):
@@ -278,19 +433,27 @@ class PartitionLocks:
 @dataclass
 class _Owned:
     partition: int
+    claim: Claim
+    unclean: bool
+    """The previous owner may have left deliveries un-acked: wait for them before the first pull."""
     stop: asyncio.Event = field(default_factory=asyncio.Event)
-    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    main: asyncio.Task[bool] | None = None
+    tasks: list[asyncio.Task[bool]] = field(default_factory=list)
+    clean: bool = False
+    """Set when stopped: the unit's consumer ended with nothing delivered left un-acked."""
 
 
 class _OwnershipMetrics:
     def __init__(self, metrics: Metrics) -> None:
         r = metrics.registry
         self.owned = Gauge(
-            "billing_intake_partitions_owned", "Partitions of billing.in whose consumer this instance runs.", registry=r
+            "billing_intake_partitions_owned",
+            "Units of billing.in whose consumer this instance runs (partitions; unpartitioned: 0 or 1).",
+            registry=r,
         )
         self.partition = Gauge(
             "billing_intake_partition_owned",
-            "1 while this instance owns the partition (its PostgreSQL advisory lock), else 0.",
+            "1 while this instance owns the unit (its PostgreSQL advisory lock), else 0.",
             ["partition"],
             registry=r,
         )
@@ -299,15 +462,29 @@ class _OwnershipMetrics:
         )
         self.changes = Counter(
             "billing_intake_partition_changes",
-            "Partition ownership changes of this instance (acquired, released, lost).",
+            "Unit ownership changes of this instance (acquired, released, lost).",
             ["change"],
             registry=r,
         )
+        self.rounds = Counter(
+            "billing_intake_rebalances",
+            "Rebalance rounds completed (locks checked, live instances counted, units taken or given up).",
+            registry=r,
+        )
+        self.takeover_waits = Counter(
+            "billing_intake_takeover_waits",
+            "Takeovers of a unit its previous owner had not released cleanly, with messages un-acked: the"
+            " first pull waited for their redelivery.",
+            registry=r,
+        )
+        self.takeover_wait_seconds = Counter(
+            "billing_intake_takeover_wait_seconds", "Time spent in those waits.", registry=r
+        )
 
 
-class PartitionedIntake:
-    """Owns a fair share of the N partitions and runs one :class:`~consumers.intake.Intake` per
-    owned partition (see the module's documentation)."""
+class OwnedIntake:
+    """Owns a fair share of the units (the N partitions, or the one unpartitioned durable) and runs one
+    :class:`~consumers.intake.Intake` per owned unit (see the module's documentation)."""
 
     def __init__(
         self,
@@ -315,7 +492,7 @@ class PartitionedIntake:
         engine: Engine,
         names: NatsNames,
         config: IntakeConfig,
-        partitions: int,
+        partitions: int = 0,
         *,
         rebalance_s: float = 2.0,
         metrics: Metrics | None = None,
@@ -324,39 +501,60 @@ class PartitionedIntake:
         scheduler_kick: asyncio.Event | None = None,
         ready: asyncio.Event | None = None,
         conninfo: str | None = None,
+        role: str | None = None,
         instance: str | None = None,
+        workers: LaneWorkers | None = None,
     ) -> None:
-        if partitions < 1:
-            raise ValueError(f"partitions must be at least 1, not {partitions}")
+        if partitions < 0:
+            raise ValueError(f"partitions must be 0 (unpartitioned) or more, not {partitions}")
         self._nc, self._engine, self._names, self._config = nc, engine, names, config
+        self._js = nc.jetstream()
+        self._workers = workers  # the instance's lane worker processes, shared by its units' intakes
         self._partitions = partitions
+        self._units = max(partitions, 1)
         self._rebalance_s = rebalance_s
         self._metrics = metrics or Metrics()
         self._ownership = _OwnershipMetrics(self._metrics)
         self._clock, self._relay_kick, self._scheduler_kick, self._ready = clock, relay_kick, scheduler_kick, ready
         self.instance = instance or f"{socket.gethostname()}:{os.getpid()}"
-        self._locks = PartitionLocks(conninfo or _conninfo(engine), names, config.durable, self.instance)
-        # Where this instance starts looking for free partitions: spread, so that instances starting
+        self._locks = PartitionLocks(
+            conninfo or _conninfo(engine),
+            names,
+            config.durable,
+            self.instance,
+            partitioned=partitions > 0,
+            role=role,
+        )
+        # Where this instance starts looking for free units: spread, so that instances starting
         # together do not race for the same ones.
-        offset = random.randrange(partitions)
-        self._order = [(offset + i) % partitions for i in range(partitions)]
+        offset = random.randrange(self._units)
+        self._order = [(offset + i) % self._units for i in range(self._units)]
         self._owned: dict[int, _Owned] = {}
-        for p in range(partitions):
+        # Units this instance stopped cleanly but could not mark released (their lock's connection
+        # was gone): unit -> the owner token of that acquisition. Finding its own token on the row
+        # when it takes the unit again, it knows the hand-over was clean.
+        self._left_clean: dict[int, str] = {}
+        for p in range(self._units):
             self._ownership.partition.labels(str(p)).set(0)
 
     @property
     def owned(self) -> list[int]:
         return sorted(self._owned)
 
+    def _main_spec(self, p: int) -> ConsumerSpec:
+        if self._partitions == 0:
+            return ConsumerSpec.unpartitioned(self._names, self._config)
+        return ConsumerSpec.partition(self._names, self._config, p, self._partitions)
+
     # --- lifetime ---------------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
         log.info(
-            "partitioned intake: %d partitions of %s (durables %s-<p>), instance %s, rebalance every %.1f s,"
-            " advisory lock classes %d (partitions) / %d (members)",
-            self._partitions,
+            "intake of %s: %s, instance %s, rebalance every %.1f s, advisory lock classes %d (units) / %d (members)",
             self._names.in_stream,
-            self._config.durable,
+            f"{self._partitions} partitions (durables {self._config.durable}-<p>)"
+            if self._partitions
+            else f"unpartitioned (durable {self._config.durable}, one instance pulls it, the others stand by)",
             self.instance,
             self._rebalance_s,
             self._locks.partition_class,
@@ -377,6 +575,7 @@ class PartitionedIntake:
             while not stop.is_set():
                 try:
                     await self._rebalance(stop)
+                    self._ownership.rounds.inc()
                 except Exception:
                     log.exception("rebalance failed; trying again")
                 await _sleep_unless(stop, self._rebalance_s * random.uniform(0.75, 1.25))
@@ -386,13 +585,17 @@ class PartitionedIntake:
             finally:
                 await self._locks.close()
                 self._ownership.owned.set(0)
-            log.info("partitioned intake stopped (instance %s)", self.instance)
+            log.info("intake ownership stopped (instance %s)", self.instance)
 
     async def _stop_all(self) -> None:
-        ps = list(self._owned)
-        await self._stop_partitions(ps, why="shutdown")
-        for p in ps:
-            await self._locks.release(p)
+        for o in await self._stop_partitions(list(self._owned), why="shutdown"):
+            await self._release(o)
+
+    async def _release(self, o: _Owned) -> None:
+        """Unlock a stopped unit, marked released when its consumer ended clean."""
+        marked = await self._locks.release(o.partition, clean=o.clean)
+        if o.clean and not marked:
+            self._left_clean[o.partition] = o.claim.owner
 
     # --- one round --------------------------------------------------------------------------------
 
@@ -402,20 +605,21 @@ class PartitionedIntake:
         lost = [p for p, ok in zip(ps, held, strict=True) if not ok]
         if lost:
             self._ownership.changes.labels("lost").inc(len(lost))
-            await self._stop_partitions(lost, why="its lock's database connection was lost")
+            for o in await self._stop_partitions(lost, why="its lock's database connection was lost"):
+                if o.clean:  # nobody can be told but this instance itself, if it takes the unit again
+                    self._left_clean[o.partition] = o.claim.owner
         live = await self._locks.live_instances()
         if live is None:
             with contextlib.suppress(Exception):
                 await self._locks.join()
             return
         self._ownership.live.set(live)
-        share = fair_share(self._partitions, live)
+        share = fair_share(self._units, live)
         extras = sorted(self._owned, reverse=True)[: max(len(self._owned) - share, 0)]
         if extras and not stop.is_set():
             # Their intakes first (each commits and acks its batch in hand), then the locks.
-            await self._stop_partitions(extras, why=f"rebalance: {live} live instances, share {share}")
-            for p in extras:
-                await self._locks.release(p)
+            for o in await self._stop_partitions(extras, why=f"rebalance: {live} live instances, share {share}"):
+                await self._release(o)
             self._ownership.changes.labels("released").inc(len(extras))
         if len(self._owned) >= share or stop.is_set():
             return
@@ -427,34 +631,53 @@ class PartitionedIntake:
                 break
             if p in taken or p in self._owned:
                 continue
-            if await self._locks.try_acquire(p):
-                self._start_partition(p)
-                self._ownership.changes.labels("acquired").inc()
-                log.info(
-                    "partition %d acquired by %s (now %s; %d live instance(s), share %d)",
-                    p,
-                    self.instance,
-                    self.owned,
-                    live,
-                    share,
+            if not await self._locks.try_acquire(p):
+                continue
+            durable = self._main_spec(p).durable
+            try:
+                claim = await self._locks.claim(
+                    p, self._names.in_stream, durable, f"{self.instance}/{secrets.token_hex(4)}"
                 )
+            except Exception as exc:
+                log.warning("could not mark unit %d (%s) as held (%s): lock given up", p, durable, exc)
+                await self._locks.release(p)
+                continue
+            clean = claim.previous_state == RELEASED or (
+                claim.previous_owner is not None and self._left_clean.get(p) == claim.previous_owner
+            )
+            self._left_clean.pop(p, None)
+            self._start_partition(p, claim, unclean=not clean)
+            self._ownership.changes.labels("acquired").inc()
+            log.info(
+                "unit %d (%s) acquired by %s (now %s; %d live instance(s), share %d); previous owner %s: %s",
+                p,
+                durable,
+                self.instance,
+                self.owned,
+                live,
+                share,
+                claim.previous_owner or "none",
+                "let go cleanly" if clean else f"{claim.previous_state or 'never marked'}, not released cleanly",
+            )
 
-    def _start_partition(self, p: int) -> None:
-        owned = _Owned(p)
-        specs = [ConsumerSpec.partition(self._names, self._config, p, self._partitions)]
-        if p == 0:
-            specs.append(ConsumerSpec.strays(self._names, self._config, self._partitions))
-        owned.tasks = [
-            asyncio.create_task(self._run_consumer(spec, owned.stop), name=f"billing-intake-{spec.durable}")
-            for spec in specs
-        ]
+    def _start_partition(self, p: int, claim: Claim, *, unclean: bool) -> None:
+        owned = _Owned(p, claim, unclean)
+        main = self._main_spec(p)
+        owned.main = asyncio.create_task(self._run_consumer(owned, main, ordered=True), name=f"billing-{main.durable}")
+        owned.tasks = [owned.main]
+        if self._partitions and p == 0:
+            # Refusals only: their order does not matter, so no wait for a predecessor's left-overs.
+            strays = ConsumerSpec.strays(self._names, self._config, self._partitions)
+            owned.tasks.append(
+                asyncio.create_task(self._run_consumer(owned, strays, ordered=False), name=f"billing-{strays.durable}")
+            )
         self._owned[p] = owned
         self._ownership.partition.labels(str(p)).set(1)
         self._ownership.owned.set(len(self._owned))
 
-    async def _stop_partitions(self, ps: Sequence[int], *, why: str) -> None:
-        """Stop the intakes of these partitions together, each finishing its batch in hand (bounded,
-        then cancelled); the caller releases the locks afterwards."""
+    async def _stop_partitions(self, ps: Sequence[int], *, why: str) -> list[_Owned]:
+        """Stop the intakes of these units together, each finishing its batch in hand (bounded, then
+        cancelled); the caller releases the locks afterwards. Returns them, ``clean`` set."""
         owned = [self._owned[p] for p in ps if p in self._owned]
         for o in owned:
             o.stop.set()
@@ -462,9 +685,7 @@ class PartitionedIntake:
         try:
             _, pending = await asyncio.wait(tasks, timeout=RELEASE_WITHIN_S) if tasks else (set(), set())
             if pending:
-                log.warning(
-                    "%d partition intake(s) still running after %.0f s: cancelled", len(pending), RELEASE_WITHIN_S
-                )
+                log.warning("%d unit intake(s) still running after %.0f s: cancelled", len(pending), RELEASE_WITHIN_S)
                 for task in pending:
                     task.cancel()
                 await asyncio.wait(pending, timeout=5)
@@ -474,17 +695,37 @@ class PartitionedIntake:
             raise
         finally:
             for o in owned:
+                main = o.main
+                o.clean = bool(
+                    main is not None
+                    and main.done()
+                    and not main.cancelled()
+                    and main.exception() is None
+                    and main.result()
+                )
                 self._owned.pop(o.partition, None)
                 self._ownership.partition.labels(str(o.partition)).set(0)
             self._ownership.owned.set(len(self._owned))
         log.info(
-            "partition(s) %s given up by %s (%s; now %s)", [o.partition for o in owned], self.instance, why, self.owned
+            "unit(s) %s given up by %s (%s; %s; now %s)",
+            [o.partition for o in owned],
+            self.instance,
+            why,
+            ", ".join(f"unit {o.partition} {'clean' if o.clean else 'NOT clean'}" for o in owned),
+            self.owned,
         )
+        return owned
 
-    async def _run_consumer(self, spec: ConsumerSpec, stop: asyncio.Event) -> None:
-        """One partition's intake until ``stop``; restarted with a back-off if it fails."""
+    async def _run_consumer(self, owned: _Owned, spec: ConsumerSpec, *, ordered: bool) -> bool:
+        """One unit's intake until its ``stop``; restarted with a back-off if it fails. Returns whether
+        it ended with nothing delivered to this unit left un-acked (then its release is clean).
+
+        ``ordered``: before a pull that could overtake messages left un-acked (by the previous owner,
+        or by this unit's own intake that failed), wait until those have expired."""
+        stop = owned.stop
+        unclean = ordered and owned.unclean
         delay = RESTART_DELAY_S
-        while not stop.is_set():
+        while not stop.is_set():  # ends at stop; each round is one intake run or one bounded wait
             intake = Intake(
                 self._nc,
                 self._engine,
@@ -495,16 +736,68 @@ class PartitionedIntake:
                 relay_kick=self._relay_kick,
                 scheduler_kick=self._scheduler_kick,
                 spec=spec,
+                workers=self._workers,
             )
             try:
+                if unclean:
+                    if not await self._let_leftovers_expire(owned.partition, spec, stop):
+                        return False  # stopped first: the left-overs are still pending for the next owner
+                    unclean = False
                 await intake.run(stop)
-                return
+                return not intake.unsettled
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
+                # What it had in hand is un-acked now: the next run must not pull past it.
+                unclean = ordered and (unclean or intake.unsettled)
                 log.error("intake %s failed (%r): restarting in %.1f s", spec.durable, exc, delay, exc_info=exc)
                 await _sleep_unless(stop, delay)
                 delay = min(delay * 2, RESTART_DELAY_MAX_S)
+        return not unclean
+
+    async def _let_leftovers_expire(self, p: int, spec: ConsumerSpec, stop: asyncio.Event) -> bool:
+        """Before the first pull after an unclean takeover: if the consumer has messages un-acked, wait
+        until they have expired (JetStream then redelivers them, in stream order, before anything
+        newer). Bounded by the consumer's ack_wait (see the module's documentation). Returns False
+        if ``stop`` came first."""
+        info = await ensure_consumer(self._js, self._names, self._config, spec)
+        pending = int(info.num_ack_pending or 0)
+        if pending == 0:
+            return True
+        # The longest a delivery stays pending before the server queues it for redelivery.
+        ack_wait_s = max([float(info.config.ack_wait or self._config.ack_wait_s), *(info.config.backoff or [])])
+        wait_s = ack_wait_s + TAKEOVER_MARGIN_S
+        log.warning(
+            "unit %d (%s): the previous owner did not release it cleanly and %d message(s) are un-acked:"
+            " waiting up to %.1f s for their redelivery before pulling anything newer",
+            p,
+            spec.durable,
+            pending,
+            wait_s,
+        )
+        self._ownership.takeover_waits.inc()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + wait_s
+        try:
+            # At most wait_s / TAKEOVER_POLL_S rounds: each sleeps until the next poll, the deadline or stop.
+            while (left := deadline - loop.time()) > 0:
+                await _sleep_unless(stop, min(TAKEOVER_POLL_S, left))
+                if stop.is_set():
+                    return False
+                try:
+                    info = await asyncio.wait_for(
+                        self._js.consumer_info(self._names.in_stream, spec.durable), timeout=LOCK_QUERY_TIMEOUT_S
+                    )
+                except Exception as exc:  # a NATS blip: the deadline still holds
+                    log.debug("consumer info of %s during the takeover wait failed: %r", spec.durable, exc)
+                    continue
+                if not info.num_ack_pending:
+                    break  # settled by an owner that was still alive: nothing left to overtake
+        finally:
+            self._ownership.takeover_wait_seconds.inc(loop.time() - started)
+        log.info("unit %d (%s): pulling after %.1f s", p, spec.durable, loop.time() - started)
+        return True
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
@@ -512,7 +805,7 @@ async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
         await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
-async def run_partitioned(
+async def run_owned(
     nc: Client,
     engine: Engine,
     names: NatsNames,
@@ -526,10 +819,15 @@ async def run_partitioned(
     relay_kick: asyncio.Event | None = None,
     scheduler_kick: asyncio.Event | None = None,
     ready: asyncio.Event | None = None,
+    role: str | None = None,
+    workers: LaneWorkers | None = None,
 ) -> None:
-    """Run the partitioned intake until ``stop`` is set; then stop every owned partition's intake
-    (each finishes its batch in hand) and release the locks."""
-    await PartitionedIntake(
+    """Run the intake of ``billing up`` until ``stop`` is set: the unpartitioned durable
+    (``partitions`` 0) or a fair share of the N partitions, each unit pulled only while this instance
+    owns it; then stop every owned unit's intake (each finishes its batch in hand), mark the clean
+    ones released and unlock. ``ready`` is set once the instance has joined (owner or standby).
+    ``role``: the database role of the service (``SET ROLE`` on the lock connections too)."""
+    await OwnedIntake(
         nc,
         engine,
         names,
@@ -541,4 +839,6 @@ async def run_partitioned(
         relay_kick=relay_kick,
         scheduler_kick=scheduler_kick,
         ready=ready,
+        role=role,
+        workers=workers,
     ).run(stop)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -56,13 +57,40 @@ class Settings(BaseSettings):
     # Back-off between attempts at a batch whose transaction failed (database down): doubling, capped.
     intake_db_retry_max_s: float = Field(default=5.0, gt=0, le=300)
     # Partitions of billing.in (DESIGN section 8, consumers/partitions.py). 0: one durable consumer on
-    # billing.in.> with subjects billing.in.<walletId> (single node, embedded server, tests). N > 0:
-    # the NATS mapping stores billing.in.<p>.<walletId>; one durable per partition, each pulled by
-    # exactly one instance at a time (a PostgreSQL advisory lock). N must equal the mapping's N.
+    # billing.in.> with subjects billing.in.<walletId> (single node, embedded server, tests), pulled by
+    # one instance at a time while the others stand by. N > 0: the NATS mapping stores
+    # billing.in.<p>.<walletId>; one durable per partition, each pulled by exactly one instance at a
+    # time. Either way the owner is whoever holds the durable's PostgreSQL advisory lock. N must equal
+    # the mapping's N.
     intake_partitions: int = Field(default=0, ge=0, le=256)
-    # Partitioned: how often an instance checks its locks, counts the live instances and takes or
-    # gives up partitions (a dead instance's partitions move within about this long).
+    # How often an instance checks its locks, counts the live instances and takes or gives up durables
+    # (a dead instance's durables move within about this long; after an unclean loss the new owner
+    # also waits out ack_wait before it pulls, so the dead one's un-acked messages come first).
     intake_rebalance_s: float = Field(default=2.0, gt=0, le=60)
+    # Lanes of one intake: a batch is split by wallet (crc32 of the walletId) into this many
+    # transactions run side by side, so one lane's wait on PostgreSQL overlaps another's rules. A
+    # wallet is always in one lane, so its events keep their order. 0: automatic, 4 unpartitioned
+    # (one intake per instance) and 1 partitioned (the partitions' intakes already run side by side).
+    # With intake_workers > 0 the lanes are the worker processes (this setting is not used).
+    intake_lanes: int = Field(default=0, ge=0, le=16)
+    # Worker processes that run the intake's lanes (consumers/lane_workers.py): the parsing, rules
+    # and SQL of a batch on more than one core. 0: the lanes are threads of the service process.
+    # Unset: 2 on a machine with at least 2 CPUs, else 0. One pool per instance, shared by the
+    # partitions it owns.
+    intake_workers: int | None = Field(default=None, ge=0, le=16)
+
+    def effective_intake_workers(self) -> int:
+        if self.intake_workers is not None:
+            return self.intake_workers
+        return 2 if (os.cpu_count() or 1) >= 2 else 0
+
+    def effective_intake_lanes(self) -> int:
+        workers = self.effective_intake_workers()
+        if workers:
+            return workers
+        if self.intake_lanes:
+            return self.intake_lanes
+        return 1 if self.intake_partitions else 4
 
 
 def nats_servers(url: str) -> list[str]:

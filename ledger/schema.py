@@ -237,3 +237,16 @@ stripe_webhook_events = Table(
     Column("payload", JSONB, nullable=False),
     Index("ix_stripe_webhook_events_received_at", "received_at"),
 )
+
+intake_owners = Table(
+    "intake_owners",
+    metadata,
+    # One row per durable consumer of BILLING_IN (consumers/partitions.py): its last owner, and
+    # whether that owner let go cleanly (every delivery settled) or not.
+    Column("stream", Text, primary_key=True),
+    Column("durable", Text, primary_key=True),
+    Column("owner", Text, nullable=False),
+    Column("state", Text, nullable=False),
+    Column("changed_at", DateTime(timezone=True), nullable=False),
+    CheckConstraint("state IN ('held', 'released')", name="state_known"),
+)

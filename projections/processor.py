@@ -141,6 +141,8 @@ def _existing_keys(conn: psycopg.Connection[Any], keys: Sequence[EventKey]) -> s
 
 
 def _messages(decision: Decision, now: datetime) -> list[OutboxMessage]:
+    if not (decision.commands or decision.notices or decision.settlements):
+        return []  # most events: a charge and nothing to tell anyone (the intake's hot path)
     return [
         *(stop_message(c) for c in decision.commands),
         *(notice_message(n, now=now) for n in decision.notices),
