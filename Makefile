@@ -38,10 +38,19 @@ lint: install
 	$(BIN)/mypy ledger projections consumers
 
 # Store throughput beside a raw COPY, then the whole service end to end (`billing up` on a fresh
-# database and a unique NATS namespace) beside raw NATS-consume and COPY baselines, same run.
+# database and a unique NATS namespace) beside raw NATS-consume and COPY baselines, same run: first
+# one instance unpartitioned on the machine's NATS, then the production topology (2 instances, 8
+# partitions) on the bench's own nats-server with the partition mapping. Each measures the service
+# draining the workload already stored in its stream (the headline, like for like with the NATS
+# baseline) and a live burst (published while it consumes). One run each (~5 minutes on the 2-core
+# machines here); `make bench BENCH_RUNS=3` for medians over 3 (~12 minutes). Extra environment for
+# the service: `make bench BENCH_E2E_ARGS="--service-env BILLING_INTAKE_WORKERS=2"`.
+BENCH_RUNS ?= 1
+BENCH_E2E_ARGS ?=
 bench: install
-	$(BIN)/python bench/bench_store.py
-	$(BIN)/python bench/bench_e2e.py
+	$(BIN)/python bench/bench_store.py --runs $(BENCH_RUNS)
+	$(BIN)/python bench/bench_e2e.py --runs $(BENCH_RUNS) $(BENCH_E2E_ARGS)
+	$(BIN)/python bench/bench_e2e.py --runs $(BENCH_RUNS) --instances 2 --partitions 8 $(BENCH_E2E_ARGS)
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock:

