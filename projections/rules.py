@@ -394,9 +394,23 @@ def product_for(resource_kind: str, tier: str) -> Product:
     fail(f"unknown resource kind {resource_kind!r}")
 
 
+# The last answer of running_rentals, by the identity of the rentals mapping it was computed from:
+# tick and next_wakeup ask about the same state about ten times in a row. Safe because a state's
+# rentals mapping is never changed after the state is made (every change makes a new mapping), and
+# the reference held here keeps that mapping alive, so its identity cannot be reused meanwhile. One
+# tuple, replaced whole: threads sharing it read either the old pair or the new one.
+_running_cache: tuple[Mapping[str, RentalState], tuple[RentalState, ...]] | None = None
+
+
 def running_rentals(state: WalletState) -> tuple[RentalState, ...]:
     """Running rentals in resource id order (a stable order for commands)."""
-    return tuple(sorted((r for r in state.rentals.values() if r.status == "running"), key=_rid))
+    global _running_cache
+    cached = _running_cache
+    if cached is not None and cached[0] is state.rentals:
+        return cached[1]
+    running = tuple(sorted((r for r in state.rentals.values() if r.status == "running"), key=_rid))
+    _running_cache = (state.rentals, running)
+    return running
 
 
 def burn_micros_per_hour(state: WalletState) -> int:
