@@ -223,19 +223,24 @@ async def test_database_outage_holds_the_batch_without_spending_deliveries(
     assert info.num_redelivered == 0  # held in hand, not nak-ed: no delivery attempt spent
 
 
-async def test_a_message_that_breaks_the_processor_is_isolated(
-    nats_url: str, app_engine: Engine, unique: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    w, _ = ids(unique)
+def _breaks_on(poison: str) -> Any:
+    """process_batch, failing (a bug) on every batch that holds the event ``poison``."""
     real = process_batch
-    poison = f"poison-{unique}"
 
     def breaks_on_poison(conn: Any, incoming: Any, **kwargs: Any):
         if any(i.event.id == poison for i in incoming):
             raise ValueError("a bug this event triggers")
         return real(conn, incoming, **kwargs)
 
-    monkeypatch.setattr(intake_module, "process_batch", breaks_on_poison)
+    return breaks_on_poison
+
+
+async def test_a_message_that_breaks_the_processor_is_isolated(
+    nats_url: str, app_engine: Engine, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w, _ = ids(unique)
+    poison = f"poison-{unique}"
+    monkeypatch.setattr(intake_module, "process_batch", _breaks_on(poison))
     config = replace(FAST, max_deliver=3)
     events = [adjusted(w, 1_000_000), adjusted(w, 9_999_999, id_=poison), adjusted(w, 2_000_000)]
     async with jetstream(nats_url, unique) as (nc, js, names):
@@ -257,15 +262,8 @@ async def test_lanes_commit_side_by_side_and_keep_each_wallets_order(
     """A batch split into 4 lanes by wallet: each lane is its own transaction (distinct xmin), every
     wallet's events are in the log in publication order, every charge exact; a poison message
     fails only its own lane's share, which is split and retried, while the other lanes commit."""
-    real = process_batch
     poison = f"poison-{unique}"
-
-    def breaks_on_poison(conn: Any, incoming: Any, **kwargs: Any):
-        if any(i.event.id == poison for i in incoming):
-            raise ValueError("a bug this event triggers")
-        return real(conn, incoming, **kwargs)
-
-    monkeypatch.setattr(intake_module, "process_batch", breaks_on_poison)
+    monkeypatch.setattr(intake_module, "process_batch", _breaks_on(poison))
     config = replace(FAST, lanes=4, max_deliver=2)
     wallets = [f"l{i:02d}{unique[-36:]}" for i in range(24)]
     lanes_used = {intake_module.lane_of(w, 4) for w in wallets}
