@@ -36,7 +36,8 @@ Not compared, because they are not facts of the log (see :data:`NOT_COMPARED`): 
 bookkeeping of ``rentals`` (``stop_seq``, ``stop_attempts``, ``stop_issued_at``: when the scheduler
 ticked, its clock), ``wallets`` (status, notices, admission holds, serverless admissions, next
 wake-up), the ``outbox``, ``rejected_inputs`` (refused events are not in the log, so they are not
-replayed), ``stripe_webhook_events`` (deliveries as received). A table the migrations add that is in
+replayed), ``stripe_webhook_events`` (deliveries as received), ``intake_owners`` (who pulls each
+intake durable). A table the migrations add that is in
 neither list is named in the report, so a new projection is not silently left out.
 
 With ``wallet_ids`` the rebuild is limited to those wallets' events and the comparison to their rows
@@ -112,6 +113,7 @@ NOT_COMPARED: Final[dict[str, str]] = {
     "outbox": "messages (commands, notices, settlements), not state",
     "rejected_inputs": "refused events are not in the log and are not replayed",
     "stripe_webhook_events": "Stripe deliveries as received; the facts they carried are events of the log",
+    "intake_owners": "which instance holds each intake durable, and whether it let go cleanly: not a fact of the log",
     "alembic_version": "the schema's revision (checked equal before the replay)",
 }
 
