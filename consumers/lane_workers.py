@@ -55,7 +55,7 @@ log = logging.getLogger("billing.lane_workers")
 MAX_PROCESSES: Final = 16
 # A worker's connect to PostgreSQL that hangs longer than this fails (the lane is retried).
 CONNECT_TIMEOUT_S: Final = 10
-# At start, how long the workers get to import the service's modules and connect.
+# At start, how long the workers get to spawn and import the service's modules.
 WARM_UP_TIMEOUT_S: Final = 60.0
 # How often a worker checks that the service process is still its parent.
 PARENT_CHECK_S: Final = 1.0
