@@ -118,7 +118,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -1468,6 +1468,34 @@ def _children(children: list[collections.Counter[str]]) -> str:
     )
 
 
+def _print_cpu_and_batches(
+    phase: str, runs: Sequence[ServiceRun] | Sequence[DrainRun], topo: Topology, batch_note: str
+) -> None:
+    """The CPU, intake-batch and (partitioned) per-instance lines of a phase's report."""
+    last = runs[-1]
+    print(
+        f"  CPU during {phase}, cores busy on average (of {os.cpu_count()}): "
+        + ", ".join(
+            f"{_cpu_label(k, topo, [r.instances for r in runs])} {statistics.median([r.cpu[k] for r in runs]):.2f}"
+            for k in runs[0].cpu
+        )
+    )
+    print(
+        f"  intake batches: avg {statistics.median([r.batch_avg[0] for r in runs]):,.0f} messages, "
+        f"{statistics.median([r.batch_avg[1] for r in runs]) * 1000:,.0f} ms each{batch_note}; "
+        "dispositions (last run): " + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(last.dispositions.items()))
+    )
+    if last.instances and topo.partitioned:
+        print(
+            "  per instance (last run): "
+            + "; ".join(
+                f"#{k + 1} partitions {','.join(map(str, i.owned))}{' + strays' if 0 in i.owned else ''}:"
+                f" {i.messages:,.0f} messages in {i.batches:,.0f} batches, {i.cpu:.2f} cores"
+                for k, i in enumerate(last.instances)
+            )
+        )
+
+
 def _cpu_label(k: str, topo: Topology, instances: list[list[InstanceFigures]]) -> str:
     """``service``, or with several instances each one's share (median over the runs)."""
     if k != "service" or topo.instances == 1:
@@ -1737,28 +1765,7 @@ def main() -> None:
         + "; child processes of each instance: "
         + _children(dl.children)
     )
-    print(
-        "  CPU during the drain, cores busy on average (of "
-        f"{os.cpu_count()}): "
-        + ", ".join(
-            f"{_cpu_label(k, topo, [d.instances for d in drains])} {statistics.median([d.cpu[k] for d in drains]):.2f}"
-            for k in drains[0].cpu
-        )
-    )
-    print(
-        f"  intake batches: avg {statistics.median([d.batch_avg[0] for d in drains]):,.0f} messages, "
-        f"{statistics.median([d.batch_avg[1] for d in drains]) * 1000:,.0f} ms each; "
-        "dispositions (last run): " + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(dl.dispositions.items()))
-    )
-    if dl.instances and topo.partitioned:
-        print(
-            "  per instance (last run): "
-            + "; ".join(
-                f"#{k + 1} partitions {','.join(map(str, i.owned))}{' + strays' if 0 in i.owned else ''}:"
-                f" {i.messages:,.0f} messages in {i.batches:,.0f} batches, {i.cpu:.2f} cores"
-                for k, i in enumerate(dl.instances)
-            )
-        )
+    _print_cpu_and_batches("the drain", drains, topo, "")
     for note in dl.notes:
         print(f"  {note} (last run)")
     print(f"  {dl.journal_check}")
@@ -1802,28 +1809,8 @@ def main() -> None:
         + f"; child processes included); ready in {statistics.median([r.ready_s for r in runs]):.1f} s after exec"
         + (f" (all {topo.partitions} partitions owned, their consumers created)" if topo.partitioned else "")
     )
-    print(
-        "  CPU during the burst, cores busy on average (of "
-        f"{os.cpu_count()}): "
-        + ", ".join(
-            f"{_cpu_label(k, topo, [r.instances for r in runs])} {statistics.median([r.cpu[k] for r in runs]):.2f}"
-            for k in runs[0].cpu
-        )
-    )
-    print(
-        f"  intake batches: avg {statistics.median([r.batch_avg[0] for r in runs]):,.0f} messages, "
-        f"{statistics.median([r.batch_avg[1] for r in runs]) * 1000:,.0f} ms each (parse, transaction, commit, acks); "
-        "dispositions (last run): " + ", ".join(f"{k} {v:,.0f}" for k, v in sorted(last.dispositions.items()))
-    )
+    _print_cpu_and_batches("the burst", runs, topo, " (parse, transaction, commit, acks)")
     if last.instances and topo.partitioned:
-        print(
-            "  per instance (last run): "
-            + "; ".join(
-                f"#{k + 1} partitions {','.join(map(str, i.owned))}{' + strays' if 0 in i.owned else ''}:"
-                f" {i.messages:,.0f} messages in {i.batches:,.0f} batches, {i.cpu:.2f} cores"
-                for k, i in enumerate(last.instances)
-            )
-        )
         for note in last.partition_notes:
             print(f"  {note}")
     print(
