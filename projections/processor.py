@@ -13,9 +13,10 @@ The path of one batch (DESIGN section 10):
 3. apply each new event in batch order; an event whose resource has not started yet is left out
    of the log (the intake naks it with a delay) unless it is its last attempt, when it is
    rejected; rejected events go to ``rejected_inputs`` and are dead-lettered after the commit;
-4. one statement appends the accepted events and their journal; then the changed projection rows,
-   the serverless jobs seen, the outbox rows and the rejected inputs; the account balances last,
-   so that the accounts every batch touches (revenue, clearing) are locked only until the commit.
+4. binary COPY appends the accepted events and their journal (``ledger.store.append_new``); then
+   the changed projection rows, the serverless jobs seen, the outbox rows and the rejected inputs;
+   the account balances last, so that the accounts every batch touches (revenue, clearing) are
+   locked only until the commit.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ from ledger.events import (
     StripeRefundSucceededEvent,
 )
 from ledger.invariants import fail, require
-from ledger.store import AppendItem, EventKey, EventRecord, append_batch, apply_balances
+from ledger.store import AppendItem, EventKey, EventRecord, append_new, apply_balances
 from projections.messages import notice_message, settlement_message, stop_message
 from projections.outbox import OutboxMessage, enqueue
 from projections.rules import (
@@ -289,10 +290,9 @@ def process_batch(
         states[wid], decision = tick(states[wid], at)
         messages.extend(_messages(decision, at))
 
-    appended = append_batch(conn, items, received_at=now, book_balances=False)
-    # Under the wallet locks nobody else can have added these events since the check above.
-    if appended.duplicates:
-        fail(f"events appeared in the log under our lock: {appended.duplicates[:3]}")
+    # Under the wallet locks nobody else can have added these events since the check above, so they
+    # go in by COPY; should one be there after all, the unique index fails the transaction.
+    appended = append_new(conn, items, received_at=now)
     result.positions = appended.positions
 
     result.next_wakeups = {w: next_wakeup(s, now) for w, s in states.items()}

@@ -13,9 +13,10 @@ from sqlalchemy import Engine, select, text
 
 from ledger import schema
 from ledger.db import unit_of_work
+from ledger.invariants import InvariantViolation
 from ledger.journal import ADJUSTMENTS, JournalTxn, Posting, revenue_account, transfer, wallet_account
 from ledger.migrate import upgrade
-from ledger.store import AppendItem, AppendResult, EventRecord, append_batch
+from ledger.store import AppendItem, AppendResult, EventRecord, append_batch, append_new, apply_balances
 from tests.factories import adjusted, metered
 
 pytestmark = pytest.mark.integration
@@ -151,6 +152,57 @@ def test_same_event_concurrently_from_two_connections_is_written_once(app_engine
     with app_engine.connect() as conn:
         n = conn.execute(text("SELECT count(*) FROM events WHERE wallet_id = :w"), {"w": w}).scalar_one()
     assert n == rounds * 50
+
+
+def test_append_new_copies_events_journal_and_deltas_like_the_statement(app_engine: Engine, unique: str) -> None:
+    """The COPY path writes the same rows as append_batch: events with their payload as a JSON
+    object, the journal in batch order, and balance deltas that apply_balances books."""
+    w = f"n{unique}"[:64]
+    items = [credit_item(w, 10_000_000), charge_item(w, "p1", 60, 8_500), charge_item(w, "p1", 120, 8_500)]
+    with unit_of_work(app_engine) as uow:
+        result = append_new(uow.pg, items, received_at=NOW)
+        apply_balances(uow.pg, result.balance_deltas)
+        uow.commit()
+    assert result.duplicates == ()
+    positions = [result.positions[i.record.key] for i in items]
+    assert positions == sorted(positions)  # batch order
+    assert result.balance_deltas[wallet_account(w)] == (10_000_000 - 17_000, positions[-1])
+    assert sum(d for d, _ in result.balance_deltas.values()) == 0
+    assert balance(app_engine, wallet_account(w)) == 10_000_000 - 17_000
+    assert entries_sum(app_engine, wallet_account(w)) == 10_000_000 - 17_000
+    with app_engine.connect() as conn:
+        kinds = conn.execute(
+            text("SELECT jsonb_typeof(payload), payload->>'id' FROM events WHERE wallet_id = :w ORDER BY position"),
+            {"w": w},
+        ).all()
+        n_txns = conn.execute(
+            text("SELECT count(*) FROM journal_transactions WHERE wallet_id = :w"), {"w": w}
+        ).scalar_one()
+    assert [k for k, _ in kinds] == ["object"] * 3
+    assert [i for _, i in kinds] == [i.record.event_id for i in items]
+    assert n_txns == 3
+
+
+def test_append_new_refuses_an_event_already_in_the_log_and_writes_nothing(app_engine: Engine, unique: str) -> None:
+    """Its precondition broken (the event is in the log), the unique index fails the COPY: the
+    transaction writes nothing, not even the batch's other, new events."""
+    w = f"m{unique}"[:64]
+    old = credit_item(w, 5_000_000)
+    append(app_engine, [old])
+
+    def append_in_one_transaction(items: list[AppendItem]) -> None:
+        with unit_of_work(app_engine) as uow:
+            append_new(uow.pg, items, received_at=NOW)
+            uow.commit()
+
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        append_in_one_transaction([credit_item(w, 1_000_000, id_=f"new{unique}"), old])
+    with pytest.raises(InvariantViolation, match="repeats"):
+        append_in_one_transaction([credit_item(w, 1, id_=f"r{unique}"), credit_item(w, 1, id_=f"r{unique}")])
+    assert balance(app_engine, wallet_account(w)) == 5_000_000
+    with app_engine.connect() as conn:
+        n = conn.execute(text("SELECT count(*) FROM events WHERE wallet_id = :w"), {"w": w}).scalar_one()
+    assert n == 1
 
 
 def test_rolled_back_unit_of_work_keeps_nothing(app_engine: Engine, unique: str) -> None:
