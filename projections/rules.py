@@ -1202,6 +1202,31 @@ def _first_instant_at_or_below(state: WalletState, now: datetime, threshold: int
     now_us = _to_us(now)
     if _available_at(state, running, now_us) <= threshold:
         return now
+    if len(running) == 1 and not state.holds:
+        return _first_instant_one_rental(state.balance_micros - threshold, running[0])
+    return _first_instant_searched(state, running, now_us, threshold)
+
+
+def _first_instant_one_rental(need_micros: int, rental: RentalState) -> datetime | None:
+    """The common case in closed form: one rental running, no holds. Then ``available(t) =
+    balance - floor((t - last) * p / H)`` and, with ``need = balance - threshold`` (> the accrual at
+    ``now``, so ``>= 1``), ``floor(x / H) >= need`` iff ``x >= need * H`` for integers: the first
+    instant is ``last + ceil(need * H / p)``, exactly what the search finds (a property test checks
+    both agree), without its 10-20 evaluations on the intake's hot path."""
+    if not (need_micros >= 1 and rental.price_per_hour_micros > 0):
+        fail(f"closed form of the projection outside its domain: need {need_micros}, {rental.resource_id}")
+    t_us = _to_us(rental.last_reading_at) + -(-need_micros * _MICROS_PER_HOUR_OF_TIME // rental.price_per_hour_micros)
+    if t_us > _HORIZON_US:
+        return None
+    return _from_us(t_us)
+
+
+def _first_instant_searched(
+    state: WalletState, running: tuple[RentalState, ...], now_us: int, threshold: int
+) -> datetime | None:
+    """:func:`_first_instant_at_or_below` in general (any rentals, holds), once ``available(now) >
+    threshold`` is known and something burns."""
+    burn = sum(r.price_per_hour_micros for r in running)
     start_us = max([now_us, *(_to_us(r.last_reading_at) for r in running)])
     # available(t) <= balance - sum(floor((t - last_i) * p_i / H)) < balance - (t - start) * burn / H + n
     need = state.balance_micros - threshold + len(running)

@@ -19,6 +19,10 @@ from projections.rules import (
     Hold,
     RentalState,
     WalletState,
+    _first_instant_at_or_below,
+    _first_instant_one_rental,
+    _first_instant_searched,
+    _to_us,
     apply,
     available_micros,
     burn_micros_per_hour,
@@ -29,6 +33,7 @@ from projections.rules import (
     product_for,
     projected_low_at,
     projected_zero_at,
+    running_rentals,
 )
 
 pytestmark = pytest.mark.property
@@ -328,3 +333,23 @@ def test_projected_low_at_is_the_first_microsecond_with_less_than_an_hour_left(s
     zero = projected_zero_at(state, T0)
     assert zero is not None
     assert low <= zero
+
+
+@PROPS
+@given(
+    balance=st.integers(-1_000_000, 10_000_000_000),
+    price=st.integers(1, 200_000_000),
+    last_offset_us=st.integers(-7_200_000_000, 300_000_000),
+    threshold=st.integers(-1, 100_000_000),
+)
+def test_one_rental_closed_form_is_the_search(balance: int, price: int, last_offset_us: int, threshold: int) -> None:
+    """The closed form used for one running rental without holds gives the instant the general
+    search gives (both exact to the microsecond), for the zero and the low thresholds alike."""
+    state = WalletState(wallet_id=W, balance_micros=balance, rentals={"r0": _rental(0, price, last_offset_us)})
+    running = running_rentals(state)
+    now_us = _to_us(T0)
+    if available_micros(state, T0) <= threshold:
+        return  # both answer ``now`` before either is reached
+    fast = _first_instant_one_rental(balance - threshold, running[0])
+    assert fast == _first_instant_searched(state, running, now_us, threshold)
+    assert fast == _first_instant_at_or_below(state, T0, threshold)
