@@ -122,7 +122,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import psutil
 import psycopg
@@ -584,7 +584,7 @@ class CommitPoller(threading.Thread):
 
 class ProcSampler(threading.Thread):
     """Peak RSS of the service's processes (and any children: the intake's lane worker processes),
-    sampled every 100 ms: the peak of their sum, and each instance's own peak (with its children);
+    sampled every 500 ms: the peak of their sum, and each instance's own peak (with its children);
     also what the children of each instance are (:func:`child_kinds`, the most seen at once)."""
 
     def __init__(self, pids: list[int]) -> None:
@@ -596,12 +596,19 @@ class ProcSampler(threading.Thread):
         self.done = threading.Event()
 
     def run(self) -> None:
+        # Bounded cost on a 2-core machine shared with the service: every 0.5 s, and the child list
+        # (psutil reads all of /proc for it) only every 4th sample. Sampled every 0.1 s with the
+        # children every time, this thread took a noticeable part of the bench's own CPU.
+        children_of: list[list[psutil.Process]] = [[] for _ in self.procs]
+        rounds = 0
         while not self.done.is_set():
             total = 0
             for i, proc in enumerate(self.procs):
                 with contextlib.suppress(psutil.Error):
                     rss = proc.memory_info().rss
-                    children = proc.children(recursive=True)
+                    if rounds % 4 == 0:
+                        children_of[i] = proc.children(recursive=True)
+                    children = children_of[i]
                     for child in children:
                         with contextlib.suppress(psutil.Error):
                             rss += child.memory_info().rss
@@ -611,7 +618,8 @@ class ProcSampler(threading.Thread):
                     self.peaks[i] = max(self.peaks[i], rss)
                     total += rss
             self.peak_rss = max(self.peak_rss, total)
-            self.done.wait(0.1)
+            rounds += 1
+            self.done.wait(0.5)
 
     def stop(self) -> None:
         self.done.set()
@@ -719,7 +727,15 @@ class CpuMeter:
         )
         machine = out.pop("whole machine")
         out["everything else on the machine"] = machine - sum(v for v in out.values() if v == v)  # v == v: not NaN
+        # Not a further share (already in ``service``): how much of it the instances' own processes
+        # (NATS: pulls, acks, the lanes' hand-over) took, the rest being their child processes.
+        out[SERVICE_OWN] = sum(
+            self._tree(p).get(p.pid, 0.0) - t0.get(p.pid, 0.0) for p, t0 in zip(self.services, self.trees0, strict=True)
+        )
         return out
+
+
+SERVICE_OWN: Final = "service: its own processes"
 
 
 # ------------------------------------------------------------------------------------ results
@@ -822,22 +838,39 @@ async def _wait_accounted(
     """Until ``events`` holds ``accepted`` rows, ``rejected_inputs`` ``rejected`` rows, and every
     durable of the intake (one, or each partition's and the strays') has nothing pending or unacked
     (the duplicates are through too). Returns the instant the rows were first all there (None: not
-    within the deadline): the last commit, to within a poll. The rows are counted every 200 ms, and
-    every 50 ms once every message has been delivered to the intake (the last batches are in hand):
-    a count of 60k events takes ~12 ms, too much to run every 50 ms throughout."""
+    within the deadline): the last commit, to within a poll (END_POLL_S).
+
+    The rows are counted only once every message has been delivered to the intake (nothing pending
+    in any durable, polled every 200 ms before that): no row can be committed before its message is
+    delivered, so counting earlier could not end the wait. A count of 60k events costs PostgreSQL
+    ~12 ms; counted throughout, and on a new connection each time as this did before, the poll took
+    CPU from the service it measures on this 2-core machine. One connection serves every count."""
     committed_at: float | None = None
-    while time.monotonic() < deadline:
-        t = time.time()
-        rows = await _query(dsn, "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM rejected_inputs)")
-        counted = int(rows[0][0]) >= accepted and int(rows[0][1]) >= rejected
-        if counted and committed_at is None:
-            committed_at = t
-        infos = [await js.consumer_info(names.in_stream, d) for d in durables]
-        if counted and all(ci.num_pending == 0 and ci.num_ack_pending == 0 for ci in infos):
-            return committed_at
-        delivered = all(ci.num_pending == 0 for ci in infos)
-        await asyncio.sleep(END_POLL_S if delivered and not counted else 0.2)
-    return None
+    conn = await asyncio.to_thread(psycopg.connect, dsn, autocommit=True)
+    try:
+        while time.monotonic() < deadline:
+            infos = [await js.consumer_info(names.in_stream, d) for d in durables]
+            delivered = all(ci.num_pending == 0 for ci in infos)
+            if not delivered:
+                await asyncio.sleep(0.2)
+                continue
+            t = time.time()
+            rows = await asyncio.to_thread(
+                lambda: conn.execute(
+                    "SELECT (SELECT count(*) FROM events), (SELECT count(*) FROM rejected_inputs)"
+                ).fetchall()
+            )
+            counted = int(rows[0][0]) >= accepted and int(rows[0][1]) >= rejected
+            if counted and committed_at is None:
+                committed_at = t
+            if counted:
+                infos = [await js.consumer_info(names.in_stream, d) for d in durables]
+                if all(ci.num_pending == 0 and ci.num_ack_pending == 0 for ci in infos):
+                    return committed_at
+            await asyncio.sleep(END_POLL_S)
+        return None
+    finally:
+        await asyncio.to_thread(conn.close)
 
 
 @dataclass(frozen=True)
@@ -1478,8 +1511,16 @@ def _print_cpu_and_batches(
         + ", ".join(
             f"{_cpu_label(k, topo, [r.instances for r in runs])} {statistics.median([r.cpu[k] for r in runs]):.2f}"
             for k in runs[0].cpu
+            if k != SERVICE_OWN
         )
     )
+    if SERVICE_OWN in runs[0].cpu:
+        own = statistics.median([r.cpu[SERVICE_OWN] for r in runs])
+        print(
+            f"    of the service's: its own process{'es' if topo.instances > 1 else ''} (NATS: pulls, acks, hand-over"
+            f" to the lanes) {own:.2f}, child processes (lane workers) "
+            f"{statistics.median([r.cpu['service'] - r.cpu[SERVICE_OWN] for r in runs]):.2f}"
+        )
     print(
         f"  intake batches: avg {statistics.median([r.batch_avg[0] for r in runs]):,.0f} messages, "
         f"{statistics.median([r.batch_avg[1] for r in runs]) * 1000:,.0f} ms each{batch_note}; "
