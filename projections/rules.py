@@ -1006,7 +1006,7 @@ def _housekeeping(state: WalletState, now: datetime) -> tuple[WalletState, tuple
     if holds != state.holds or admissions != state.serverless_admissions:
         state = _replace(state, holds=holds, serverless_admissions=admissions)
 
-    if available_micros(state, now) > 0 and any(r.stop_attempts for r in state.rentals.values()):
+    if any(r.stop_attempts for r in state.rentals.values()) and available_micros(state, now) > 0:
         # Replenished before the compute plane answered: stop re-issuing (a new episode starts
         # with a new command id if the wallet runs dry again).
         state = _replace(
