@@ -25,7 +25,8 @@ connection of a lock stops that unit's intake at its next check.
 
 **Fair share.** Each instance also holds a *shared* advisory lock ``(<member class>, 0)`` on its own
 connection while it runs; the live instances are the holders of that lock (``pg_locks``), no table and
-no heartbeat to expire. Every ``rebalance_s`` (with jitter) an instance:
+no heartbeat to expire. Every ``rebalance_s`` (with jitter; every ``UNDER_SHARE_POLL_S`` at most while it
+owns less than its share, so that freed units are taken within a fraction of a second) an instance:
 
 1. checks the connection of every lock it holds (``SELECT 1``, bounded); a lost one stops that unit's
    intake (the batch in hand is finished; the wallet row locks of ``projections.processor`` keep that
@@ -156,6 +157,12 @@ TAKEOVER_MARGIN_S: Final = 0.5
 """Waited beyond the consumer's ack_wait after an unclean takeover: the server's redelivery timer
 fires a millisecond after the expiry, plus scheduling on a loaded machine."""
 TAKEOVER_POLL_S: Final = 0.5
+# An instance that owns less than its share comes back this often (at most) instead of every
+# rebalance_s: a unit freed by a clean shutdown, a crash or a scale-down is taken within a fraction of
+# a second rather than a whole period, and instances that start together (or a whole cluster whose
+# units come free at once) pull within about this much of each other. Owning its share, an instance
+# keeps the full period. The cost is two small queries on the lock connection per poll.
+UNDER_SHARE_POLL_S: Final = 0.25
 """During that wait, how often the consumer's un-acked count is read (0: nothing left to wait for)."""
 MEMBER_KEY: Final = 0
 
@@ -534,6 +541,8 @@ class OwnedIntake:
         # was gone): unit -> the owner token of that acquisition. Finding its own token on the row
         # when it takes the unit again, it knows the hand-over was clean.
         self._left_clean: dict[int, str] = {}
+        self._under_share = True
+        """Whether the last round ended owning less than the share (see UNDER_SHARE_POLL_S)."""
         for p in range(self._units):
             self._ownership.partition.labels(str(p)).set(0)
 
@@ -578,7 +587,8 @@ class OwnedIntake:
                     self._ownership.rounds.inc()
                 except Exception:
                     log.exception("rebalance failed; trying again")
-                await _sleep_unless(stop, self._rebalance_s * random.uniform(0.75, 1.25))
+                period_s = self._rebalance_s if not self._under_share else min(self._rebalance_s, UNDER_SHARE_POLL_S)
+                await _sleep_unless(stop, period_s * random.uniform(0.75, 1.25))
         finally:
             try:
                 await self._stop_all()
@@ -615,6 +625,13 @@ class OwnedIntake:
             return
         self._ownership.live.set(live)
         share = fair_share(self._units, live)
+        try:
+            await self._take_share(share, live, stop)
+        finally:
+            self._under_share = len(self._owned) < share
+
+    async def _take_share(self, share: int, live: int, stop: asyncio.Event) -> None:
+        """Release the units beyond ``share``, then take free ones up to it."""
         extras = sorted(self._owned, reverse=True)[: max(len(self._owned) - share, 0)]
         if extras and not stop.is_set():
             # Their intakes first (each commits and acks its batch in hand), then the locks.

@@ -103,7 +103,9 @@ class Member:
 
 
 @contextlib.asynccontextmanager
-async def member(nc: Any, engine: Engine, names: NatsNames, config: IntakeConfig, name: str) -> AsyncIterator[Member]:
+async def member(
+    nc: Any, engine: Engine, names: NatsNames, config: IntakeConfig, name: str, rebalance_s: float = 0.3
+) -> AsyncIterator[Member]:
     metrics, stop, ready = Metrics(), asyncio.Event(), asyncio.Event()
     coordinator = OwnedIntake(
         nc,
@@ -111,7 +113,7 @@ async def member(nc: Any, engine: Engine, names: NatsNames, config: IntakeConfig
         names,
         config,
         PARTITIONS,
-        rebalance_s=0.3,
+        rebalance_s=rebalance_s,
         metrics=metrics,
         clock=lambda: datetime.now(UTC),
         ready=ready,
@@ -127,6 +129,32 @@ async def member(nc: Any, engine: Engine, names: NatsNames, config: IntakeConfig
     finally:
         stop.set()
         await asyncio.wait_for(task, timeout=30)
+
+
+async def test_units_freed_at_once_are_taken_within_a_fraction_of_the_rebalance_period(
+    nats_url: str, app_engine: Engine, owner_engine: Engine, unique: str
+) -> None:
+    """Two instances with a long rebalance period (10 s) stand by while something else holds every
+    unit (as the bench's hold does; as a crashed cluster's locks do until PostgreSQL frees them).
+    Released at once, all 8 units are owned, 4 and 4, well within one period: an instance under its
+    share polls every UNDER_SHARE_POLL_S. With the full period it took 7.5 to 12.5 s."""
+    config = IntakeConfig(durable="intake", batch_size=100, max_wait_s=0.2)
+    async with jetstream(nats_url, unique) as (nc, _js, names):
+        unit_class, _ = lock_classes(names, config.durable, partitioned=True)
+        with owner_engine.connect() as hold:
+            for p in range(PARTITIONS):
+                assert hold.exec_driver_sql(f"SELECT pg_try_advisory_lock({unit_class}, {p})").scalar_one()
+            async with (
+                member(nc, app_engine, names, config, "a", rebalance_s=10.0) as a,
+                member(nc, app_engine, names, config, "b", rebalance_s=10.0) as b,
+            ):
+                await asyncio.sleep(0.6)  # a few under-share polls, all finding every unit taken
+                assert a.owned == b.owned == []
+                hold.exec_driver_sql("SELECT pg_advisory_unlock_all()")
+                released = time.monotonic()
+                await wait_until(lambda: len(a.owned) == len(b.owned) == PARTITIONS // 2, within=3, what="a 4/4 share")
+                assert time.monotonic() - released < 3
+                assert set(a.owned).isdisjoint(b.owned)
 
 
 async def test_two_instances_share_the_partitions_and_hand_them_over(
