@@ -481,8 +481,9 @@ class IntakeHold:
     durable, mode), one per partition (unpartitioned: unit 0) on its own database connection. The
     instances start, join (``/readyz`` is 200) and stand by, finding every unit taken; the intake's
     consumers are not even created. :meth:`release` unlocks them all in one statement: each
-    instance takes its fair share at its next rebalance round (``BILLING_INTAKE_REBALANCE_S``, 2 s
-    with jitter), creates the consumers (deliver policy all) and starts pulling. Released at the
+    instance, standing by under its share, takes it at its next poll (``consumers.partitions``'
+    ``UNDER_SHARE_POLL_S``, 0.25 s with jitter), creates the consumers (deliver policy all) and
+    starts pulling. Released at the
     latest on the way out (closing the connection frees the locks too)."""
 
     def __init__(self, dsn: str, names: NatsNames, topo: Topology) -> None:
