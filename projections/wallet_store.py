@@ -76,6 +76,10 @@ def _rental_from_row(row: Sequence[Any]) -> RentalState:
     )
 
 
+def _admissions_to_json(admissions: tuple[datetime, ...]) -> str:
+    return json.dumps([t.isoformat() for t in admissions]) if admissions else "[]"
+
+
 def lock_wallets(conn: psycopg.Connection[Any], wallet_ids: Iterable[str]) -> list[str]:
     """Create missing wallet rows and lock all of them, in id order. Returns the sorted ids."""
     ids = sorted(set(wallet_ids))
@@ -121,7 +125,9 @@ def load_wallets(
     seen: dict[str, set[tuple[str, str]]] = {w: set() for w in ids}
     pays: dict[str, dict[str, PaymentState]] = {w: {} for w in ids}
     pis = sorted(set(payment_ids))
-    with conn.cursor() as cur:
+    # Results in binary: psycopg converts binary timestamps and integers for less than their text
+    # (rentals carry several timestamps each; this is the intake's hot path).
+    with conn.cursor(binary=True) as cur:
         if pis:
             cur.execute(
                 "SELECT wallet_id, payment_intent_id, seen, credited_micros, refunded_micros, disputes, pending"
@@ -229,8 +235,9 @@ def save_wallets(
                     "w": [s.wallet_id for s in wallet_rows],
                     "s": [s.status for s in wallet_rows],
                     "n": [s.last_notice for s in wallet_rows],
-                    "h": [_holds_to_json(s.holds) for s in wallet_rows],
-                    "a": [json.dumps([t.isoformat() for t in s.serverless_admissions]) for s in wallet_rows],
+                    # Most wallets hold nothing: '[]' without a json.dumps each (the intake's hot path).
+                    "h": [_holds_to_json(s.holds) if s.holds else "[]" for s in wallet_rows],
+                    "a": [_admissions_to_json(s.serverless_admissions) for s in wallet_rows],
                     "nw": [next_wakeups.get(s.wallet_id) for s in wallet_rows],
                 },
             )
