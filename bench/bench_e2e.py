@@ -1029,6 +1029,7 @@ async def _measure(
         backlog_after_publish = max(
             len(messages) - (_handled(await asyncio.to_thread(svcs.metrics)) - _handled(metrics0)), 0.0
         )
+        backlog.append(backlog_after_publish)
         committed_at = await _wait_accounted(dsn, js, names, topo.durables, accepted, rejected, deadline)
         backlog_task.cancel()
         ok = committed_at is not None
