@@ -135,7 +135,7 @@ _HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
 @dataclass(frozen=True, slots=True)
 class IntakeConfig:
     durable: str = "billing-intake"
-    batch_size: int = 1000
+    batch_size: int = 4000  # as consumers.settings (see the reason there)
     max_wait_s: float = 1.0
     ack_wait_s: float = 30.0
     max_deliver: int = 20
