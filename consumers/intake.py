@@ -132,10 +132,22 @@ _MAX_BACKOFF_EXPONENT: Final = 30
 _HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
 
 
+# Messages per lane at most, with lane worker processes (see Intake._process_lanes); and a bound on
+# the lanes of one batch.
+LANE_MESSAGES: Final = 1000
+MAX_LANES: Final = 16
+
+
+def worker_lanes(messages: int, processes: int) -> int:
+    """Lanes of a batch of ``messages`` run by ``processes`` lane worker processes: one per process
+    at least, at most LANE_MESSAGES messages each (see ``Intake._process_lanes``), MAX_LANES at most."""
+    return min(max(processes, -(-messages // LANE_MESSAGES)), MAX_LANES)
+
+
 @dataclass(frozen=True, slots=True)
 class IntakeConfig:
     durable: str = "billing-intake"
-    batch_size: int = 4000  # as consumers.settings (see the reason there)
+    batch_size: int = 1000  # as consumers.settings (see the reason there)
     max_wait_s: float = 1.0
     ack_wait_s: float = 30.0
     max_deliver: int = 20
@@ -855,7 +867,13 @@ class Intake:
         its own; the batch is settled (acks, naks, dead letters) when every lane is done, so a
         message is never acked before its own lane's commit, and a lane that fails is split and
         retried alone (:meth:`_process`) without holding back what the others committed."""
-        lanes = self._workers.processes if self._workers is not None else self._config.lanes
+        # With worker processes: one lane per process at least, and lanes of about LANE_MESSAGES at
+        # most. A lane's transaction holds its wallets' row locks until it commits, and a scheduler
+        # tick or an admission of one of those wallets waits that out (a stop command is due within
+        # 1 s of the predicted zero). A large batch is then several lanes queued for the processes;
+        # a queued lane holds no lock, and a wallet is still in one lane of its batch.
+        workers = self._workers
+        lanes = worker_lanes(len(items), workers.processes) if workers is not None else self._config.lanes
         groups: list[list[int]] = [[] for _ in range(lanes)]
         for i, item in enumerate(items):
             groups[lane_of(lane_key(item.subject), lanes)].append(i)

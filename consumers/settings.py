@@ -42,13 +42,13 @@ class Settings(BaseSettings):
     intake_durable: str = Field(default="billing-intake", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     # Messages per database transaction at most (the processor takes at most 5,000). Under load a
     # batch is as full as this; when quiet, a pull takes what is there (small batches, low latency).
-    # 4,000 rather than 1,000: each batch touches each of its wallets once (load, lock, save), so
-    # fuller batches cost less per message. Measured (bench/bench_e2e.py, one instance, drain of
-    # 60k messages over 10k wallets): 1,000 -> 3,097/s, 2,000 -> 3,664/s, 4,000 -> 4,092/s; the paced
-    # latency (200 events/s) was unchanged (p50 63 ms). The price: under full load a batch holds its
-    # wallets' row locks for ~1 s instead of ~0.4 s, which an admission or a scheduler tick of one of
-    # those wallets waits out.
-    intake_batch_size: int = Field(default=4000, ge=1, le=5000)
+    # Fuller batches cost less per message (a batch touches each of its wallets once). Measured
+    # (bench/bench_e2e.py, one instance, drain of 60k messages over 10k wallets, one run each):
+    # 1,000 -> 3,097/s, 2,000 -> 3,664/s, 4,000 -> 4,092/s, 5,000 -> 4,692/s. Kept at 1,000: in the
+    # same runs' overloaded bursts the slowest stop command came 0.2-0.4 s after its wallet's zero
+    # with 1,000, and up to 1.0-1.3 s with 2,000-4,000 (the 1 s promise of R4), the paced latency
+    # being the same. Raise it where throughput matters more than that tail under overload.
+    intake_batch_size: int = Field(default=1000, ge=1, le=5000)
     # When idle, how long one pull request waits for the next message before it is renewed.
     intake_max_wait_s: float = Field(default=1.0, gt=0, le=30)
     # Unacked this long, a message is redelivered; a batch that runs long sends in-progress acks.

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from consumers.intake import lane_key, lane_of
+from consumers.intake import LANE_MESSAGES, MAX_LANES, lane_key, lane_of, worker_lanes
 from consumers.names import NatsNames, partition_of
 from consumers.settings import Settings
 
@@ -45,3 +45,13 @@ def test_lanes_spread_the_wallets_of_one_partition() -> None:
     wallets = [f"w{i:05d}" for i in range(2000) if partition_of(f"w{i:05d}", 8) == 3]
     counts = [sum(1 for w in wallets if lane_of(w, 2) == lane) for lane in (0, 1)]
     assert min(counts) > 0.35 * len(wallets), counts
+
+
+def test_worker_lanes_one_per_process_and_at_most_lane_messages_each() -> None:
+    """A large batch becomes several lanes (queued for the processes): a lane's transaction holds
+    its wallets' locks, which a scheduler tick waits out, so lanes stay at about LANE_MESSAGES."""
+    assert worker_lanes(1, 2) == 2  # one per process (empty lanes are not run)
+    assert worker_lanes(LANE_MESSAGES, 2) == 2
+    assert worker_lanes(2 * LANE_MESSAGES + 1, 2) == 3
+    assert worker_lanes(4 * LANE_MESSAGES, 1) == 4
+    assert worker_lanes(100 * LANE_MESSAGES, 2) == MAX_LANES
