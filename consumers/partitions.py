@@ -157,13 +157,13 @@ TAKEOVER_MARGIN_S: Final = 0.5
 """Waited beyond the consumer's ack_wait after an unclean takeover: the server's redelivery timer
 fires a millisecond after the expiry, plus scheduling on a loaded machine."""
 TAKEOVER_POLL_S: Final = 0.5
+"""During that wait, how often the consumer's un-acked count is read (0: nothing left to wait for)."""
 # An instance that owns less than its share comes back this often (at most) instead of every
 # rebalance_s: a unit freed by a clean shutdown, a crash or a scale-down is taken within a fraction of
 # a second rather than a whole period, and instances that start together (or a whole cluster whose
 # units come free at once) pull within about this much of each other. Owning its share, an instance
 # keeps the full period. The cost is two small queries on the lock connection per poll.
 UNDER_SHARE_POLL_S: Final = 0.25
-"""During that wait, how often the consumer's un-acked count is read (0: nothing left to wait for)."""
 MEMBER_KEY: Final = 0
 
 RELEASED: Final = "released"
