@@ -152,17 +152,22 @@ def earliest_wakeup(conn: psycopg.Connection[Any], exclude: Sequence[str] = ()) 
         return row[0] if row else None
 
 
+# Joined, not ``wallet_id = ANY(...)`` (see projections.wallet_store.BATCH_LOOKUPS_SQL): the rentals
+# table keeps every rental ever started; ``status <> 'ended'`` selects its partial index.
+STOPS_ISSUED_SQL: Final = (
+    "SELECT r.wallet_id, r.resource_id, r.stop_attempts FROM unnest(%s::text[]) AS k(w)"
+    "  JOIN rentals r ON r.wallet_id = k.w AND r.status <> 'ended'"
+    " WHERE r.status = 'running' AND r.stop_issued_at = %s"
+)
+
+
 def stops_issued_at(
     conn: psycopg.Connection[Any], wallet_ids: Sequence[str], issued_at: datetime
 ) -> list[tuple[str, str, int]]:
     """(wallet, resource, attempts) of the stop commands issued at exactly ``issued_at`` (this tick's,
     read in its transaction under the wallet locks)."""
     with conn.cursor() as cur:
-        cur.execute(
-            "SELECT wallet_id, resource_id, stop_attempts FROM rentals"
-            " WHERE wallet_id = ANY(%s::text[]) AND status = 'running' AND stop_issued_at = %s",
-            (list(wallet_ids), issued_at),
-        )
+        cur.execute(STOPS_ISSUED_SQL, (list(wallet_ids), issued_at))
         return [(r[0], r[1], r[2]) for r in cur.fetchall()]
 
 

@@ -81,11 +81,18 @@ def claim(conn: psycopg.Connection[Any], limit: int = MAX_CLAIM_ROWS) -> list[Cl
         return [ClaimedMessage(r[0], r[1], r[2], r[3].encode(), r[4]) for r in cur.fetchall()]
 
 
+# Joined, not ``id = ANY(...)``: see projections.wallet_store.BATCH_LOOKUPS_SQL.
+MARK_PUBLISHED_SQL: Final = (
+    "UPDATE outbox o SET published_at = %s FROM unnest(%s::int8[]) AS k(id)"
+    " WHERE o.id = k.id AND o.published_at IS NULL"
+)
+
+
 def mark_published(conn: psycopg.Connection[Any], ids: Sequence[int], *, now: datetime) -> None:
     if not ids:
         return
     with conn.cursor() as cur:
-        cur.execute("UPDATE outbox SET published_at = %s WHERE id = ANY(%s) AND published_at IS NULL", (now, list(ids)))
+        cur.execute(MARK_PUBLISHED_SQL, (now, list(ids)))
 
 
 def pending_count(conn: psycopg.Connection[Any]) -> int:
