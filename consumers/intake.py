@@ -132,15 +132,19 @@ _MAX_BACKOFF_EXPONENT: Final = 30
 _HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
 
 
-# Messages per lane at most, with lane worker processes (see Intake._process_lanes); and a bound on
+# Messages per lane at most, with lane worker processes (see Intake._lanes); and a bound on
 # the lanes of one batch.
 LANE_MESSAGES: Final = 1000
 MAX_LANES: Final = 16
+# Batches whose lanes may be in the database at once (see Intake._handle): with 2, a lane of the
+# next batch starts as soon as the lane of the same wallets in this one has committed, instead of
+# waiting for the slowest lane of the batch and for the next pull. One more may be settling.
+PIPELINE_DEPTH: Final = 2
 
 
 def worker_lanes(messages: int, processes: int) -> int:
     """Lanes of a batch of ``messages`` run by ``processes`` lane worker processes: one per process
-    at least, at most LANE_MESSAGES messages each (see ``Intake._process_lanes``), MAX_LANES at most."""
+    at least, at most LANE_MESSAGES messages each (see ``Intake._lanes``), MAX_LANES at most."""
     return min(max(processes, -(-messages // LANE_MESSAGES)), MAX_LANES)
 
 
@@ -646,6 +650,30 @@ class _Puller:
 # ------------------------------------------------------------------------------------------ intake
 
 
+@dataclass(eq=False)
+class _Batch:
+    """A batch handed to the lanes: its messages until settled, its lanes, its settling."""
+
+    msgs: list[Msg]
+    since: float
+    """time.monotonic() when it was handed over (for in_progress)."""
+    lanes: asyncio.Future[list[dict[int, _Outcome]]]
+    """Every lane's outcomes, once all of them have committed (or given up)."""
+    task: asyncio.Task[None]
+    """Lanes, then the settling (acks, naks, dead letters), in batch order."""
+
+
+_Lane = asyncio.Future[dict[int, _Outcome]]
+"""One lane's transaction: the outcome of each of its messages, by index in the batch."""
+
+
+def _released(lane: _Lane) -> bool:
+    """Whether a finished lane left messages for redelivery (released, or failed outright)."""
+    if lane.cancelled() or lane.exception() is not None:
+        return True
+    return any(o.action is _Action.release for o in lane.result().values())
+
+
 class Intake:
     def __init__(
         self,
@@ -676,12 +704,10 @@ class Intake:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._max_deliver = config.max_deliver
         self._puller = _Puller(nc, names.in_stream, self._spec.durable, buffer_limit=4 * config.batch_size + 1000)
-        self._in_hand: list[Msg] = []
-        self._in_hand_since: float | None = None
-        self._settling: asyncio.Task[None] | None = None
-        """The acks, naks and dead letters of the last committed batch, going out while the next
-        batch is in the lanes (see :meth:`_handle`)."""
-        self._settling_msgs: list[Msg] = []
+        self._pending: deque[_Batch] = deque()
+        """Batches handed to the lanes and not yet settled, oldest first (see :meth:`_handle`)."""
+        self._lane_tails: list[list[_Lane]] = []
+        """Per lane of the last batch: the lane transactions a lane of the next batch waits for."""
         self._ack_failures = 0
         self.unsettled = False
         """Whether a delivery to this loop may be pending un-acked at the server: True from the first
@@ -719,11 +745,14 @@ class Intake:
             flushed = await self._flush()
             self.unsettled = not (answered and flushed and self._ack_failures == 0)
         finally:
-            if self._settling is not None:  # only on the way out of a failure: left for redelivery
-                self._settling.cancel()
+            # Only on the way out of a failure: what is still pending is left for redelivery.
+            while self._pending:
+                left = self._pending.popleft()
+                left.lanes.cancel()  # a lane in a worker process runs on: its commit makes duplicates
+                left.task.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await self._settling
-                self._settling = None
+                    await left.task
+            self._lane_tails = []
             keepalive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keepalive
@@ -793,62 +822,83 @@ class Intake:
         interval = max(self._config.ack_wait_s / 3, 0.5)
         while True:
             await asyncio.sleep(interval)
-            since = self._in_hand_since
-            if since is None or time.monotonic() - since < interval:
+            pending = list(self._pending)
+            if not pending or time.monotonic() - pending[0].since < interval:
                 continue
-            for msg in [*self._in_hand, *self._settling_msgs, *self._puller.buffer]:
+            for msg in [*(m for b in pending for m in b.msgs), *self._puller.buffer]:
                 with contextlib.suppress(Exception):
                     await msg.in_progress()
 
     # --- one batch --------------------------------------------------------------------------------
 
     async def _handle(self, msgs: list[Msg], stop: asyncio.Event) -> None:
-        """One batch: parse (or leave it to the lane workers), the lanes' transactions, then its
-        settling (acks, naks, dead letters) as a task that runs while the next batch is in the lanes.
+        """Hand a batch to the lanes and return once there is room for the next one.
 
-        The next batch's lanes start only once every lane of this one has committed, so a wallet's
-        events keep their order; only the settling overlaps, and it is awaited before the next
-        batch's own settling starts (at most one batch settling at a time, bounded by the publish
-        and flush timeouts)."""
-        started = time.perf_counter()
-        self._in_hand, self._in_hand_since = msgs, time.monotonic()
-        outcomes: dict[int, _Outcome] = {}
-        items: list[_Item] = []
-        try:
-            now = self._clock()
-            if self._workers is not None:
-                # The lane worker processes parse (see consumers.lane_workers).
-                items = [_Item(subject, d, seq, raw=data) for subject, data, d, seq in map(delivery_of, msgs)]
-            else:
-                # Inline, not in a worker thread: ~15 us a message, a few ms a batch; in a thread it
-                # only fights the event loop for the GIL (measured here: the whole loop ~20% slower).
-                items = prepare(
-                    msgs, now=now, names=self._names, max_deliver=self._max_deliver, partitions=self._spec.partitions
-                )
-            outcomes = await self._process_lanes(items, now, stop)
-        finally:
-            self._in_hand = []
-        await self._settled()
-        self._settling_msgs = msgs
-        self._settling = asyncio.create_task(
-            self._settle_and_record(msgs, items, outcomes, started), name=f"intake-settle-{self._spec.durable}"
+        A batch is split into lanes by wallet (:meth:`_lanes`), each lane one transaction. Batches
+        are pipelined: a lane of this batch starts as soon as the lane of the previous batch that
+        holds the same wallets has committed (same lane count: the same lane; otherwise every lane
+        of the previous batch), so a wallet's events keep their stream order while the other lanes
+        go on. Then the batch is settled (acks, naks, dead letters) after the previous batch's
+        settling: a message is never acked before its own lane's commit. At most PIPELINE_DEPTH
+        batches have lanes running, and one more may be settling."""
+        await self._make_room()
+        now = self._clock()
+        if self._workers is not None:
+            # The lane worker processes parse (see consumers.lane_workers).
+            items = [_Item(subject, d, seq, raw=data) for subject, data, d, seq in map(delivery_of, msgs)]
+        else:
+            # Inline, not in a worker thread: ~15 us a message, a few ms a batch; in a thread it
+            # only fights the event loop for the GIL (measured here: the whole loop ~20% slower).
+            items = prepare(
+                msgs, now=now, names=self._names, max_deliver=self._max_deliver, partitions=self._spec.partitions
+            )
+        lanes = self._lanes(items, now, stop)
+        previous = self._pending[-1].task if self._pending else None
+        all_lanes: asyncio.Future[list[dict[int, _Outcome]]] = asyncio.gather(*lanes)
+        task = asyncio.create_task(
+            self._finish(msgs, items, all_lanes, previous, time.perf_counter()),
+            name=f"intake-batch-{self._spec.durable}",
         )
+        self._pending.append(_Batch(msgs, time.monotonic(), all_lanes, task))
+
+    async def _make_room(self) -> None:
+        """Wait until fewer than PIPELINE_DEPTH batches have lanes running and at most
+        PIPELINE_DEPTH are unsettled; re-raise the failure of a batch that failed."""
+        for _ in range(4 * PIPELINE_DEPTH + 4):  # each round retires a batch or a batch's lanes
+            while self._pending and self._pending[0].task.done():
+                self._pending.popleft().task.result()  # raises what made the batch fail
+            running = [b for b in self._pending if not b.lanes.done()]
+            if len(running) < PIPELINE_DEPTH and len(self._pending) <= PIPELINE_DEPTH:
+                return
+            oldest = running[0].lanes if running else self._pending[0].task
+            await asyncio.wait([oldest, self._pending[0].task], return_when=asyncio.FIRST_COMPLETED)
+        require(False, "intake pipeline: no room after waiting for every pending batch")
 
     async def _settled(self) -> None:
-        """Wait until the batch being settled is (its acks and naks flushed, its dead letters out)."""
-        task, self._settling = self._settling, None
-        if task is not None:
-            await task
+        """Wait until every batch handed over is settled (acks and naks flushed, dead letters out)."""
+        while self._pending:
+            await self._pending[0].task
+            self._pending.popleft()
+        self._lane_tails = []
 
-    async def _settle_and_record(
-        self, msgs: list[Msg], items: list[_Item], outcomes: dict[int, _Outcome], started: float
+    async def _finish(
+        self,
+        msgs: list[Msg],
+        items: list[_Item],
+        lanes: asyncio.Future[list[dict[int, _Outcome]]],
+        previous: asyncio.Task[None] | None,
+        started: float,
     ) -> None:
-        try:
-            await self._settle(msgs, items, outcomes)
-        finally:
-            self._settling_msgs = []
-            if not self._in_hand:
-                self._in_hand_since = None
+        results = await lanes
+        outcomes: dict[int, _Outcome] = {}
+        for r in results:
+            outcomes.update(r)
+        require(len(outcomes) == len(items), f"{len(outcomes)} outcomes for {len(items)} messages")
+        if previous is not None:
+            # Settled in batch order (at most one settling at a time); a failed previous batch is
+            # reported by whoever retires it, this one is settled all the same.
+            await asyncio.wait([previous])
+        await self._settle(msgs, items, outcomes)
         elapsed = time.perf_counter() - started
         self._metrics.batch_size.observe(len(msgs))
         self._metrics.batch_seconds.observe(elapsed)
@@ -857,32 +907,58 @@ class Intake:
             log.debug("batch of %d in %.1f ms: %s", len(msgs), elapsed * 1000, dict(sorted(counts.items())))
         self._metrics.consumer_lag.set(_metadata(msgs[-1])[2])
 
-    async def _process_lanes(self, items: list[_Item], now: datetime, stop: asyncio.Event) -> dict[int, _Outcome]:
-        """The batch as ``lanes`` transactions side by side, split by wallet (:func:`lane_of`).
+    def _lanes(self, items: list[_Item], now: datetime, stop: asyncio.Event) -> list[_Lane]:
+        """The batch as transactions side by side, split by wallet (:func:`lane_of`), each chained
+        to the lanes of the previous batch that may hold the same wallets.
 
-        Why: a transaction is about two thirds Python (the rules, parameters) and one third waiting
-        on PostgreSQL (the journal's insert); with lanes, one lane's wait overlaps another's Python.
-        Lanes lock disjoint wallets, and the accounts every batch touches are booked last
-        (``ledger.store.apply_balances``), so they do not wait on each other. Each lane commits on
-        its own; the batch is settled (acks, naks, dead letters) when every lane is done, so a
-        message is never acked before its own lane's commit, and a lane that fails is split and
-        retried alone (:meth:`_process`) without holding back what the others committed."""
+        Why lanes: a transaction is about two thirds Python (the rules, parameters) and one third
+        waiting on PostgreSQL (the journal's insert); with lanes, one lane's wait overlaps another's
+        Python, and with worker processes each lane has a core. Lanes lock disjoint wallets, and the
+        accounts every batch touches are booked last (``ledger.store.apply_balances``), so they do
+        not wait on each other. Each lane commits on its own; a lane that fails is split and retried
+        alone (:meth:`_process`) without holding back what the others committed."""
         # With worker processes: one lane per process at least, and lanes of about LANE_MESSAGES at
         # most. A lane's transaction holds its wallets' row locks until it commits, and a scheduler
         # tick or an admission of one of those wallets waits that out (a stop command is due within
         # 1 s of the predicted zero). A large batch is then several lanes queued for the processes;
         # a queued lane holds no lock, and a wallet is still in one lane of its batch.
         workers = self._workers
-        lanes = worker_lanes(len(items), workers.processes) if workers is not None else self._config.lanes
-        groups: list[list[int]] = [[] for _ in range(lanes)]
+        count = worker_lanes(len(items), workers.processes) if workers is not None else self._config.lanes
+        groups: list[list[int]] = [[] for _ in range(count)]
         for i, item in enumerate(items):
-            groups[lane_of(lane_key(item.subject), lanes)].append(i)
-        results = await asyncio.gather(*(self._process(g, items, now, stop) for g in groups if g))
-        outcomes: dict[int, _Outcome] = {}
-        for r in results:
-            outcomes.update(r)
-        require(len(outcomes) == len(items), f"{len(outcomes)} outcomes for {len(items)} messages")
-        return outcomes
+            groups[lane_of(lane_key(item.subject), count)].append(i)
+        before = self._lane_tails
+        everything = [f for tail in before for f in tail]
+        tails: list[list[_Lane]] = []
+        lanes: list[_Lane] = []
+        for k, group in enumerate(groups):
+            # A wallet is in lane crc32 % count in both batches only if both have `count` lanes.
+            after = before[k] if len(before) == count else everything
+            if not group:
+                tails.append(after)  # nothing here: the next batch's lane k waits for the same
+                continue
+            lane = asyncio.ensure_future(self._lane(group, items, now, stop, after))
+            lanes.append(lane)
+            tails.append([lane])
+        self._lane_tails = tails
+        return lanes
+
+    async def _lane(
+        self,
+        idx: list[int],
+        items: list[_Item],
+        now: datetime,
+        stop: asyncio.Event,
+        after: list[_Lane],
+    ) -> dict[int, _Outcome]:
+        """One lane, once the lanes it follows are done. If one of those left messages for
+        redelivery (a shutdown with the database away, a failure), this lane leaves its own too:
+        otherwise a wallet's later events would be committed before its earlier ones come back."""
+        if after:
+            await asyncio.wait(after)
+            if any(_released(f) for f in after):
+                return {i: _Outcome(_Action.release, "released") for i in idx}
+        return await self._process(idx, items, now, stop)
 
     async def _transact(self, items: Sequence[_Item], now: datetime) -> LaneResult:
         if self._workers is None:

@@ -55,7 +55,7 @@ from sqlalchemy import Engine, create_engine, pool
 from sqlalchemy.engine import make_url
 
 from consumers.embedded import EmbeddedNats, EmbeddedPostgres
-from consumers.intake import IntakeConfig
+from consumers.intake import PIPELINE_DEPTH, IntakeConfig
 from consumers.names import NatsNames
 from consumers.relay import run_relay
 from ledger.events import MAX_EVENT_BYTES, RejectReason, event_to_json
@@ -102,6 +102,8 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 SETTLE_WITHIN_S = 40.0
+# Every value of billing_intake_messages_total's disposition label.
+DISPOSITIONS = ("accepted", "duplicate", "rejected", "retry", "released", "failed")
 IN_PROCESS = IntakeConfig(durable=DURABLE, batch_size=100, max_wait_s=0.2, nak_delay_s=0.05, nak_delay_max_s=0.5)
 
 
@@ -431,8 +433,9 @@ async def test_batch_slower_than_ack_wait_with_two_instances(
     wallet's events and blocks in PostgreSQL for longer than ack_wait (about 5 s), its in-progress
     acks keeping JetStream from redelivering the batch. Instance b, started meanwhile, stands by: a
     owns the durable, so the other wallets' events, published meanwhile, wait for a (b taking them
-    would apply a wallet's events out of stream order). Once the lock is released, nothing is charged
-    twice."""
+    would apply a wallet's events out of stream order). a itself goes on with the wallets of its
+    other lanes, for at most PIPELINE_DEPTH batches, and none of the blocked wallet's later events
+    overtakes the blocked ones. Once the lock is released, nothing is charged twice."""
     wl = Workload(tag, wallets=30, readings=8, jobs=6)
     msgs = wl.outgoing()
     first = len(wl.wallets)  # round robin: the first message of each wallet is its credit
@@ -465,6 +468,10 @@ async def test_batch_slower_than_ack_wait_with_two_instances(
             last = await publish(js, names, rest)
             await asyncio.sleep(hold_s)
             others_done = logged(app_engine, wl.source) - first
+            hot_done = query(
+                app_engine, "SELECT count(*) FROM events WHERE source = :s AND wallet_id = :w", s=wl.source, w=hot
+            )[0][0]
+            b_handled = sum([await b.metric("billing_intake_messages_total", disposition=d) for d in DISPOSITIONS])
             lock.commit()
             held_s = time.monotonic() - blocked_at
         released = time.monotonic()
@@ -493,8 +500,11 @@ async def test_batch_slower_than_ack_wait_with_two_instances(
                 f"duplicates (no-ops) a/b: {int(duplicates[0])}/{int(duplicates[1])}"
             ),
         )
-    assert others_done == 0, "nothing may overtake the blocked batch: b stands by while a owns the durable"
+    assert b_handled == 0, "b stands by while a owns the durable"
     assert b_owned == 0
+    assert hot_done == 1, "only the wallet's credit: none of its later events overtook the blocked batch"
+    # The pipeline: the other lanes of the blocked batch and of the one after it, no more.
+    assert others_done <= PIPELINE_DEPTH * 100, others_done
 
 
 # ------------------------------------------------------------ 4. relay dies between publish, mark
