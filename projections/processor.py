@@ -55,7 +55,7 @@ from projections.rules import (
     next_wakeup,
     tick,
 )
-from projections.wallet_store import load_wallets, lock_wallets, save_wallets
+from projections.wallet_store import load_wallets, lock_and_read_wallets, save_wallets
 
 MAX_BATCH: Final = 5_000
 
@@ -206,7 +206,7 @@ def process_batch(
     if not incoming:
         return result
 
-    wallet_ids = lock_wallets(conn, (i.event.wallet_id for i in incoming))
+    wallet_ids, wallet_rows = lock_and_read_wallets(conn, (i.event.wallet_id for i in incoming))
     first: dict[EventKey, int] = {}
     for idx, item in enumerate(incoming):
         first.setdefault(item.event.key, idx)
@@ -216,7 +216,13 @@ def process_batch(
     events = [incoming[i].event for i in todo]
     resources, endpoints, jobs, payments = _resource_keys(events)
     before, foreign = load_wallets(
-        conn, wallet_ids, resource_ids=resources, endpoint_keys=endpoints, job_keys=jobs, payment_ids=payments
+        conn,
+        wallet_ids,
+        resource_ids=resources,
+        endpoint_keys=endpoints,
+        job_keys=jobs,
+        payment_ids=payments,
+        wallet_rows=wallet_rows,
     )
     states = dict(before)
     # The wallet of every rental the batch names: loaded ones (of other wallets, and of the
@@ -350,8 +356,8 @@ def tick_wallets(conn: psycopg.Connection[Any], wallet_ids: Sequence[str], *, no
     """The scheduler's unit of work: at ``now``, the rules' time-driven decisions (R4 stop commands
     and their re-issue, notices, expired holds) for these wallets, outbox rows in the same
     transaction, and each wallet's next wake-up."""
-    ids = lock_wallets(conn, wallet_ids)
-    before, _ = load_wallets(conn, ids)
+    ids, rows = lock_and_read_wallets(conn, wallet_ids)
+    before, _ = load_wallets(conn, ids, wallet_rows=rows)
     after: dict[str, WalletState] = {}
     messages: list[OutboxMessage] = []
     commands = notices = 0
@@ -377,8 +383,8 @@ def admit_rental_request(
     now: datetime,
 ) -> tuple[AdmissionAnswer, datetime | None]:
     """R2/R3 in a transaction: answer, and keep the hold. Returns the wallet's next wake-up."""
-    ids = lock_wallets(conn, [wallet_id])
-    before, _ = load_wallets(conn, ids)
+    ids, rows = lock_and_read_wallets(conn, [wallet_id])
+    before, _ = load_wallets(conn, ids, wallet_rows=rows)
     answer, state = admit_rental(before[wallet_id], resource_id, price_per_hour_micros, admission_id, now)
     # A hold can bring available to zero: the housekeeping then stops what runs (R4).
     state, decision = tick(state, now)
@@ -392,8 +398,8 @@ def admit_serverless_request(
     conn: psycopg.Connection[Any], *, wallet_id: str, endpoint_id: str, now: datetime
 ) -> ServerlessAdmissionAnswer:
     """R5 in a transaction: answer, and count the admission in the rolling minute."""
-    ids = lock_wallets(conn, [wallet_id])
-    before, _ = load_wallets(conn, ids)
+    ids, rows = lock_and_read_wallets(conn, [wallet_id])
+    before, _ = load_wallets(conn, ids, wallet_rows=rows)
     # `now` was read before the lock: a racing ask of the same wallet may have committed a later
     # instant. Time never goes back for the rolling window.
     now = max((now, *before[wallet_id].serverless_admissions))

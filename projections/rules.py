@@ -1184,9 +1184,23 @@ def _accrued_at(running: tuple[RentalState, ...], t_us: int) -> int:
     return total
 
 
+# The last answer of _available_at, by the identity of the (immutable) state and the instant: a
+# batch's housekeeping and next_wakeup ask about the same wallet at the same instant five times
+# (stops due, status, zero, low, stops again). Safe for the reasons given at _running_cache (the
+# reference held here keeps the state alive, so its identity cannot be reused meanwhile).
+_available_cache: tuple[WalletState, int, int] | None = None
+
+
 def _available_at(state: WalletState, running: tuple[RentalState, ...], t_us: int) -> int:
-    held = sum(h.amount_micros for h in state.holds if _to_us(h.expires_at) > t_us)
-    return state.balance_micros - _accrued_at(running, t_us) - held
+    """``available`` at ``t_us``; ``running`` is ``running_rentals(state)``."""
+    global _available_cache
+    cached = _available_cache
+    if cached is not None and cached[0] is state and cached[1] == t_us:
+        return cached[2]
+    held = sum(h.amount_micros for h in state.holds if _to_us(h.expires_at) > t_us) if state.holds else 0
+    available = state.balance_micros - _accrued_at(running, t_us) - held
+    _available_cache = (state, t_us, available)
+    return available
 
 
 def _first_instant_at_or_below(state: WalletState, now: datetime, threshold: int) -> datetime | None:

@@ -36,11 +36,6 @@ _RENTAL_COLS_R: Final = ", ".join(f"r.{c.strip()}" for c in _RENTAL_COLS.split("
 # bench's 60k events: the rentals lookup took 20-40 ms a batch that way, over a table of 1,551
 # rows, and would grow with every rental ever started. tests/integration/test_processor.py checks
 # the generic plans of these statements.
-LOCK_WALLETS_SQL: Final = (
-    # Locked in id order: LockRows sits above the sort.
-    "SELECT w.wallet_id FROM unnest(%b::text[]) AS k(w) JOIN wallets w ON w.wallet_id = k.w"
-    " ORDER BY w.wallet_id FOR UPDATE OF w"
-)
 LOAD_WALLETS_SQL: Final = (
     # jsonb as text: most wallets hold '[]', and parsing it in Python per row is not free.
     "SELECT w.wallet_id, coalesce(b.balance_micros, 0), w.status, w.last_notice, w.holds::text,"
@@ -73,8 +68,10 @@ LOAD_JOBS_SQL: Final = (
     "  JOIN unnest(%b::text[], %b::text[], %b::text[]) AS k(w, e, j)"
     "    ON j.wallet_id = k.w AND j.endpoint_id = k.e AND j.job_id = k.j"
 )
+LOCK_AND_READ_WALLETS_SQL: Final = LOAD_WALLETS_SQL + " ORDER BY w.wallet_id FOR UPDATE OF w"
+"""The wallet rows locked in id order, read in the same statement (the columns of LOAD_WALLETS_SQL)."""
 BATCH_LOOKUPS_SQL: Final = (
-    LOCK_WALLETS_SQL,
+    LOCK_AND_READ_WALLETS_SQL,
     LOAD_WALLETS_SQL,
     LOAD_RENTALS_SQL,
     LOAD_PAYMENTS_SQL,
@@ -135,23 +132,51 @@ def _admissions_to_json(admissions: tuple[datetime, ...]) -> str:
     return json.dumps([t.isoformat() for t in admissions]) if admissions else "[]"
 
 
+WalletRow = tuple[Any, ...]
+"""A row of LOAD_WALLETS_SQL: wallet id, balance, status, last notice, holds and admissions as text."""
+
+
 def lock_wallets(conn: psycopg.Connection[Any], wallet_ids: Iterable[str]) -> list[str]:
-    """Create missing wallet rows and lock all of them, in id order. Returns the sorted ids."""
+    """Create missing wallet rows and lock all of them. Returns the sorted ids."""
+    return lock_and_read_wallets(conn, wallet_ids)[0]
+
+
+def lock_and_read_wallets(
+    conn: psycopg.Connection[Any], wallet_ids: Iterable[str]
+) -> tuple[list[str], list[WalletRow]]:
+    """Lock the wallets' rows, creating the missing ones, and read them (for ``load_wallets``).
+    Returns the sorted ids and the rows.
+
+    Lock order: the existing rows in id order (one statement: the intake's batches nearly always
+    find every wallet), then the missing ones, inserted and locked in id order. No writer waits for
+    a row it then holds while another waits for its first ones, except in one case: a wallet created
+    by another transaction between the two steps, which a scheduler tick of that and an earlier
+    wallet has locked meanwhile; PostgreSQL then detects the deadlock, and the batch (a transient
+    failure) is tried again."""
     ids = sorted(set(wallet_ids))
     if not (len(ids) <= MAX_WALLETS_PER_LOAD):
         fail(f"{len(ids)} wallets in one load")
     if not ids:
-        return ids
-    with conn.cursor() as cur:
-        cur.execute(
-            "INSERT INTO wallets (wallet_id) SELECT w FROM unnest(%b::text[]) AS x(w) ORDER BY w"
-            " ON CONFLICT (wallet_id) DO NOTHING",
-            (ids,),
-        )
-        cur.execute(LOCK_WALLETS_SQL, (ids,))
-        locked = [r[0] for r in cur.fetchall()]
-    require(locked == ids, "wallet rows missing after insert")
-    return ids
+        return ids, []
+    with conn.cursor(binary=True) as cur:
+        cur.execute(LOCK_AND_READ_WALLETS_SQL, (ids,))
+        rows = cur.fetchall()
+        if len(rows) < len(ids):
+            have = {r[0] for r in rows}
+            missing = [w for w in ids if w not in have]
+            cur.execute(
+                "INSERT INTO wallets (wallet_id) SELECT w FROM unnest(%b::text[]) AS x(w) ORDER BY w"
+                " ON CONFLICT (wallet_id) DO NOTHING",
+                (missing,),
+            )
+            cur.execute(LOCK_AND_READ_WALLETS_SQL, (missing,))
+            rows = sorted([*rows, *cur.fetchall()], key=_first)
+    require([r[0] for r in rows] == ids, "wallet rows missing after insert")
+    return ids, rows
+
+
+def _first(row: WalletRow) -> str:
+    return str(row[0])
 
 
 def load_wallets(
@@ -162,9 +187,11 @@ def load_wallets(
     endpoint_keys: Iterable[tuple[str, str]] = (),
     job_keys: Iterable[tuple[str, str, str]] = (),
     payment_ids: Iterable[str] = (),
+    wallet_rows: Sequence[WalletRow] | None = None,
 ) -> tuple[dict[str, WalletState], dict[str, RentalState]]:
     """The aggregates of locked wallets: balance, holds, status, every open rental, the named
     rentals (ended ones too), the named serverless endpoints and which named jobs were seen.
+    ``wallet_rows``: the wallets' rows as :func:`lock_and_read_wallets` read them (else read here).
 
     Also returns the named rentals that belong to *other* wallets (so the caller can refuse an
     event that names another wallet's resource instead of starting it twice).
@@ -188,8 +215,11 @@ def load_wallets(
             for w, pi, was_seen, credited, refunded, disputes, pending in cur.fetchall():
                 if w in pays:  # another wallet's: the save refuses to take it over
                     pays[w][pi] = _payment_from_row(pi, was_seen, credited, refunded, disputes, pending)
-        cur.execute(LOAD_WALLETS_SQL, (ids,))
-        rows = cur.fetchall()
+        if wallet_rows is None:
+            cur.execute(LOAD_WALLETS_SQL, (ids,))
+            rows = cur.fetchall()
+        else:
+            rows = list(wallet_rows)
         cur.execute(LOAD_RENTALS_SQL, (ids, resources))
         for r in cur.fetchall():
             rental = _rental_from_row(r)
@@ -236,6 +266,9 @@ def save_wallets(
     endpoints. Balances are not written here: they follow the journal (ledger.store)."""
     require(set(before) == set(after), "save of a different wallet set")
     rental_rows: list[RentalState] = []
+    """Rentals new to the table (started in this batch): inserted whole."""
+    changed_rentals: list[RentalState] = []
+    """Rentals loaded and changed: only what can change is written."""
     endpoint_rows: list[tuple[str, EndpointState]] = []
     payment_rows: list[tuple[str, PaymentState]] = []
     wallet_rows: list[WalletState] = []
@@ -246,7 +279,7 @@ def save_wallets(
             if old.rentals.get(rid) != r:
                 if r.wallet_id != wid:
                     fail(f"rental {rid} of {r.wallet_id} saved under {wid}")
-                rental_rows.append(r)
+                (changed_rentals if rid in old.rentals else rental_rows).append(r)
         for eid, e in new.endpoints.items():
             if old.endpoints.get(eid) != e:
                 endpoint_rows.append((wid, e))
@@ -310,6 +343,32 @@ def save_wallets(
                 ],
             )
             require(cur.rowcount == len(rental_rows), "a rental row belongs to another wallet")
+        if changed_rentals:
+            # An UPDATE of the mutable columns: a reading changes a few of them, and each column is
+            # an array parameter psycopg dumps element by element (the intake's hot path).
+            cur.execute(
+                "UPDATE rentals r SET status = x.s, last_reading_at = x.lr, billable_seconds = x.bs,"
+                "       charged_micros = x.cm, ended_at = x.ea, end_reason = x.er, stop_seq = x.sq,"
+                "       stop_attempts = x.sa, stop_issued_at = x.si"
+                "  FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::int8[], %b::int8[],"
+                "              %b::timestamptz[], %b::text[], %b::int4[], %b::int4[], %b::timestamptz[])"
+                "       AS x(r, w, s, lr, bs, cm, ea, er, sq, sa, si)"
+                " WHERE r.resource_id = x.r AND r.wallet_id = x.w",
+                [
+                    [r.resource_id for r in changed_rentals],
+                    [r.wallet_id for r in changed_rentals],
+                    [r.status for r in changed_rentals],
+                    [r.last_reading_at for r in changed_rentals],
+                    [r.billable_seconds for r in changed_rentals],
+                    [r.charged_micros for r in changed_rentals],
+                    [r.ended_at for r in changed_rentals],
+                    [r.end_reason for r in changed_rentals],
+                    [r.stop_seq for r in changed_rentals],
+                    [r.stop_attempts for r in changed_rentals],
+                    [r.stop_issued_at for r in changed_rentals],
+                ],
+            )
+            require(cur.rowcount == len(changed_rentals), "a loaded rental row is gone or of another wallet")
         if endpoint_rows:
             cur.execute(
                 "INSERT INTO serverless_endpoints (wallet_id, endpoint_id, exact_millimicros_total, charged_micros)"
