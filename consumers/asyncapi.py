@@ -125,7 +125,7 @@ _IN_STREAM: Final = JStream("BILLING_IN", subjects=["billing.in.>"], declare=Fal
     "billing.in.{walletId}",
     stream=_IN_STREAM,
     durable="billing-intake",
-    pull_sub=PullSub(batch_size=1000),
+    pull_sub=PullSub(batch_size=4000),
     title="usageEvents",
     description=(
         "Usage facts in (DESIGN section 3): CloudEvents 1.0 in structured JSON mode, published by the "

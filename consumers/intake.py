@@ -140,6 +140,8 @@ MAX_LANES: Final = 16
 # next batch starts as soon as the lane of the same wallets in this one has committed, instead of
 # waiting for the slowest lane of the batch and for the next pull. One more may be settling.
 PIPELINE_DEPTH: Final = 2
+# Batches delivered and not yet acked at most: PIPELINE_DEPTH + 1 handed over, one prefetched.
+_BATCHES_UNACKED: Final = PIPELINE_DEPTH + 2
 
 
 def worker_lanes(messages: int, processes: int) -> int:
@@ -151,7 +153,7 @@ def worker_lanes(messages: int, processes: int) -> int:
 @dataclass(frozen=True, slots=True)
 class IntakeConfig:
     durable: str = "billing-intake"
-    batch_size: int = 1000  # as consumers.settings (see the reason there)
+    batch_size: int = 4000  # as consumers.settings (see the reason there)
     max_wait_s: float = 1.0
     ack_wait_s: float = 30.0
     max_deliver: int = 20
@@ -167,10 +169,12 @@ class IntakeConfig:
             raise ValueError(f"lanes {self.lanes} outside 1..16")
         if not 1 <= self.batch_size <= 5000:
             raise ValueError(f"batch_size {self.batch_size} outside 1..5000")
-        if self.max_ack_pending < 3 * self.batch_size:
-            # The batch being settled, the one in the lanes and the prefetched one must fit, or the
-            # server stops delivering.
-            raise ValueError(f"max_ack_pending {self.max_ack_pending} < 3 x batch_size {self.batch_size}")
+        if self.max_ack_pending < _BATCHES_UNACKED * self.batch_size:
+            # The batches in the lanes and settling and the prefetched one must fit, or the server
+            # stops delivering until one is settled.
+            raise ValueError(
+                f"max_ack_pending {self.max_ack_pending} < {_BATCHES_UNACKED} x batch_size {self.batch_size}"
+            )
         if self.max_deliver < 2:
             raise ValueError("max_deliver must allow at least one retry")
 
@@ -182,7 +186,7 @@ class IntakeConfig:
             max_wait_s=s.intake_max_wait_s,
             ack_wait_s=s.intake_ack_wait_s,
             max_deliver=s.intake_max_deliver,
-            max_ack_pending=max(s.intake_max_ack_pending, 3 * s.intake_batch_size),
+            max_ack_pending=max(s.intake_max_ack_pending, _BATCHES_UNACKED * s.intake_batch_size),
             nak_delay_s=s.intake_nak_delay_s,
             nak_delay_max_s=s.intake_nak_delay_max_s,
             db_retry_max_s=s.intake_db_retry_max_s,

@@ -40,15 +40,18 @@ class Settings(BaseSettings):
 
     # --- JetStream intake (consumers/intake.py) ------------------------------------------------------
     intake_durable: str = Field(default="billing-intake", pattern=r"^[A-Za-z0-9_-]{1,64}$")
-    # Messages per database transaction at most (the processor takes at most 5,000). Under load a
-    # batch is as full as this; when quiet, a pull takes what is there (small batches, low latency).
-    # Fuller batches cost less per message (a batch touches each of its wallets once). Measured
-    # (bench/bench_e2e.py, one instance, drain of 60k messages over 10k wallets, one run each):
-    # 1,000 -> 3,097/s, 2,000 -> 3,664/s, 4,000 -> 4,092/s, 5,000 -> 4,692/s. Kept at 1,000: in the
-    # same runs' overloaded bursts the slowest stop command came 0.2-0.4 s after its wallet's zero
-    # with 1,000, and up to 1.0-1.3 s with 2,000-4,000 (the 1 s promise of R4), the paced latency
-    # being the same. Raise it where throughput matters more than that tail under overload.
-    intake_batch_size: int = Field(default=1000, ge=1, le=5000)
+    # Messages per pull and per batch at most (the processor takes at most 5,000 a transaction).
+    # Under load a batch is as full as this; when quiet, a pull takes what is there (small batches,
+    # low latency). With lane worker processes a batch is split into lanes of at most 1,000 messages
+    # (consumers.intake.LANE_MESSAGES), one transaction each, so a larger batch does not hold wallet
+    # locks for longer; it costs less per message (one pull, one settling, fuller lanes: a lane
+    # touches each of its wallets once). Measured with the pipelined intake (bench/bench_e2e.py, one
+    # instance, drain of 60k messages over 10k wallets, one run each, 2026-11-28): 1,000 (2 lanes of
+    # 500) -> 8,513/s, 0.35 x min(A, B); 2,000 -> 9,874/s, 0.44; 4,000 -> 10,980/s, 0.45. The slowest
+    # stop command of the overloaded bursts came 54, 29 and 24 ms after its wallet's zero (2 x 8
+    # partitions with 4,000: 178 ms). Before the lanes were capped and pipelined, 2,000-4,000 let that
+    # tail reach 1.0-1.3 s.
+    intake_batch_size: int = Field(default=4000, ge=1, le=5000)
     # When idle, how long one pull request waits for the next message before it is renewed.
     intake_max_wait_s: float = Field(default=1.0, gt=0, le=30)
     # Unacked this long, a message is redelivered; a batch that runs long sends in-progress acks.
