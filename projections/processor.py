@@ -207,6 +207,7 @@ def process_batch(
         return result
 
     wallet_ids, wallet_rows = lock_and_read_wallets(conn, (i.event.wallet_id for i in incoming))
+    stored_wakeups: dict[str, datetime | None] = {}
     first: dict[EventKey, int] = {}
     for idx, item in enumerate(incoming):
         first.setdefault(item.event.key, idx)
@@ -223,6 +224,7 @@ def process_batch(
         job_keys=jobs,
         payment_ids=payments,
         wallet_rows=wallet_rows,
+        stored_wakeups=stored_wakeups,
     )
     states = dict(before)
     # The wallet of every rental the batch names: loaded ones (of other wallets, and of the
@@ -302,7 +304,7 @@ def process_batch(
     result.positions = appended.positions
 
     result.next_wakeups = {w: next_wakeup(s, now) for w, s in states.items()}
-    save_wallets(conn, before, states, next_wakeups=result.next_wakeups, now=now)
+    save_wallets(conn, before, states, next_wakeups=result.next_wakeups, now=now, stored_wakeups=stored_wakeups)
     if job_rows:
         with conn.cursor() as cur:
             cur.execute(

@@ -8,7 +8,7 @@ and two batches never deadlock on each other's wallets.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, Final
 
@@ -39,7 +39,7 @@ _RENTAL_COLS_R: Final = ", ".join(f"r.{c.strip()}" for c in _RENTAL_COLS.split("
 LOAD_WALLETS_SQL: Final = (
     # jsonb as text: most wallets hold '[]', and parsing it in Python per row is not free.
     "SELECT w.wallet_id, coalesce(b.balance_micros, 0), w.status, w.last_notice, w.holds::text,"
-    "       w.serverless_admissions::text"
+    "       w.serverless_admissions::text, w.next_wakeup_at"
     "  FROM unnest(%b::text[]) AS k(w)"
     "  JOIN wallets w ON w.wallet_id = k.w"
     "  LEFT JOIN account_balances b ON b.account = 'wallet:' || k.w"
@@ -133,7 +133,8 @@ def _admissions_to_json(admissions: tuple[datetime, ...]) -> str:
 
 
 WalletRow = tuple[Any, ...]
-"""A row of LOAD_WALLETS_SQL: wallet id, balance, status, last notice, holds and admissions as text."""
+"""A row of LOAD_WALLETS_SQL: wallet id, balance, status, last notice, holds and admissions as text,
+stored next wake-up."""
 
 
 def lock_wallets(conn: psycopg.Connection[Any], wallet_ids: Iterable[str]) -> list[str]:
@@ -188,10 +189,12 @@ def load_wallets(
     job_keys: Iterable[tuple[str, str, str]] = (),
     payment_ids: Iterable[str] = (),
     wallet_rows: Sequence[WalletRow] | None = None,
+    stored_wakeups: dict[str, datetime | None] | None = None,
 ) -> tuple[dict[str, WalletState], dict[str, RentalState]]:
     """The aggregates of locked wallets: balance, holds, status, every open rental, the named
     rentals (ended ones too), the named serverless endpoints and which named jobs were seen.
     ``wallet_rows``: the wallets' rows as :func:`lock_and_read_wallets` read them (else read here).
+    ``stored_wakeups``: filled with each wallet's stored next wake-up (for :func:`save_wallets`).
 
     Also returns the named rentals that belong to *other* wallets (so the caller can refuse an
     event that names another wallet's resource instead of starting it twice).
@@ -235,7 +238,9 @@ def load_wallets(
             cur.execute(LOAD_JOBS_SQL, ([k[0] for k in jobs], [k[1] for k in jobs], [k[2] for k in jobs]))
             for w, e, j in cur.fetchall():
                 seen[w].add((e, j))
-    for wallet_id, balance, status, last_notice, holds, admissions in rows:
+    for wallet_id, balance, status, last_notice, holds, admissions, wakeup in rows:
+        if stored_wakeups is not None:
+            stored_wakeups[wallet_id] = wakeup
         states[wallet_id] = WalletState(
             wallet_id=wallet_id,
             balance_micros=int(balance),
@@ -261,6 +266,7 @@ def save_wallets(
     *,
     next_wakeups: dict[str, datetime | None],
     now: datetime,
+    stored_wakeups: Mapping[str, datetime | None] | None = None,
 ) -> None:
     """Write what changed between ``before`` and ``after`` (same wallet ids): wallet rows, rentals,
     endpoints. Balances are not written here: they follow the journal (ledger.store)."""
@@ -274,7 +280,17 @@ def save_wallets(
     wallet_rows: list[WalletState] = []
     for wid, new in after.items():
         old = before[wid]
-        wallet_rows.append(new)
+        # A row that would not change is not sent (most wallets of a batch are only charged, and
+        # the balance lives in account_balances); without the stored wake-ups, the UPDATE's own
+        # IS DISTINCT FROM leaves such rows alone.
+        if not (
+            stored_wakeups is not None
+            and wid in stored_wakeups
+            and stored_wakeups[wid] == next_wakeups.get(wid)
+            and (new.status, new.last_notice, new.holds, new.serverless_admissions)
+            == (old.status, old.last_notice, old.holds, old.serverless_admissions)
+        ):
+            wallet_rows.append(new)
         for rid, r in new.rentals.items():
             if old.rentals.get(rid) != r:
                 if r.wallet_id != wid:
