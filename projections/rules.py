@@ -535,6 +535,10 @@ def next_wakeup(state: WalletState, now: datetime) -> datetime | None:
     hour of burn is left (while active), the re-issue of an outstanding stop command, the expiry of
     an open hold. ``None`` when nothing is pending. Recompute after every change of the wallet.
     """
+    if not state.holds and not running_rentals(state):
+        # Nothing burns and nothing is held: no zero, no low instant, no stop, no expiry (the
+        # serverless-only wallets of the intake's batches; every branch below would say so).
+        return None
     candidates: list[datetime] = []
     if state.status != "exhausted":
         zero = projected_zero_at(state, now)
