@@ -720,6 +720,8 @@ class Intake:
         """Batches handed to the lanes and not yet settled, oldest first (see :meth:`_handle`)."""
         self._lane_tails: list[list[_Lane]] = []
         """Per lane of the last batch: the lane transactions a lane of the next batch waits for."""
+        self._caught_up = True
+        """Whether the last batch was smaller than LANE_MESSAGES: no backlog, no pipelining."""
         self._ack_failures = 0
         self.unsettled = False
         """Whether a delivery to this loop may be pending un-acked at the server: True from the first
@@ -748,6 +750,10 @@ class Intake:
         self.unsettled = True  # from the first pull on, until everything delivered is settled
         try:
             while not stop.is_set():
+                if self._caught_up:
+                    # The last batch was small (no backlog): let it finish before pulling, so what
+                    # arrives meanwhile is one batch, not a transaction or two per message.
+                    await self._make_room(1)
                 batch = await self._next_batch(stop)
                 if batch:
                     await self._handle(batch, stop)
@@ -852,8 +858,16 @@ class Intake:
         of the previous batch), so a wallet's events keep their stream order while the other lanes
         go on. Then the batch is settled (acks, naks, dead letters) after the previous batch's
         settling: a message is never acked before its own lane's commit. At most PIPELINE_DEPTH
-        batches have lanes running, and one more may be settling."""
-        await self._make_room()
+        batches have lanes running, and one more may be settling.
+
+        Only a batch of at least LANE_MESSAGES (a backlog) is pipelined. A smaller one (the stream
+        is caught up) waits until the batches in hand are done, and the next pull waits until it is
+        done (:meth:`run`): its messages would wait for the same lane processes anyway, and what
+        arrives meanwhile gathers into one batch instead of as many small transactions (with 8
+        partitions paced at 200 events/s, pipelining small batches sent each worker a transaction
+        or two per message, and the paced latency went up)."""
+        self._caught_up = len(msgs) < LANE_MESSAGES
+        await self._make_room(1 if self._caught_up else PIPELINE_DEPTH)
         now = self._clock()
         if self._workers is not None:
             # The lane worker processes parse (see consumers.lane_workers).
@@ -873,14 +887,15 @@ class Intake:
         )
         self._pending.append(_Batch(msgs, time.monotonic(), all_lanes, task))
 
-    async def _make_room(self) -> None:
-        """Wait until fewer than PIPELINE_DEPTH batches have lanes running and at most
-        PIPELINE_DEPTH are unsettled; re-raise the failure of a batch that failed."""
+    async def _make_room(self, depth: int) -> None:
+        """Wait until fewer than ``depth`` batches have lanes running and at most ``depth`` are
+        unsettled; re-raise the failure of a batch that failed."""
+        require(1 <= depth <= PIPELINE_DEPTH, f"pipeline depth {depth}")
         for _ in range(4 * PIPELINE_DEPTH + 4):  # each round retires a batch or a batch's lanes
             while self._pending and self._pending[0].task.done():
                 self._pending.popleft().task.result()  # raises what made the batch fail
             running = [b for b in self._pending if not b.lanes.done()]
-            if len(running) < PIPELINE_DEPTH and len(self._pending) <= PIPELINE_DEPTH:
+            if len(running) < depth and len(self._pending) <= depth:
                 return
             oldest = running[0].lanes if running else self._pending[0].task
             await asyncio.wait([oldest, self._pending[0].task], return_when=asyncio.FIRST_COMPLETED)
