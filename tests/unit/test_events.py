@@ -13,6 +13,7 @@ import ledger.events as events_module
 from ledger.events import (
     EVENT_ADAPTER,
     EVENT_TYPES,
+    LOG_EVENT_ADAPTER,
     MAX_ADJUSTMENT_MICROS,
     MAX_COMPUTE_MS,
     MAX_DETAIL_CHARS,
@@ -552,3 +553,32 @@ def test_started_data_model_direct() -> None:
     assert started.model_dump(by_alias=True)["pricePerHourMicros"] == 20_000_000
     with pytest.raises(ValidationError):
         RentalStarted.model_validate({**started.model_dump(), "gpu_count": "16"})
+
+
+@pytest.mark.parametrize("event_type", sorted(VALID_DATA))
+def test_event_to_json_is_the_union_adapters_json(event_type: str) -> None:
+    # event_to_json serializes with the event class's own serializer, for speed: the bytes must be
+    # those of the LogEvent union's adapter, the log's reference form.
+    event = parse(envelope(event_type))
+    assert event_to_json(event) == LOG_EVENT_ADAPTER.dump_json(event, by_alias=True, exclude_none=True)
+
+
+def test_event_to_json_of_a_stripe_fact_is_the_union_adapters_json() -> None:
+    fact = LOG_EVENT_ADAPTER.validate_json(
+        json.dumps(
+            {
+                "specversion": "1.0",
+                "id": "evt_1",
+                "source": "stripe",
+                "type": "stripe.payment.succeeded",
+                "time": NOW.isoformat(),
+                "data": {"walletId": "w_acme", "paymentIntentId": "pi_1", "amountMicros": 5_000_000, "via": "webhook"},
+            }
+        )
+    )
+    assert event_to_json(fact) == LOG_EVENT_ADAPTER.dump_json(fact, by_alias=True, exclude_none=True)
+
+
+def test_event_to_json_refuses_what_is_not_an_event_of_the_log() -> None:
+    with pytest.raises(InvariantViolation):
+        event_to_json(RentalMetered(wallet_id="w", resource_id="p", uptime_seconds_total=1))  # type: ignore[arg-type]
