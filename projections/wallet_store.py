@@ -27,6 +27,26 @@ _RENTAL_COLS: Final = (
     " stop_seq, stop_attempts, stop_issued_at"
 )
 _RENTAL_COLS_R: Final = ", ".join(f"r.{c.strip()}" for c in _RENTAL_COLS.split(","))
+# RentalState's fields in _RENTAL_COLS order, and those a saved rental may change (the key first).
+_RENTAL_FIELDS: Final = tuple(c.strip() for c in _RENTAL_COLS.split(","))
+_RENTAL_MUTABLE_FIELDS: Final = (
+    "resource_id",
+    "wallet_id",
+    "status",
+    "last_reading_at",
+    "billable_seconds",
+    "charged_micros",
+    "ended_at",
+    "end_reason",
+    "stop_seq",
+    "stop_attempts",
+    "stop_issued_at",
+)
+
+
+def _arrays(rows: Sequence[Any], fields: Sequence[str]) -> list[list[Any]]:
+    """One array parameter per field, in order (the columns of an ``unnest`` statement)."""
+    return [[getattr(r, f) for r in rows] for f in fields]
 
 
 # The lookups of a batch. Each key list is joined as a relation (``JOIN unnest(...)``), never
@@ -338,25 +358,7 @@ def save_wallets(
                 "   stop_seq = EXCLUDED.stop_seq, stop_attempts = EXCLUDED.stop_attempts,"
                 "   stop_issued_at = EXCLUDED.stop_issued_at"
                 " WHERE rentals.wallet_id = EXCLUDED.wallet_id",
-                [
-                    [r.resource_id for r in rental_rows],
-                    [r.wallet_id for r in rental_rows],
-                    [r.resource_kind for r in rental_rows],
-                    [r.tier for r in rental_rows],
-                    [r.gpu_type for r in rental_rows],
-                    [r.price_per_hour_micros for r in rental_rows],
-                    [r.product for r in rental_rows],
-                    [r.status for r in rental_rows],
-                    [r.started_at for r in rental_rows],
-                    [r.last_reading_at for r in rental_rows],
-                    [r.billable_seconds for r in rental_rows],
-                    [r.charged_micros for r in rental_rows],
-                    [r.ended_at for r in rental_rows],
-                    [r.end_reason for r in rental_rows],
-                    [r.stop_seq for r in rental_rows],
-                    [r.stop_attempts for r in rental_rows],
-                    [r.stop_issued_at for r in rental_rows],
-                ],
+                _arrays(rental_rows, _RENTAL_FIELDS),
             )
             require(cur.rowcount == len(rental_rows), "a rental row belongs to another wallet")
         if changed_rentals:
@@ -370,19 +372,7 @@ def save_wallets(
                 "              %b::timestamptz[], %b::text[], %b::int4[], %b::int4[], %b::timestamptz[])"
                 "       AS x(r, w, s, lr, bs, cm, ea, er, sq, sa, si)"
                 " WHERE r.resource_id = x.r AND r.wallet_id = x.w",
-                [
-                    [r.resource_id for r in changed_rentals],
-                    [r.wallet_id for r in changed_rentals],
-                    [r.status for r in changed_rentals],
-                    [r.last_reading_at for r in changed_rentals],
-                    [r.billable_seconds for r in changed_rentals],
-                    [r.charged_micros for r in changed_rentals],
-                    [r.ended_at for r in changed_rentals],
-                    [r.end_reason for r in changed_rentals],
-                    [r.stop_seq for r in changed_rentals],
-                    [r.stop_attempts for r in changed_rentals],
-                    [r.stop_issued_at for r in changed_rentals],
-                ],
+                _arrays(changed_rentals, _RENTAL_MUTABLE_FIELDS),
             )
             require(cur.rowcount == len(changed_rentals), "a loaded rental row is gone or of another wallet")
         if endpoint_rows:
