@@ -47,7 +47,7 @@ class Settings(BaseSettings):
     # locks for longer; it costs less per message (one pull, one settling, fuller lanes: a lane
     # touches each of its wallets once). Measured with the pipelined intake (bench/bench_e2e.py, one
     # instance, drain of 60k messages over 10k wallets, one run each, 2026-11-28): 1,000 (2 lanes of
-    # 500) -> 8,513/s, 0.35 x min(A, B); 2,000 -> 9,874/s, 0.44; 4,000 -> 10,980/s, 0.45. The slowest
+    # 500) -> 8,513/s, 0.38 x min(A, B); 2,000 -> 9,874/s, 0.45; 4,000 -> 10,980/s, 0.48. The slowest
     # stop command of the overloaded bursts came 54, 29 and 24 ms after its wallet's zero (2 x 8
     # partitions with 4,000: 178 ms). Before the lanes were capped and pipelined, 2,000-4,000 let that
     # tail reach 1.0-1.3 s.
