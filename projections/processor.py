@@ -337,6 +337,17 @@ class TickResult:
     next_wakeups: dict[str, datetime | None]
 
 
+def _lock_and_load(
+    conn: psycopg.Connection[Any], wallet_ids: Sequence[str]
+) -> tuple[list[str], dict[str, WalletState], dict[str, datetime | None]]:
+    """The scheduler's and admission's wallets, locked and loaded: their sorted ids, their states
+    and their stored next wake-ups (for ``save_wallets``, which then leaves unchanged rows alone)."""
+    ids, rows = lock_and_read_wallets(conn, wallet_ids)
+    stored: dict[str, datetime | None] = {}
+    before, _ = load_wallets(conn, ids, wallet_rows=rows, stored_wakeups=stored)
+    return ids, before, stored
+
+
 def due_wallets(conn: psycopg.Connection[Any], now: datetime, limit: int = 500) -> list[str]:
     """Wallets whose next wake-up is due at ``now`` (predicted zero, re-issue, hold expiry...)."""
     with conn.cursor() as cur:
@@ -358,8 +369,7 @@ def tick_wallets(conn: psycopg.Connection[Any], wallet_ids: Sequence[str], *, no
     """The scheduler's unit of work: at ``now``, the rules' time-driven decisions (R4 stop commands
     and their re-issue, notices, expired holds) for these wallets, outbox rows in the same
     transaction, and each wallet's next wake-up."""
-    ids, rows = lock_and_read_wallets(conn, wallet_ids)
-    before, _ = load_wallets(conn, ids, wallet_rows=rows)
+    ids, before, stored = _lock_and_load(conn, wallet_ids)
     after: dict[str, WalletState] = {}
     messages: list[OutboxMessage] = []
     commands = notices = 0
@@ -370,7 +380,7 @@ def tick_wallets(conn: psycopg.Connection[Any], wallet_ids: Sequence[str], *, no
         commands += len(decision.commands)
         notices += len(decision.notices)
     wakeups = {w: next_wakeup(s, now) for w, s in after.items()}
-    save_wallets(conn, before, after, next_wakeups=wakeups, now=now)
+    save_wallets(conn, before, after, next_wakeups=wakeups, now=now, stored_wakeups=stored)
     enqueue(conn, messages, now=now)
     return TickResult(wallets=len(ids), commands=commands, notices=notices, next_wakeups=wakeups)
 
@@ -385,13 +395,12 @@ def admit_rental_request(
     now: datetime,
 ) -> tuple[AdmissionAnswer, datetime | None]:
     """R2/R3 in a transaction: answer, and keep the hold. Returns the wallet's next wake-up."""
-    ids, rows = lock_and_read_wallets(conn, [wallet_id])
-    before, _ = load_wallets(conn, ids, wallet_rows=rows)
+    _, before, stored = _lock_and_load(conn, [wallet_id])
     answer, state = admit_rental(before[wallet_id], resource_id, price_per_hour_micros, admission_id, now)
     # A hold can bring available to zero: the housekeeping then stops what runs (R4).
     state, decision = tick(state, now)
     wakeup = next_wakeup(state, now)
-    save_wallets(conn, before, {wallet_id: state}, next_wakeups={wallet_id: wakeup}, now=now)
+    save_wallets(conn, before, {wallet_id: state}, next_wakeups={wallet_id: wakeup}, now=now, stored_wakeups=stored)
     enqueue(conn, _messages(decision, now), now=now)
     return answer, wakeup
 
@@ -400,13 +409,14 @@ def admit_serverless_request(
     conn: psycopg.Connection[Any], *, wallet_id: str, endpoint_id: str, now: datetime
 ) -> ServerlessAdmissionAnswer:
     """R5 in a transaction: answer, and count the admission in the rolling minute."""
-    ids, rows = lock_and_read_wallets(conn, [wallet_id])
-    before, _ = load_wallets(conn, ids, wallet_rows=rows)
+    _, before, stored = _lock_and_load(conn, [wallet_id])
     # `now` was read before the lock: a racing ask of the same wallet may have committed a later
     # instant. Time never goes back for the rolling window.
     now = max((now, *before[wallet_id].serverless_admissions))
     answer, state = admit_serverless(before[wallet_id], endpoint_id, now)
     if state != before[wallet_id]:
         wakeup = next_wakeup(state, now)
-        save_wallets(conn, before, {wallet_id: replace(state)}, next_wakeups={wallet_id: wakeup}, now=now)
+        save_wallets(
+            conn, before, {wallet_id: replace(state)}, next_wakeups={wallet_id: wakeup}, now=now, stored_wakeups=stored
+        )
     return answer
