@@ -4,15 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
+import traceback
 from typing import Annotated
 
 import typer
 
 from consumers.gc_tuning import tune_gc
 from consumers.settings import Settings
+from consumers.user_errors import INTERNAL_ERROR_EXIT, USER_ERROR_EXIT, UserError
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help="Billing and metering service of the GPU cloud.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    # consumers.cli.main turns exceptions into one line; a traceback only with --debug / BILLING_DEBUG=1.
+    pretty_exceptions_enable=False,
+    help="Billing and metering service of the GPU cloud.",
+)
 
 
 def _add_subcommands() -> None:
@@ -99,8 +108,34 @@ def verify(
     raise typer.Exit(verify_command(database_url, keep=keep, wallets=wallet or (), limit=limit))
 
 
+def _debug_requested(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("BILLING_DEBUG", "").strip().lower() in ("1", "true", "yes")
+
+
 def main() -> None:
-    sys.exit(app())
+    """The console entry point: expected mistakes as one line and exit 2, a bug as one line and
+    exit 1, the traceback only with ``--debug`` (anywhere on the line) or ``BILLING_DEBUG=1``.
+    Usage errors are Typer's own (exit 2)."""
+    argv = sys.argv[1:]
+    debug = _debug_requested(argv)
+    if "--debug" in argv:
+        sys.argv = [sys.argv[0], *(a for a in argv if a != "--debug")]
+    try:
+        app()  # standalone: Typer prints usage errors itself and exits through SystemExit
+    except UserError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
+    except Exception as exc:
+        if debug:
+            traceback.print_exc()
+        print(
+            f"internal error: {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+            "(a bug; run again with --debug or BILLING_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
+        sys.exit(INTERNAL_ERROR_EXIT)
 
 
 if __name__ == "__main__":
