@@ -35,7 +35,7 @@ from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final
+from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import nats.errors
@@ -63,6 +63,7 @@ from consumers.runtime import ServiceUrls
 from consumers.scheduler import run_scheduler
 from consumers.settings import Settings, nats_servers
 from consumers.streams import ensure_streams
+from consumers.user_errors import UserError
 from ledger.db import make_engine
 
 log = logging.getLogger("billing")
@@ -86,6 +87,10 @@ NATS_DRAIN_TIMEOUT_S: Final = 5
 STREAMS_WITHIN_S: Final = 60.0
 # Components still running this long after being cancelled are left behind (logged).
 CANCEL_GRACE_S: Final = 5.0
+# How often the start-up checks whether uvicorn listens yet (for the ready line).
+READY_POLL_S: Final = 0.05
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -186,8 +191,14 @@ async def run_service(
     stop: asyncio.Event | None = None,
     *,
     clock: Callable[[], datetime] | None = None,
+    on_ready: Callable[[], None] | None = None,
+    connect_timeout_s: float | None = None,
 ) -> int:
-    """Run everything until ``stop`` is set (by SIGTERM/SIGINT when not given); return the exit status."""
+    """Run everything until ``stop`` is set (by SIGTERM/SIGINT when not given); return the exit status.
+
+    ``on_ready`` is called once, when every component runs and HTTP listens. ``connect_timeout_s``
+    bounds the broker's first connect (UserError after it); a ``stop`` during the start is honoured
+    at once (exit 0)."""
     if stop is None:
         stop = asyncio.Event()
         install_stop_signals(stop)
@@ -220,10 +231,14 @@ async def run_service(
     # seconds on a busy machine; the lanes wait for it, nothing else does.
     workers_started = asyncio.create_task(workers.start(), name="billing-lane-workers") if workers else None
     try:
-        await broker.start()
-        nc = broker.connection
-        js = nc.jetstream()
-        streams = await _declare_streams(js, names, settings.nats_replicas, stop)
+        try:
+            await _until_stop(broker.start(), stop, connect_timeout_s, "BILLING_NATS_URL: NATS", servers)
+            nc = broker.connection
+            js = nc.jetstream()
+            streams = await _until_stop(_declare_streams(js, names, settings.nats_replicas, stop), stop)
+        except _StoppedDuringStart:
+            log.info("stopped while connecting to NATS")
+            return 0
 
         registry = CollectorRegistry()
         readiness = Readiness({"intake": asyncio.Event(), "admission": asyncio.Event()})
@@ -282,26 +297,12 @@ async def run_service(
             "http": _serve_http(http),
         }
         tasks = {name: asyncio.create_task(coro, name=f"billing-{name}") for name, coro in components.items()}
-        log.info(
-            "billing up: database %s (role %s), NATS %s%s, streams %s, intake %s/%s (batch %d, lanes in %s), "
-            "admission on %s, HTTP http://%s:%d%s",
-            make_url(urls.database_url).render_as_string(hide_password=True),
-            settings.database_role or "login's own",
-            ", ".join(_redacted(u) for u in servers),
-            f" (namespace {names.namespace})" if names.namespace else "",
-            ", ".join(streams),
-            names.in_stream,
-            f"{intake_config.durable}-<p> ({partitions} partitions)"
-            if partitions
-            else f"{intake_config.durable} (one instance at a time)",
-            intake_config.batch_size,
-            f"{processes} worker processes" if processes else f"{settings.effective_intake_lanes()} threads",
-            names.admission_rental.rsplit(".", 1)[0] + ".*",
-            settings.http_host,
-            settings.http_port,
-            f"; embedded: {', '.join(urls.embedded)} in {settings.data_dir}" if urls.embedded else "",
-        )
-        return await _supervise(tasks, stop, http, readiness, settings.shutdown_timeout_s)
+        _log_started(settings, urls, servers, names, streams, intake_config, processes)
+        announcer = asyncio.create_task(_announce_ready(readiness, http, stop, on_ready), name="billing-ready")
+        try:
+            return await _supervise(tasks, stop, http, readiness, settings.shutdown_timeout_s)
+        finally:
+            announcer.cancel()
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(broker.stop(), timeout=NATS_DRAIN_TIMEOUT_S + 1)
@@ -313,6 +314,79 @@ async def run_service(
             await asyncio.to_thread(workers.shutdown)
         engine.dispose()
         log.info("billing stopped")
+
+
+class _StoppedDuringStart(Exception):
+    pass
+
+
+async def _until_stop(
+    aw: Coroutine[Any, Any, T], stop: asyncio.Event, timeout_s: float | None = None, what: str = "", servers: Any = ()
+) -> T:
+    """``aw``'s result; _StoppedDuringStart when ``stop`` is set first (``aw`` is cancelled); a
+    UserError naming ``what`` when it takes longer than ``timeout_s``."""
+    task = asyncio.ensure_future(aw)
+    stopper = asyncio.ensure_future(stop.wait())
+    try:
+        done, _ = await asyncio.wait({task, stopper}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopper.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(BaseException):
+        await task
+    if stop.is_set():
+        raise _StoppedDuringStart
+    shown = ", ".join(_redacted(u) for u in servers)
+    raise UserError(f"{what} at {shown} did not answer within {timeout_s:g} s (BILLING_CONNECT_TIMEOUT_S)")
+
+
+async def _announce_ready(
+    readiness: Readiness, http: _HttpServer, stop: asyncio.Event, on_ready: Callable[[], None] | None
+) -> None:
+    """Call ``on_ready`` once every component is ready and HTTP listens (polled: uvicorn has no event)."""
+    if on_ready is None:
+        return
+    for event in readiness.components.values():
+        await event.wait()
+    while not http.started and not stop.is_set():  # noqa: ASYNC110 - uvicorn's `started` is a flag, not an event
+        await asyncio.sleep(READY_POLL_S)
+    if not stop.is_set():
+        log.info("every component is running")
+        on_ready()
+
+
+def _log_started(
+    settings: Settings,
+    urls: ServiceUrls,
+    servers: list[str],
+    names: NatsNames,
+    streams: list[str],
+    config: intake.IntakeConfig,
+    processes: int,
+) -> None:
+    """What runs where, in a few short lines (one long line is unreadable in a terminal)."""
+    partitions = settings.intake_partitions
+    log.info(
+        "billing up: database %s (role %s)",
+        make_url(urls.database_url).render_as_string(hide_password=True),
+        settings.database_role or "login's own",
+    )
+    namespace = f" (namespace {names.namespace})" if names.namespace else ""
+    log.info("NATS %s%s; streams %s", ", ".join(_redacted(u) for u in servers), namespace, ", ".join(streams))
+    log.info(
+        "intake %s/%s, batch %d, lanes in %s; admission on %s",
+        names.in_stream,
+        f"{config.durable}-<p> ({partitions} partitions)"
+        if partitions
+        else f"{config.durable} (one instance at a time)",
+        config.batch_size,
+        f"{processes} worker processes" if processes else f"{settings.effective_intake_lanes()} threads",
+        names.admission_rental.rsplit(".", 1)[0] + ".*",
+    )
+    embedded = f"; embedded: {', '.join(urls.embedded)} in {settings.data_dir}" if urls.embedded else ""
+    log.info("HTTP http://%s:%d%s", settings.http_host, settings.http_port, embedded)
 
 
 async def _declare_streams(js: JetStreamContext, names: NatsNames, replicas: int, stop: asyncio.Event) -> list[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import sys
@@ -11,8 +10,6 @@ from typing import Annotated
 
 import typer
 
-from consumers.gc_tuning import tune_gc
-from consumers.settings import Settings
 from consumers.user_errors import INTERNAL_ERROR_EXIT, USER_ERROR_EXIT, UserError
 
 app = typer.Typer(
@@ -43,6 +40,8 @@ def _logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # pgserver logs every pg_ctl command line at INFO; keep its warnings only.
     logging.getLogger("pgserver").setLevel(logging.WARNING)
+    # alembic names each of its plugins at INFO before every migration run.
+    logging.getLogger("alembic.runtime.plugins").setLevel(logging.WARNING)
 
 
 @app.command()
@@ -62,32 +61,15 @@ def migrate(
 
 @app.command()
 def up() -> None:
-    """Run the service: migrations, then everything the service does, until SIGTERM or Ctrl-C.
+    """Run the service: migrations, then everything the service does, until SIGTERM, SIGINT
+    (Ctrl-C) or SIGHUP.
 
     With BILLING_DATABASE_URL / BILLING_NATS_URL unset, starts embedded servers under
-    BILLING_DATA_DIR (default .billing)."""
-    import signal
-
-    from consumers.app import run_service
-    from consumers.runtime import runtime_file, services
-    from ledger.migrate import upgrade
+    BILLING_DATA_DIR (default .billing); one `billing up` per data dir."""
+    from consumers.up import load_settings, run_up
 
     _logging()
-    log = logging.getLogger("billing")
-    settings = Settings()
-
-    def stop_during_start(signum: int, _frame: object) -> None:
-        # Before the service runs (embedded servers starting, migrations): unwind and clean up.
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stop_during_start)
-    with services(settings) as urls:
-        upgrade(urls.database_url)
-        log.info("migrations applied")
-        with runtime_file(settings, urls):
-            tune_gc()
-            # From here the service's own handlers take SIGTERM/SIGINT: finish the batch, then exit.
-            code = asyncio.run(run_service(settings, urls))
+    code = run_up(load_settings())
     if code:
         raise typer.Exit(code)
 
@@ -102,10 +84,47 @@ def verify(
     limit: int = typer.Option(10, "--limit", help="Differing rows shown per table."),
 ) -> None:
     """Rebuild the journal and every projection from the event log alone into a scratch schema and
-    report any difference (exit 1 if something differs, 2 if verify cannot run)."""
+    report any difference (exit 1 if something differs, 2 if verify cannot run).
+
+    Finds the database like every one-shot command: the URL given, else the running `billing up`
+    of BILLING_DATA_DIR, else the embedded database of the data dir."""
+    from consumers.runtime import client_services
+    from consumers.up import load_settings
     from projections.verify import verify_command
 
-    raise typer.Exit(verify_command(database_url, keep=keep, wallets=wallet or (), limit=limit))
+    settings = load_settings(**({"database_url": database_url} if database_url else {}))
+    with client_services(settings, need_nats=False) as urls:
+        code = verify_command(urls.database_url, keep=keep, wallets=wallet or (), limit=limit)
+    raise typer.Exit(code)
+
+
+@app.command()
+def token() -> None:
+    """Print the development token of the data dir (embedded mode, BILLING_API_TOKENS unset):
+    `curl -H "Authorization: Bearer $(billing token)" ...`."""
+    from consumers.up import DEV_TOKEN_FILE, load_settings, read_dev_token
+
+    settings = load_settings()
+    found = read_dev_token(settings.data_dir)
+    if found is None:
+        raise UserError(
+            f"no development token in {settings.data_dir / DEV_TOKEN_FILE}: `billing up` makes one in embedded mode "
+            "when BILLING_API_TOKENS is unset (otherwise use a token of BILLING_API_TOKENS)"
+        )
+    typer.echo(found)
+
+
+@app.command()
+def status(
+    output: str = typer.Option("table", "--format", help="table or json."),
+) -> None:
+    """Whether `billing up` runs on BILLING_DATA_DIR: its pid, HTTP and NATS addresses, readiness,
+    versions and intake lag. Exit 0 running and ready, 1 not running, 3 running but not ready."""
+    from consumers.status import print_status
+
+    if output not in ("table", "json"):
+        raise UserError(f"--format: {output!r} is not one of table, json")
+    raise typer.Exit(print_status(output))
 
 
 def _debug_requested(argv: list[str]) -> bool:

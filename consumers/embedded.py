@@ -286,8 +286,12 @@ class EmbeddedNats:
     is appended to `<data_dir>/nats.log`.
     """
 
-    def __init__(self, data_dir: Path, port: int | None = None) -> None:
+    def __init__(self, data_dir: Path, port: int | None = None, *, fallback_to_free_port: bool = False) -> None:
+        """``fallback_to_free_port``: when ``port`` is taken (by something else than our own leftover,
+        which is stopped first), let the server pick a free one instead of failing; ``port`` then
+        differs from the one asked for (`billing up` logs it)."""
         self.data_dir = Path(data_dir).resolve()
+        self._fallback = fallback_to_free_port
         self.store_dir = self.data_dir / "jetstream"
         self.log_path = self.data_dir / "nats.log"
         self.pid_path = self.data_dir / "nats.pid"
@@ -337,8 +341,8 @@ class EmbeddedNats:
             stale.unlink(missing_ok=True)
 
         port = self._port
-        if self._requested_port is None and port is not None and not _port_free(port):
-            port = None  # the port we got last time was taken meanwhile: let the server pick
+        if (self._requested_port is None or self._fallback) and port is not None and not _port_free(port):
+            port = None  # taken (meanwhile, or by another program): let the server pick
         args = [
             binary,
             "-a", "127.0.0.1",

@@ -168,8 +168,10 @@ class LaneWorkers:
                 asyncio.gather(*(loop.run_in_executor(self._pool, _warm_up) for _ in range(self.processes))),
                 timeout=WARM_UP_TIMEOUT_S,
             )
-            self.pids = sorted(set(pids))
-            log.info("%d lane worker processes ready (pids %s)", self.processes, self.pids)
+            # A fast process may run more than one warm-up, so the warm-ups' pids can be fewer than
+            # the processes; the pool knows them all.
+            self.pids = sorted(set(pids) | set(getattr(self._pool, "_processes", None) or ()))
+            log.info("lane workers ready: %d process(es), pids %s", len(self.pids), self.pids)
         except Exception:
             # Not fatal: a broken pool is started again by the first lane (transact); a slow one
             # is simply used once it is up.

@@ -232,6 +232,15 @@ class Claim:
     previous_owner: str | None
 
 
+def _previous_owner(claim: Claim, *, clean: bool) -> str:
+    """The previous owner for the log, as a person reads it."""
+    if claim.previous_owner is None:
+        return "first owner (no previous owner recorded)"
+    if clean:
+        return f"previous owner {claim.previous_owner} let go cleanly"
+    return f"previous owner {claim.previous_owner} did not let go cleanly ({claim.previous_state or 'unmarked'})"
+
+
 class PartitionLocks:
     """The PostgreSQL side: the membership lock and one session advisory lock per held unit, each on
     its own autocommit connection (closing the connection releases the lock), and the unit's row of
@@ -666,15 +675,14 @@ class OwnedIntake:
             self._start_partition(p, claim, unclean=not clean)
             self._ownership.changes.labels("acquired").inc()
             log.info(
-                "unit %d (%s) acquired by %s (now %s; %d live instance(s), share %d); previous owner %s: %s",
+                "unit %d (%s) acquired by %s (now %s; %d live instance(s), share %d); %s",
                 p,
                 durable,
                 self.instance,
                 self.owned,
                 live,
                 share,
-                claim.previous_owner or "none",
-                "let go cleanly" if clean else f"{claim.previous_state or 'never marked'}, not released cleanly",
+                _previous_owner(claim, clean=clean),
             )
 
     def _start_partition(self, p: int, claim: Claim, *, unclean: bool) -> None:

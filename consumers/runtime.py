@@ -21,6 +21,7 @@ import psycopg
 from sqlalchemy.engine import make_url
 
 from consumers.settings import Settings
+from consumers.user_errors import UserError
 
 log = logging.getLogger("billing")
 
@@ -45,8 +46,9 @@ def _ensure_database(admin_url: str, name: str) -> str:
 
 
 @contextlib.contextmanager
-def services(settings: Settings) -> Iterator[ServiceUrls]:
-    """Yield the URLs to use, starting embedded servers for what the settings leave unset."""
+def services(settings: Settings, *, need_nats: bool = True) -> Iterator[ServiceUrls]:
+    """Yield the URLs to use, starting embedded servers for what the settings leave unset (no NATS
+    at all with ``need_nats=False``: nats_url is then "" unless configured)."""
     with contextlib.ExitStack() as stack:
         embedded: list[str] = []
         db_url = settings.database_url
@@ -57,8 +59,8 @@ def services(settings: Settings) -> Iterator[ServiceUrls]:
             db_url = _ensure_database(pg.url, EMBEDDED_DB_NAME)
             embedded.append("postgresql")
             log.info("embedded PostgreSQL running: %s", db_url)
-        nats_url = settings.nats_url
-        if not nats_url:
+        nats_url = settings.nats_url or ""
+        if not nats_url and need_nats:
             from consumers.embedded import EmbeddedNats
 
             nats = stack.enter_context(EmbeddedNats(settings.data_dir / "nats"))
@@ -78,25 +80,58 @@ async def wait_for_shutdown() -> None:
 
 
 # --------------------------------------------------------------------------------------------------
-# Where a running `billing up` is, for the one-shot commands (`billing dlq replay`)
+# Where a running `billing up` is, for the one-shot commands (report, dlq, demo, verify, status)
 # --------------------------------------------------------------------------------------------------
 
 RUNTIME_FILE = "runtime.json"
 
 
-@contextlib.contextmanager
-def runtime_file(settings: Settings, urls: ServiceUrls) -> Iterator[Path]:
-    """While ``billing up`` runs, ``<data_dir>/runtime.json`` says where its servers are.
+def ensure_database(admin_url: str, name: str) -> str:
+    return _ensure_database(admin_url, name)
 
-    A one-shot command with no URL configured then talks to the embedded servers of the running
-    service instead of starting its own: for NATS that matters, because a second embedded
-    nats-server on the same data dir would stop the running one (see ``EmbeddedNats``).
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gpu-billing")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+@contextlib.contextmanager
+def write_runtime_file(settings: Settings, database_url: str, nats_url: str, http_url: str) -> Iterator[Path]:
+    """While ``billing up`` runs, ``<data_dir>/runtime.json`` (mode 0600, no passwords) says where
+    it is: ``pid, httpUrl, natsUrl, databaseUrl, dataDir, startedAt, version`` (and the NATS
+    namespace, for ``billing status``).
+
+    A one-shot command with no URL configured then talks to the servers of the running service
+    instead of starting its own embedded ones. ``databaseUrl`` is the owner's (``billing verify``
+    needs it); in embedded mode it has no password anyway (unix socket, trust), and with configured
+    URLs a one-shot command reads its own ``BILLING_DATABASE_URL`` (which wins over this file).
     """
+    from datetime import UTC, datetime
+
+    from consumers.up import redacted_database_url, redacted_nats_url
+
     path = settings.data_dir / RUNTIME_FILE
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    body = {"pid": os.getpid(), "databaseUrl": urls.database_url, "natsUrl": urls.nats_url}
+    body = {
+        "pid": os.getpid(),
+        "httpUrl": http_url,
+        "natsUrl": redacted_nats_url(nats_url),
+        "databaseUrl": redacted_database_url(database_url),
+        "dataDir": str(settings.data_dir.resolve()),
+        "startedAt": datetime.now(UTC).isoformat(timespec="seconds"),
+        "version": _package_version(),
+        "natsNamespace": settings.nats_namespace,
+        "embedded": not settings.database_url or not settings.nats_url,
+    }
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(body))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(body, indent=2) + "\n")
+    os.chmod(tmp, 0o600)  # an older file of that name may have had other bits
     tmp.replace(path)
     try:
         yield path
@@ -106,14 +141,15 @@ def runtime_file(settings: Settings, urls: ServiceUrls) -> Iterator[Path]:
                 path.unlink()
 
 
-def running_service_urls(settings: Settings) -> ServiceUrls | None:
-    """The URLs of a ``billing up`` running on this data dir, if one is."""
+def read_runtime_file(settings: Settings) -> dict[str, object] | None:
+    """The runtime.json of a ``billing up`` alive on this data dir, else None."""
     path = settings.data_dir / RUNTIME_FILE
     try:
         body = json.loads(path.read_text())
         pid = int(body["pid"])
-        database_url, nats_url = str(body["databaseUrl"]), str(body["natsUrl"])
     except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not isinstance(body, dict):
         return None
     try:
         os.kill(pid, 0)
@@ -121,14 +157,40 @@ def running_service_urls(settings: Settings) -> ServiceUrls | None:
         return None
     except PermissionError:
         pass
+    if body.get("embedded"):
+        # The lock tells a live owner from a reused pid after a kill -9.
+        from consumers.up import lock_holder
+
+        if lock_holder(settings.data_dir) is None:
+            return None
+    return body
+
+
+def running_service_urls(settings: Settings) -> ServiceUrls | None:
+    """The URLs of a ``billing up`` running on this data dir, if one is."""
+    body = read_runtime_file(settings)
+    if body is None:
+        return None
+    try:
+        database_url, nats_url = str(body["databaseUrl"]), str(body["natsUrl"])
+    except KeyError:
+        return None
     return ServiceUrls(database_url=database_url, nats_url=nats_url, embedded=())
 
 
 @contextlib.contextmanager
-def client_services(settings: Settings) -> Iterator[ServiceUrls]:
+def client_services(settings: Settings, *, need_nats: bool = True) -> Iterator[ServiceUrls]:
     """URLs for a one-shot command: the configured ones, else those of the running ``billing up``,
-    else embedded servers started for the command (nothing runs on this data dir)."""
-    running = None if settings.database_url and settings.nats_url else running_service_urls(settings)
+    else embedded servers started for the command (nothing runs on this data dir; the data dir's
+    lock is held meanwhile, so a ``billing up`` cannot start on it halfway).
+
+    ``need_nats=False``: the command talks to the database only (verify); nats_url may then be ""."""
+    from consumers.up import check_database_url, data_dir_lock
+
+    if settings.database_url:
+        settings = settings.model_copy(update={"database_url": check_database_url(settings.database_url)})
+    configured = settings.database_url and (settings.nats_url or not need_nats)
+    running = None if configured else running_service_urls(settings)
     if running is not None:
         settings = settings.model_copy(
             update={
@@ -136,5 +198,13 @@ def client_services(settings: Settings) -> Iterator[ServiceUrls]:
                 "nats_url": settings.nats_url or running.nats_url,
             }
         )
-    with services(settings) as urls:
+    embedded_db = not settings.database_url
+    if embedded_db and not (settings.data_dir / "postgres" / "pgdata" / "PG_VERSION").exists():
+        raise UserError(
+            f"no billing database in {settings.data_dir} (BILLING_DATA_DIR): start `billing up` once, "
+            "or set BILLING_DATABASE_URL"
+        )
+    embedded_nats = need_nats and not settings.nats_url
+    lock = data_dir_lock(settings.data_dir, "this command") if embedded_db or embedded_nats else None
+    with lock or contextlib.nullcontext(), services(settings, need_nats=need_nats) as urls:
         yield urls

@@ -89,6 +89,14 @@ class Settings(BaseSettings):
     # partitions it owns.
     intake_workers: int | None = Field(default=None, ge=0, le=16)
 
+    # --- `billing up`: start-up and the embedded servers (consumers/up.py) ---------------------------
+    # The first connect to PostgreSQL and to NATS is retried (a log line per attempt) for this long,
+    # then `billing up` exits 2 naming the setting. After the start, reconnects go on for ever.
+    connect_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    # The embedded nats-server's client port: fixed, so producers and asyncapi.json can name it; if
+    # it is taken, a free port is used instead (logged, and written to runtime.json).
+    embedded_nats_port: int = Field(default=14222, ge=1, le=65535)
+
     def effective_intake_workers(self) -> int:
         if self.intake_workers is not None:
             return self.intake_workers
