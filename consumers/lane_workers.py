@@ -91,6 +91,8 @@ def _init_worker(database_url: str, role: str | None, parent_pid: int) -> None:
     # workers of a broken pool with it, and a supervisor that sends it to every process of the
     # service means it (a lane cut short is rolled back and retried).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The same for SIGHUP (a closed terminal): the service process stops, then lets the workers go.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     threading.Thread(target=_exit_with_parent, args=(parent_pid,), name="parent-watch", daemon=True).start()
     global _engine
     _engine = make_engine(database_url, role=role, pool_size=1, connect_args={"connect_timeout": CONNECT_TIMEOUT_S})
