@@ -69,7 +69,10 @@ def up() -> None:
     from consumers.up import load_settings, run_up
 
     _logging()
-    code = run_up(load_settings())
+    try:
+        code = run_up(load_settings())
+    except KeyboardInterrupt:  # Ctrl-C before the service's own handlers are in place: nothing runs yet
+        code = 130
     if code:
         raise typer.Exit(code)
 

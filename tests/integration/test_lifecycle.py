@@ -115,7 +115,9 @@ def _on_data_dir(data_dir: Path) -> list[psutil.Process]:
     found = []
     for proc in psutil.process_iter(["cmdline", "status"]):
         with contextlib.suppress(psutil.Error):
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and any(str(data_dir) in a for a in proc.info["cmdline"] or []):
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and any(
+                str(data_dir) in a for a in proc.info["cmdline"] or []
+            ):
                 found.append(proc)
     return found
 
@@ -172,7 +174,9 @@ async def test_second_start_on_a_data_dir_is_refused_and_the_first_stays_ready(
                 assert second.returncode == 2, second.stderr[-3000:]
                 assert time.monotonic() - started < 10
                 line = _error_line(second)
-                assert "already running" in line and f"pid {first.proc.pid}" in line and first.http in line, line
+                assert "already running" in line, line
+                assert f"pid {first.proc.pid}" in line, line
+                assert first.http in line, line
                 print(f"second start: {line}")  # for the record (-s)
 
             async with httpx.AsyncClient(timeout=5) as client:
@@ -184,9 +188,11 @@ async def test_second_start_on_a_data_dir_is_refused_and_the_first_stays_ready(
             status = _cli(env, "status", "--format", "json")
             assert status.returncode == 0, status.stderr
             body = json.loads(status.stdout)
-            assert body["pid"] == first.proc.pid and body["ready"] is True
+            assert body["pid"] == first.proc.pid
+            assert body["ready"] is True
             assert body["natsUrl"] == runtime["natsUrl"]
-            assert body["versions"]["natsServer"][0].isdigit() and body["versions"]["postgresql"][0].isdigit()
+            assert body["versions"]["natsServer"][0].isdigit()
+            assert body["versions"]["postgresql"][0].isdigit()
             assert body["intakeLag"] == 0
 
             code, took = first.signal_and_wait(signal.SIGTERM)
@@ -219,7 +225,8 @@ async def test_embedded_mode_non_superuser_login_dev_token_verify_and_sighup(tmp
         token = _cli(env, "token")
         assert token.returncode == 0, token.stderr
         dev_token = token.stdout.strip()
-        assert dev_token == token_path.read_text().strip() and len(dev_token) >= 16
+        assert dev_token == token_path.read_text().strip()
+        assert len(dev_token) >= 16
         assert dev_token in up.log()  # printed once at start
         async with httpx.AsyncClient(base_url=up.http, timeout=10) as client:
             assert (await client.get("/finance/trial-balance")).status_code == 401
@@ -260,7 +267,8 @@ async def test_embedded_mode_non_superuser_login_dev_token_verify_and_sighup(tmp
         )
     log = up.log()
     assert "SIGHUP received: stopping" in log
-    assert "previous owner none" not in log and "first owner" in log
+    assert "previous owner none" not in log
+    assert "first owner" in log
     assert "password" not in json.dumps(runtime)
 
 
@@ -270,13 +278,16 @@ async def test_embedded_mode_non_superuser_login_dev_token_verify_and_sighup(tmp
 async def test_unreachable_nats_exits_2_within_the_bound_and_leaves_nothing(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     closed = free_port()
-    env = _env(data_dir, BILLING_NATS_URL=f"nats://user:hunter2secret@127.0.0.1:{closed}", BILLING_CONNECT_TIMEOUT_S="3")
+    env = _env(
+        data_dir, BILLING_NATS_URL=f"nats://user:hunter2secret@127.0.0.1:{closed}", BILLING_CONNECT_TIMEOUT_S="3"
+    )
     started = time.monotonic()
     result = _cli(env, "up", timeout=60)
     took = time.monotonic() - started
     assert result.returncode == 2, result.stderr[-3000:]
     line = _error_line(result)
-    assert line.startswith("error: BILLING_NATS_URL: cannot connect to NATS at") and "within 3 s" in line, line
+    assert line.startswith("error: BILLING_NATS_URL: cannot connect to NATS at"), line
+    assert "within 3 s" in line, line
     assert "hunter2secret" not in result.stderr
     assert result.stderr.count(f"cannot connect to NATS at nats://user:***@127.0.0.1:{closed}") >= 2
     print(f"unreachable NATS: exit 2 after {took:.1f} s: {line}")
