@@ -47,7 +47,7 @@ def test_passwords_never_reach_the_log_or_runtime_json() -> None:
 
 def test_short_tokens_are_refused_outside_embedded_mode_only() -> None:
     short = Settings(api_tokens=SecretStr("x" * 20 + ":wallet;abc:finance"))
-    with pytest.raises(UserError, match="BILLING_API_TOKENS entry 2: the token has 3 characters"):
+    with pytest.raises(UserError, match=r"BILLING_API_TOKENS entry 2: the token has 3 characters"):
         check_tokens(short, embedded_database=False)
     check_tokens(short, embedded_database=True)
     with pytest.raises(UserError, match="BILLING_API_TOKENS entry 1: scopes must be among"):
@@ -56,7 +56,7 @@ def test_short_tokens_are_refused_outside_embedded_mode_only() -> None:
 
 def test_bad_environment_values_name_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BILLING_CONNECT_TIMEOUT_S", "-1")
-    with pytest.raises(UserError, match="^BILLING_CONNECT_TIMEOUT_S: "):
+    with pytest.raises(UserError, match=r"^BILLING_CONNECT_TIMEOUT_S: "):
         load_settings()
 
 
@@ -66,9 +66,9 @@ def test_the_data_dir_lock_is_exclusive_and_names_its_holder(tmp_path: Path) -> 
     assert lock_holder(tmp_path) is None
     with data_dir_lock(tmp_path):
         assert lock_holder(tmp_path) == os.getpid()
-        with pytest.raises(UserError, match=rf"already running on data dir .* \(pid {os.getpid()}, still starting"):
-            with data_dir_lock(tmp_path):
-                pass
+        refused = rf"already running on data dir .* \(pid {os.getpid()}, still starting"
+        with pytest.raises(UserError, match=refused), data_dir_lock(tmp_path):
+            pass
     assert lock_holder(tmp_path) is None
 
 
