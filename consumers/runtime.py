@@ -207,4 +207,7 @@ def client_services(settings: Settings, *, need_nats: bool = True) -> Iterator[S
     embedded_nats = need_nats and not settings.nats_url
     lock = data_dir_lock(settings.data_dir, "this command") if embedded_db or embedded_nats else None
     with lock or contextlib.nullcontext(), services(settings, need_nats=need_nats) as urls:
+        from consumers.up import probe_database
+
+        probe_database(urls.database_url)  # a wrong or unreachable URL as one line, not a traceback
         yield urls

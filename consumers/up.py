@@ -174,6 +174,8 @@ def check_http_port(settings: Settings) -> None:
 
 
 def check_data_dir(data_dir: Path) -> None:
+    if data_dir.exists() and not data_dir.is_dir():
+        raise UserError(f"BILLING_DATA_DIR: {data_dir} is a file, not a directory")
     try:
         data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -256,6 +258,18 @@ def _database_failure(url: URL, exc: Exception) -> str | None:
     if "could not translate host name" in lowered:
         return f"unknown host {url.host!r}"
     return None
+
+
+def probe_database(url: str, setting: str = "BILLING_DATABASE_URL", timeout_s: int = 5) -> None:
+    """One connect (a one-shot command: no retries); a failure as one line naming the setting."""
+    parsed = make_url(url)
+    conninfo = parsed.set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        with psycopg.connect(conninfo, connect_timeout=timeout_s) as conn:
+            conn.execute("SELECT 1")
+    except psycopg.Error as exc:
+        reason = _database_failure(parsed, exc) or " ".join(str(exc).split())[:200]
+        raise UserError(f"{setting}: cannot connect: {reason} ({redacted_database_url(url)})") from None
 
 
 async def connect_database(url: str, timeout_s: float, stop: asyncio.Event, setting: str) -> None:

@@ -408,3 +408,16 @@ async def test_leftovers_of_a_killed_instance_are_taken_over(tmp_path: Path) -> 
             code, _ = second.signal_and_wait(signal.SIGINT)
             assert code == 0, second.log()[-3000:]
     assert not _on_data_dir(data_dir)
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("postgresql://postgres@127.0.0.1:1/billing", "BILLING_DATABASE_URL: cannot connect: connection failed"),
+        ("mysql://billing@127.0.0.1/billing", "BILLING_DATABASE_URL: unsupported scheme mysql://"),
+    ],
+)
+def test_verify_with_a_wrong_database_url_is_one_line(url: str, expected: str, tmp_path: Path) -> None:
+    result = _cli(_env(tmp_path / "data"), "verify", "--database-url", url)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert expected in _error_line(result)
