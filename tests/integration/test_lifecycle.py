@@ -421,3 +421,21 @@ def test_verify_with_a_wrong_database_url_is_one_line(url: str, expected: str, t
     result = _cli(_env(tmp_path / "data"), "verify", "--database-url", url)
     assert result.returncode == 2, result.stderr[-3000:]
     assert expected in _error_line(result)
+
+
+async def test_sigterm_right_after_the_embedded_postgres_started_is_honoured(tmp_path: Path) -> None:
+    """The signal lands in the embedded nats-server's start or the migrations: the step in hand is
+    finished, then everything started is stopped."""
+    data_dir = tmp_path / "data"
+    with running(_env(data_dir), tmp_path / "up.log") as up:
+        await wait_until(
+            lambda: "embedded PostgreSQL running" in up.log(), within=READY_WITHIN_S, what="the embedded PostgreSQL"
+        )
+        postmaster = _postmaster_pid(data_dir)
+        code, took = up.signal_and_wait(signal.SIGTERM, within=STOP_WITHIN_S)
+        print(f"SIGTERM during the start: exit {code} in {took:.1f} s")
+        assert code == 0, up.log()[-3000:]
+        assert not _alive(postmaster)
+        assert not _on_data_dir(data_dir)
+    assert "SIGTERM received: stopping" in up.log()
+    assert "billing ready" not in up.log()
