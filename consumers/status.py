@@ -55,13 +55,19 @@ def collect_status(settings: Settings) -> dict[str, Any] | None:
 
 
 def _readiness(http_url: str) -> tuple[bool, dict[str, str]]:
-    import httpx
+    """GET /readyz (the standard library: `make run` installs no HTTP client)."""
+    import urllib.error
+    import urllib.request
 
     try:
-        response = httpx.get(f"{http_url}/readyz", timeout=PROBE_TIMEOUT_S)
-        body = response.json()
-        return response.status_code == 200, {str(k): str(v) for k, v in dict(body.get("checks", {})).items()}
-    except (httpx.HTTPError, ValueError, AttributeError) as exc:
+        try:
+            with urllib.request.urlopen(f"{http_url}/readyz", timeout=PROBE_TIMEOUT_S) as response:  # noqa: S310
+                status, raw = response.status, response.read()
+        except urllib.error.HTTPError as exc:  # 503: not ready, with the checks in the body
+            status, raw = exc.code, exc.read()
+        body = json.loads(raw)
+        return status == 200, {str(k): str(v) for k, v in dict(body.get("checks", {})).items()}
+    except (OSError, ValueError, AttributeError) as exc:
         return False, {"http": f"no answer: {type(exc).__name__}"}
 
 
