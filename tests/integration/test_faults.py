@@ -102,6 +102,8 @@ if TYPE_CHECKING:
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
 SETTLE_WITHIN_S = 40.0
+# After kill -9 of the instance that pulls, a restarted or standby instance commits again within this.
+RESUME_WITHIN_S = 5.0
 # Every value of billing_intake_messages_total's disposition label.
 DISPOSITIONS = ("accepted", "duplicate", "rejected", "retry", "released", "failed")
 IN_PROCESS = IntakeConfig(durable=DURABLE, batch_size=100, max_wait_s=0.2, nak_delay_s=0.05, nak_delay_max_s=0.5)
@@ -1246,21 +1248,21 @@ async def test_unclean_takeover_applies_the_dead_owners_messages_first(
     launch: Callable[..., Service],
     fault_table: FaultTable,
 ) -> None:
-    """Two unpartitioned ``billing up``: A owns the durable and holds a delivered, un-acked batch (H's
-    credit; the test holds H's row insert open, so A's transaction waits), B stands by. A is killed
-    (-9): its lock is free at once, its delivery stays pending at the server until ack_wait. H's pod
-    start and end are published right away, so they are there to pull before the credit comes back.
-    B takes over within a rebalance, sees that A did not release the durable and that a message is
-    un-acked, and waits for its redelivery before pulling anything newer: H's credit is applied first,
-    no stop command and no exhausted notice for the funded wallet. (Pulling at once, B applied the
-    start to a $0 wallet.)"""
+    """Two unpartitioned ``billing up`` with the default ack_wait (30 s): A owns the durable and holds a
+    delivered, un-acked batch (H's credit; the test holds H's row insert open, so A's transaction
+    waits), B stands by. A is killed (-9): its lock is free at once, its delivery stays pending at the
+    server until ack_wait. H's pod start and end are published right away, so they are there to pull
+    before the credit comes back. B takes over within a rebalance, sees that A did not release the
+    durable and that a message is un-acked, has the server queue it for redelivery (ack_wait short for
+    a moment) and only then pulls: H's credit is applied first, no stop command and no exhausted
+    notice for the funded wallet, and everything is consumed within RESUME_WITHIN_S of the kill, not
+    after ack_wait. (Pulling at once, B applied the start to a $0 wallet: bug #7.)"""
     hot = f"{tag}-hot"
     pod = f"{hot}-pod"
     wl = Workload(tag, wallets=0, dry=0)
     wl.add_wallet(hot)
     credit = wl.outgoing([wl.credit(hot, 500_000_000)])
     newer = wl.outgoing([wl.start(hot, pod, 3_600_000), wl.reading(hot, pod, 60, kind="ended")])
-    ack_wait_s = 2
     plain = make_url(database.url).set(drivername="postgresql").render_as_string(hide_password=False)
     async with streams(nats_url, namespace_of(unique)) as (_nc, js, names), Probe(js, names) as probe:
         env = service_env(
@@ -1268,7 +1270,6 @@ async def test_unclean_takeover_applies_the_dead_owners_messages_first(
             nats_url=nats_url,
             namespace=names.namespace,
             data_dir=tmp_path / "data",
-            intake_ack_wait_s=ack_wait_s,
             intake_rebalance_s=0.3,
             # One transaction per batch, in the service process: with lanes (threads or worker
             # processes, split by wallet) the blocked batch's other lane could commit H alone.
@@ -1301,6 +1302,8 @@ async def test_unclean_takeover_applies_the_dead_owners_messages_first(
         recover_s = time.monotonic() - killed
         waits = await b.metric("billing_intake_takeover_waits_total")
         waited_s = await b.metric("billing_intake_takeover_wait_seconds_total")
+        fallbacks = await b.metric("billing_intake_takeover_fallbacks_total")
+        ack_wait_s = (await consumer(js, names)).config.ack_wait
         assert await b.terminate() == 0
     keys = {m.key for m in [*credit, *newer] if m.key is not None}
     result = check_ledger(app_engine, wl.source, keys, wl.expected_balances())
@@ -1317,8 +1320,8 @@ async def test_unclean_takeover_applies_the_dead_owners_messages_first(
             result.doubled,
             recover_s,
             probe.redelivered,
-            f"ack_wait {ack_wait_s} s; B waited {waited_s:.1f} s for A's un-acked credit; H's log {order};"
-            f" stops {len(stops)}, notices {notices}",
+            f"ack_wait {ack_wait_s:.0f} s; B had A's un-acked credit requeued in {waited_s:.2f} s, everything"
+            f" consumed {recover_s:.2f} s after the kill; H's log {order}; stops {len(stops)}, notices {notices}",
         )
     )
     assert not result.problems(), result.problems()
@@ -1327,3 +1330,7 @@ async def test_unclean_takeover_applies_the_dead_owners_messages_first(
     assert stops == [], f"funded wallet stopped; notices {notices}"
     assert "exhausted" not in notices, notices
     assert waits == 1
+    assert fallbacks == 0, "the takeover must not wait for ack_wait"
+    assert ack_wait_s == 30, "ack_wait set back after the takeover"
+    print(f"\nunclean takeover: requeued in {waited_s:.2f} s; consumed {recover_s:.2f} s after the kill")
+    assert recover_s < RESUME_WITHIN_S, f"consumption resumed {recover_s:.2f} s after the kill"
