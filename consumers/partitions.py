@@ -59,8 +59,8 @@ reordering as two pullers (bug #7: a wallet's rental start applied before its cr
 
 So before its first pull, a new owner whose predecessor did not release the unit cleanly, on a
 consumer with ``num_ack_pending > 0``, has the server **queue the dead owner's deliveries for
-redelivery now**: it updates the durable's ``ack_wait`` to ``TAKEOVER_ACK_WAIT_S`` (0.5 s), waits that
-long plus ``TAKEOVER_MARGIN_S``, sets ``ack_wait`` back, and only then pulls. About 0.8 s after the
+redelivery now**: it updates the durable's ``ack_wait`` to ``TAKEOVER_ACK_WAIT_S`` (0.25 s), waits that
+long plus ``TAKEOVER_MARGIN_S``, sets ``ack_wait`` back, and only then pulls. About 0.5 s after the
 takeover instead of ``ack_wait`` (30.5 s).
 
 * *Why that requeues exactly the dead owner's messages.* nats-server decides expiry on every check of
@@ -191,11 +191,11 @@ RESTART_DELAY_S: Final = 1.0
 RESTART_DELAY_MAX_S: Final = 15.0
 """Back-off of a unit's intake that failed (e.g. its consumer could not be created during a NATS
 leader election): doubling, capped; the unit is kept meanwhile."""
-TAKEOVER_ACK_WAIT_S: Final = 0.5
+TAKEOVER_ACK_WAIT_S: Final = 0.25
 """The durable's ack_wait for a moment after an unclean takeover (see the module's documentation):
 the dead owner's un-acked deliveries expire and are queued for redelivery within this much of the
 update. Below the smallest ack_wait the settings allow (1 s), so one left behind is recognised."""
-TAKEOVER_MARGIN_S: Final = 0.3
+TAKEOVER_MARGIN_S: Final = 0.2
 """Waited beyond TAKEOVER_ACK_WAIT_S (or, in the fallback, beyond the consumer's ack_wait): the
 server's pending timer is re-armed 100 ms after the update and fires a millisecond after an expiry,
 plus scheduling on a loaded machine."""
@@ -533,6 +533,12 @@ class _OwnershipMetrics:
         self.takeover_wait_seconds = Counter(
             "billing_intake_takeover_wait_seconds", "Time spent in those waits.", registry=r
         )
+        self.acquired_at = Gauge(
+            "billing_intake_unit_acquired_timestamp_seconds",
+            "When this instance last took a unit over (Unix time): with the intake's counters, how long it"
+            " took to commit again after a takeover.",
+            registry=r,
+        )
         self.takeover_fallbacks = Counter(
             "billing_intake_takeover_fallbacks",
             "Of those takeovers, the ones that waited for the consumer's full ack_wait instead (the server"
@@ -717,6 +723,7 @@ class OwnedIntake:
             self._left_clean.pop(p, None)
             self._start_partition(p, claim, unclean=not clean)
             self._ownership.changes.labels("acquired").inc()
+            self._ownership.acquired_at.set_to_current_time()
             log.info(
                 "unit %d (%s) acquired by %s (now %s; %d live instance(s), share %d); previous owner %s: %s",
                 p,
