@@ -21,7 +21,9 @@ reference computed here from the published events with ledger.money's formulas:
 Unpartitioned, the service's instances pull the durable one at a time (``consumers.partitions``):
 scenarios 3 and 9 run two, one pulling and one standing by; 10 pins the order of one wallet's events
 with two instances; 11 kills the one pulling with a batch delivered and un-acked, and checks that the
-one taking over applies that batch before anything newer.
+one taking over applies that batch before anything newer; 12 and 13 kill it mid-stream, restart it
+or let the standby take over, and time the new owner's first commit (ack_wait 30 s throughout: the
+new owner has the dead one's un-acked deliveries requeued at once, issue 13 item 5).
 
 A summary table (fault, times injected, events lost, charges doubled, redeliveries, time to
 recover) is printed at the end of the session.
