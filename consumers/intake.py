@@ -747,9 +747,19 @@ class Intake:
             self._max_deliver,
         )
         flushed = False
+        # Lane worker processes still starting (spawning them and importing take seconds on a busy
+        # machine: after a restart they were up to 2-3 s after the first pull here) would hold the
+        # first commits back: the lanes run in this process until the workers are up.
+        starting = self._workers if self._workers is not None and not self._workers.pids else None
+        if starting is not None:
+            self._workers = None
         self.unsettled = True  # from the first pull on, until everything delivered is settled
         try:
             while not stop.is_set():
+                if starting is not None and starting.pids:
+                    await self._settled()  # nothing in flight while the lanes change process
+                    self._workers, starting = starting, None
+                    log.info("intake %s: lanes in the worker processes from now on", self._spec.durable)
                 if self._caught_up:
                     # The last batch was small (no backlog): let it finish before pulling, so what
                     # arrives meanwhile is one batch, not a transaction or two per message.

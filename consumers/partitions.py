@@ -55,39 +55,85 @@ SIGTERM) settles everything delivered to it before it unlocks: committed and ack
 nak-ed (immediately: redelivered first; or with a delay: a reading whose rental has not started yet,
 *parked* on purpose). An owner that dies leaves its batch in hand and its prefetch pending for up to
 ``ack_wait`` (30 s), while the next owner's first pulls would get the *newer* messages at once: the same
-reordering as two pullers. So before its first pull, a new owner whose predecessor did not release the
-unit cleanly, on a consumer with ``num_ack_pending > 0``, waits until those deliveries have expired;
-its first pulls then get them, in stream order, before anything newer.
+reordering as two pullers (bug #7: a wallet's rental start applied before its credit).
 
-* *How long.* Every delivery to the dead owner and every in-progress ack it sent happened before it
-  died, it died before its lock was free, and nats-server drops a pull request whose subscriber is gone;
-  so all it held has expired by *takeover + the consumer's ack_wait* (``TAKEOVER_MARGIN_S`` more for the
-  server's timer). The wait ends earlier if ``num_ack_pending`` drops to 0 (an owner that had only lost
-  its lock connection settled them itself), and at ``stop``; it is polled, so it is bounded. A unit given
-  up during that wait is not a clean release: the dead owner's messages are still pending.
+So before its first pull, a new owner whose predecessor did not release the unit cleanly, on a
+consumer with ``num_ack_pending > 0``, has the server **queue the dead owner's deliveries for
+redelivery now**: it updates the durable's ``ack_wait`` to ``TAKEOVER_ACK_WAIT_S`` (0.25 s), waits that
+long plus ``TAKEOVER_MARGIN_S``, sets ``ack_wait`` back, and only then pulls. About 0.5 s after the
+takeover instead of ``ack_wait`` (30.5 s). Measured with the default ack_wait of 30 s (fault suite
+rows 11-13, ``tests/integration/test_cluster.py``): a standby commits 0.6-1.3 s after the owner's
+``kill -9``; a restarted ``billing up`` 0.6-1.2 s after it has the lock (4.4-5.7 s after its exec on
+the shared 2-core test machine, where its own start took most of it);
+partitioned on a 3-node cluster, the survivor committed in the dead instance's 4 partitions 2.2 s
+after the kill.
+
+* *Why that requeues exactly the dead owner's messages.* nats-server decides expiry on every check of
+  its pending timer as ``now - last delivery >= the consumer's current ack_wait``, and an update of
+  ``ack_wait`` re-arms that timer at 100 ms (``consumer.updateConfig``, ``checkPending``; tried here on
+  2.9.10 and 2.15.1). Every delivery to the dead owner, and every in-progress ack it sent, happened
+  before it died, it died before its lock was free, and the server drops a pull request whose
+  subscriber is gone (nobody else pulls meanwhile): so within ``TAKEOVER_ACK_WAIT_S`` (+ the 100 ms)
+  of the update, all of them are in the redelivery queue. Nothing acked is touched: the server's own
+  pending set is what comes back, with its delivery counts (``max_deliver`` still counts), and the
+  consumer keeps its name, sequences and ack floor.
+* *Why in stream order.* Each check moves what has expired into the queue sorted by stream sequence;
+  deliveries expire in the order of their last delivery, and an owner's first deliveries come in
+  stream order (a batch and the prefetch after it): so the queue holds the dead owner's messages in
+  stream order, ahead of everything not yet delivered, which comes after. The only messages whose
+  place in the queue is not their stream position are those already being retried (a *parked*
+  reading, a message nak-ed after a processing failure): their delayed redelivery already puts them
+  behind newer messages in normal running, by design (a reading waits for its rental's start).
+* *What comes back twice.* Exactly what waiting for ``ack_wait`` brought back: the dead owner's
+  un-acked deliveries, some of them committed before it died (between its commit and its ack). An
+  accepted or duplicate event is then a duplicate by the log's ``(source, id)`` key; a refused input
+  with a readable identity is recorded once by ``rejected_inputs``' ``(source, event_id, reason)``
+  key, and its dead letter is dropped by the DLQ stream's duplicate window (``Nats-Msg-Id`` of the
+  refusal); one without (not JSON, not UTF-8) gets a second ``rejected_inputs`` row. That window is a
+  commit-to-ack gap of a few milliseconds per crash, as before; nothing acked is delivered again.
+* *Parked readings.* A nak with a delay is stored by the server as a last delivery of
+  ``now + delay - ack_wait``; with ``ack_wait`` short for a moment, a reading with less than
+  ``ack_wait - TAKEOVER_ACK_WAIT_S`` of its delay left comes back at the takeover instead: one
+  delivery early, its count kept, then parked again by the intake with the delay of its count. So an
+  unclean takeover shortens a parked reading's life before its ``not_started`` dead letter by at most
+  one delivery; a longer delay is untouched (its deadline is the old one once ``ack_wait`` is back).
 * *Clean or not: the table* ``intake_owners`` *(stream, durable) -> owner, state.* ``num_ack_pending``
   alone cannot tell a dead owner's batch from parked readings, which stay pending after the cleanest of
-  releases (a delay up to ``nak_delay_max_s``); waiting ``ack_wait`` at every rebalance and every deploy
-  would stall the intake for nothing. So, on the lock's own connection (only the holder writes): on
-  acquiring, the owner reads the row and marks it ``held`` by a token unique to this acquisition, before
-  its first pull; after a clean stop (its :class:`~consumers.intake.Intake` returned with
-  ``unsettled`` False: everything delivered settled, acks flushed) it marks it ``released`` (where the
-  owner is still its token), and only then unlocks. A new owner pulls at once when it finds
-  ``released``, or its own earlier token for a unit it stopped cleanly but could not mark (its lock's
-  connection had dropped); anything else (``held`` by another: that one died or was cut off; no row: the
-  first run) counts as unclean. A row written by a dead owner is harmless: the next owner overwrites it.
-* *Cost.* After an unclean loss, a unit with something pending starts consuming ``ack_wait`` after the
-  takeover instead of at once: the dead owner's messages would only come back then anyway, and the
-  newer ones wait with them. A ``kill -9`` + restart of a single instance costs the same.
-* *Alternatives weighed.* Recreating the consumer at ``ack_floor + 1`` (everything un-acked redelivered at
-  once, in order, no wait): the ack floor stays behind a reading parked for minutes, so everything
-  acked after it would be delivered and processed again (no-ops, but a transaction each, up to
-  ``max_ack_pending`` at a time), the parked readings would lose their delivery counts and delays
-  (``max_deliver`` never reached: never dead-lettered as ``not_started``), and deleting a durable races
-  with an owner that is only cut off. Nak-ing the dead owner's messages from the new owner is not
-  possible (JetStream takes an ack only on the reply subject of that delivery, which only the dead
-  owner knew). Without a marker, waiting whenever ``num_ack_pending > 0`` stalls every clean hand-over
-  that has a reading parked.
+  releases; requeueing at every rebalance and deploy would bring parked readings back for nothing. So,
+  on the lock's own connection (only the holder writes): on acquiring, the owner reads the row and marks
+  it ``held`` by a token unique to this acquisition, before its first pull; after a clean stop (its
+  :class:`~consumers.intake.Intake` returned with ``unsettled`` False: everything delivered settled,
+  acks flushed) it marks it ``released`` (where the owner is still its token), and only then unlocks.
+  A new owner pulls at once when it finds ``released``, or its own earlier token for a unit it stopped
+  cleanly but could not mark (its lock's connection had dropped); anything else (``held`` by another:
+  that one died or was cut off; no row: the first run) counts as unclean. A row written by a dead
+  owner is harmless: the next owner overwrites it. A clean hand-over never touches the consumer.
+* *Failures.* ``ack_wait`` is set back before any pull, whatever happens; if that update fails the
+  unit's intake fails before pulling and is restarted (back-off), and the next attempt, or the next
+  owner, starts with :func:`~consumers.intake.ensure_consumer`, which sets the configured ``ack_wait``
+  again (a short one left by an owner that died in the middle is recognised and replaced). If the
+  server refuses the short ``ack_wait``, or the consumer has a ``backoff`` (its deadlines are not
+  ``ack_wait``), the new owner falls back to waiting until they have expired by themselves (the
+  consumer's ``ack_wait`` + ``TAKEOVER_MARGIN_S`` after the takeover, ending earlier if
+  ``num_ack_pending`` drops to 0), as before. An owner that was only cut off from PostgreSQL (alive,
+  still finishing its batch) has its batch requeued too: both apply it, the wallet row locks of
+  ``projections.processor`` serialise them, and each applies a wallet's events in stream order, so
+  the second is a no-op.
+* *Alternatives weighed.* Deleting the durable and recreating it at ``ack_floor + 1`` (option (a) of
+  issue 13), or a consumer per owner epoch created at its predecessor's ack floor (option (b)): with
+  explicit acks the floor stays behind the oldest un-acked message, which is a parked reading minutes
+  old as often as not, so everything acked after it is delivered and processed again. For an accepted
+  event that is a no-op by the ``(source, id)`` key, but not for every refused input: an input with no
+  readable identity (not JSON, not UTF-8) has no ``(source, id, reason)`` key in ``rejected_inputs``
+  and would be recorded again, and a refusal decided by state (``invalid_transition``: a resume
+  before its pause) would be decided again against a later state and could be applied. The recreated
+  consumer also starts every delivery count at 1 (a parked reading would never reach ``max_deliver``
+  and its ``not_started`` dead letter across repeated crashes) and forgets the delays; and deleting a
+  durable races with an owner that is only cut off (its restart would recreate it with
+  ``DeliverPolicy.ALL``: the whole stream again). Nak-ing the dead owner's messages from the new
+  owner is not possible (JetStream takes an ack only on the reply subject of that delivery, which
+  only the dead owner knew). Waiting for ``ack_wait`` (what this did before) keeps order but stalls a
+  crashed unit for 30.5 s.
 
 **Why not JetStream pinned-client priority groups** (``priority_policy: pinned_client``, nats-server
 2.11+; the installed 2.15.1 has them): nats-py 2.16 has no API for them (no ``priority_groups`` in
@@ -117,6 +163,9 @@ from typing import Any, Final
 
 import psycopg
 from nats.aio.client import Client
+from nats.js import JetStreamContext
+from nats.js.api import ConsumerInfo
+from nats.js.errors import BadRequestError
 from prometheus_client import Counter, Gauge
 from psycopg.sql import SQL, Identifier
 from sqlalchemy import Engine
@@ -134,6 +183,7 @@ __all__ = [
     "fnv1a_32",
     "lock_classes",
     "partition_of",
+    "requeue_unacked",
     "run_owned",
 ]
 
@@ -153,11 +203,19 @@ RESTART_DELAY_S: Final = 1.0
 RESTART_DELAY_MAX_S: Final = 15.0
 """Back-off of a unit's intake that failed (e.g. its consumer could not be created during a NATS
 leader election): doubling, capped; the unit is kept meanwhile."""
-TAKEOVER_MARGIN_S: Final = 0.5
-"""Waited beyond the consumer's ack_wait after an unclean takeover: the server's redelivery timer
-fires a millisecond after the expiry, plus scheduling on a loaded machine."""
+TAKEOVER_ACK_WAIT_S: Final = 0.25
+"""The durable's ack_wait for a moment after an unclean takeover (see the module's documentation):
+the dead owner's un-acked deliveries expire and are queued for redelivery within this much of the
+update. Below the smallest ack_wait the settings allow (1 s), so one left behind is recognised."""
+TAKEOVER_MARGIN_S: Final = 0.2
+"""Waited beyond TAKEOVER_ACK_WAIT_S (or, in the fallback, beyond the consumer's ack_wait): the
+server's pending timer is re-armed 100 ms after the update and fires a millisecond after an expiry,
+plus scheduling on a loaded machine."""
+TAKEOVER_UPDATES: Final = 3
+"""Tries of each ack_wait update of a takeover (a NATS blip); then the unit's intake fails, before
+any pull, and is restarted with a back-off."""
 TAKEOVER_POLL_S: Final = 0.5
-"""During that wait, how often the consumer's un-acked count is read (0: nothing left to wait for)."""
+"""During the fallback wait, how often the consumer's un-acked count is read (0: nothing to wait for)."""
 # An instance that owns less than its share comes back this often (at most) instead of every
 # rebalance_s: a unit freed by a clean shutdown, a crash or a scale-down is taken within a fraction of
 # a second rather than a whole period, and instances that start together (or a whole cluster whose
@@ -490,11 +548,23 @@ class _OwnershipMetrics:
         self.takeover_waits = Counter(
             "billing_intake_takeover_waits",
             "Takeovers of a unit its previous owner had not released cleanly, with messages un-acked: the"
-            " first pull waited for their redelivery.",
+            " first pull waited until they were queued for redelivery (ack_wait shortened for a moment).",
             registry=r,
         )
         self.takeover_wait_seconds = Counter(
             "billing_intake_takeover_wait_seconds", "Time spent in those waits.", registry=r
+        )
+        self.acquired_at = Gauge(
+            "billing_intake_unit_acquired_timestamp_seconds",
+            "When this instance last took a unit over (Unix time): with the intake's counters, how long it"
+            " took to commit again after a takeover.",
+            registry=r,
+        )
+        self.takeover_fallbacks = Counter(
+            "billing_intake_takeover_fallbacks",
+            "Of those takeovers, the ones that waited for the consumer's full ack_wait instead (the server"
+            " refused the short ack_wait, or the consumer has a backoff).",
+            registry=r,
         )
 
 
@@ -674,6 +744,7 @@ class OwnedIntake:
             self._left_clean.pop(p, None)
             self._start_partition(p, claim, unclean=not clean)
             self._ownership.changes.labels("acquired").inc()
+            self._ownership.acquired_at.set_to_current_time()
             log.info(
                 "unit %d (%s) acquired by %s (now %s; %d live instance(s), share %d); %s",
                 p,
@@ -746,7 +817,7 @@ class OwnedIntake:
         it ended with nothing delivered to this unit left un-acked (then its release is clean).
 
         ``ordered``: before a pull that could overtake messages left un-acked (by the previous owner,
-        or by this unit's own intake that failed), wait until those have expired."""
+        or by this unit's own intake that failed), have them queued for redelivery first."""
         stop = owned.stop
         unclean = ordered and owned.unclean
         delay = RESTART_DELAY_S
@@ -765,7 +836,7 @@ class OwnedIntake:
             )
             try:
                 if unclean:
-                    if not await self._let_leftovers_expire(owned.partition, spec, stop):
+                    if not await self._requeue_leftovers(owned.partition, spec, stop):
                         return False  # stopped first: the left-overs are still pending for the next owner
                     unclean = False
                 await intake.run(stop)
@@ -780,27 +851,65 @@ class OwnedIntake:
                 delay = min(delay * 2, RESTART_DELAY_MAX_S)
         return not unclean
 
-    async def _let_leftovers_expire(self, p: int, spec: ConsumerSpec, stop: asyncio.Event) -> bool:
-        """Before the first pull after an unclean takeover: if the consumer has messages un-acked, wait
-        until they have expired (JetStream then redelivers them, in stream order, before anything
-        newer). Bounded by the consumer's ack_wait (see the module's documentation). Returns False
-        if ``stop`` came first."""
+    async def _requeue_leftovers(self, p: int, spec: ConsumerSpec, stop: asyncio.Event) -> bool:
+        """Before the first pull after an unclean takeover: if the consumer has messages un-acked, have
+        the server queue them for redelivery now (:func:`requeue_unacked`), so that they come back, in
+        stream order, before anything newer (see the module's documentation). Returns False if
+        ``stop`` came first. Raises, before any pull, if ``ack_wait`` cannot be set back."""
         info = await ensure_consumer(self._js, self._names, self._config, spec)
         pending = int(info.num_ack_pending or 0)
         if pending == 0:
             return True
+        if info.config.backoff:
+            return await self._let_leftovers_expire(p, spec, stop, info, why="the consumer has a backoff")
+        # Back to the ack_wait it has, or the configured one if an owner that died in the middle of a
+        # takeover left the short one behind.
+        current = float(info.config.ack_wait or 0)
+        restore_s = current if current > TAKEOVER_ACK_WAIT_S else self._config.ack_wait_s
+        self._ownership.takeover_waits.inc()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        try:
+            requeued = await requeue_unacked(self._js, self._names.in_stream, info, restore_s=restore_s, stop=stop)
+        finally:
+            self._ownership.takeover_wait_seconds.inc(loop.time() - started)
+        if not requeued:
+            return await self._let_leftovers_expire(p, spec, stop, info, why="the server refused a short ack_wait")
+        if stop.is_set():
+            return False
+        log.warning(
+            "unit %d (%s): the previous owner did not release it cleanly; its %d un-acked message(s) queued"
+            " for redelivery ahead of anything newer (ack_wait %.1f s for a moment, back to %.1f s):"
+            " pulling %.2f s after the takeover",
+            p,
+            spec.durable,
+            pending,
+            TAKEOVER_ACK_WAIT_S,
+            restore_s,
+            loop.time() - started,
+        )
+        return True
+
+    async def _let_leftovers_expire(
+        self, p: int, spec: ConsumerSpec, stop: asyncio.Event, info: ConsumerInfo, *, why: str
+    ) -> bool:
+        """The fallback of :meth:`_requeue_leftovers`: wait until the un-acked messages have expired by
+        themselves (JetStream then redelivers them, in stream order, before anything newer). Bounded
+        by the consumer's ack_wait (see the module's documentation). Returns False if ``stop`` came
+        first."""
         # The longest a delivery stays pending before the server queues it for redelivery.
         ack_wait_s = max([float(info.config.ack_wait or self._config.ack_wait_s), *(info.config.backoff or [])])
         wait_s = ack_wait_s + TAKEOVER_MARGIN_S
         log.warning(
-            "unit %d (%s): the previous owner did not release it cleanly and %d message(s) are un-acked:"
+            "unit %d (%s): the previous owner did not release it cleanly and %d message(s) are un-acked (%s):"
             " waiting up to %.1f s for their redelivery before pulling anything newer",
             p,
             spec.durable,
-            pending,
+            int(info.num_ack_pending or 0),
+            why,
             wait_s,
         )
-        self._ownership.takeover_waits.inc()
+        self._ownership.takeover_fallbacks.inc()
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + wait_s
@@ -823,6 +932,57 @@ class OwnedIntake:
             self._ownership.takeover_wait_seconds.inc(loop.time() - started)
         log.info("unit %d (%s): pulling after %.1f s", p, spec.durable, loop.time() - started)
         return True
+
+
+async def requeue_unacked(
+    js: JetStreamContext, stream: str, info: ConsumerInfo, *, restore_s: float, stop: asyncio.Event | None = None
+) -> bool:
+    """Have nats-server queue every delivery of this durable that is un-acked for redelivery now:
+    its ``ack_wait`` set to TAKEOVER_ACK_WAIT_S, TAKEOVER_ACK_WAIT_S + TAKEOVER_MARGIN_S waited
+    (less if ``stop`` is set), then ``ack_wait`` set to ``restore_s``. Only for a durable nobody pulls
+    meanwhile (its owner is dead); a parked delivery with more than ``restore_s -
+    TAKEOVER_ACK_WAIT_S`` of its delay left stays parked (see the module's documentation).
+
+    Returns False if the server refused the short ack_wait (nothing changed); raises if ``ack_wait``
+    cannot be set back (the caller must not pull then)."""
+    durable = info.config.durable_name or info.name
+    try:
+        await _set_ack_wait(js, stream, info, TAKEOVER_ACK_WAIT_S)
+    except BadRequestError as exc:
+        log.warning("%s/%s: ack_wait %.1f s refused (%s)", stream, durable, TAKEOVER_ACK_WAIT_S, exc.description)
+        return False
+    try:
+        if stop is None:
+            await asyncio.sleep(TAKEOVER_ACK_WAIT_S + TAKEOVER_MARGIN_S)
+        else:
+            await _sleep_unless(stop, TAKEOVER_ACK_WAIT_S + TAKEOVER_MARGIN_S)
+    finally:
+        # Whatever happened meanwhile (stop, cancellation): no pull with the short ack_wait.
+        await _set_ack_wait(js, stream, info, restore_s)
+    return True
+
+
+async def _set_ack_wait(js: JetStreamContext, stream: str, info: ConsumerInfo, ack_wait_s: float) -> None:
+    """Update a durable to ``ack_wait_s``, nothing else of its configuration changed (an editable
+    field: its sequences, pending set and delivery counts stay). A few bounded tries; a refusal
+    (BadRequestError) is raised at once."""
+    wanted = info.config.evolve(ack_wait=ack_wait_s)
+    durable = wanted.durable_name or info.name
+    for attempt in range(1, TAKEOVER_UPDATES + 1):
+        try:
+            updated = await asyncio.wait_for(js.add_consumer(stream, wanted), timeout=LOCK_QUERY_TIMEOUT_S)
+        except BadRequestError:
+            raise  # refused: trying again would not change that
+        except Exception as exc:
+            if attempt == TAKEOVER_UPDATES:
+                raise
+            log.warning("ack_wait of %s/%s not updated (%r): trying again", stream, durable, exc)
+            await asyncio.sleep(0.1 * attempt)
+            continue
+        got = float(updated.config.ack_wait or 0)
+        if abs(got - ack_wait_s) > 0.001:
+            raise RuntimeError(f"{stream}/{durable}: ack_wait {ack_wait_s} s asked, the server kept {got} s")
+        return
 
 
 async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:

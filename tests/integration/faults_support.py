@@ -322,6 +322,27 @@ async def publish_retrying(
     return last, failures
 
 
+@dataclass
+class PacedPublisher:
+    """Publishes ``msgs`` in windows of ``window`` with a pause between windows, so that a fault lands
+    mid-stream and there is always something new to consume after it; every PubAck awaited."""
+
+    js: JetStreamContext
+    names: NatsNames
+    msgs: Sequence[Outgoing]
+    window: int = 10
+    pause_s: float = 0.1
+    published: int = 0
+    last_seq: int = 0
+
+    async def run(self) -> int:
+        for i in range(0, len(self.msgs), self.window):
+            self.last_seq = max(self.last_seq, await publish(self.js, self.names, self.msgs[i : i + self.window]))
+            self.published = min(i + self.window, len(self.msgs))
+            await asyncio.sleep(self.pause_s)
+        return self.last_seq
+
+
 async def connect(url: str) -> Client:
     return await nats.connect(url, max_reconnect_attempts=-1, reconnect_time_wait=0.2, connect_timeout=2)
 
@@ -500,8 +521,10 @@ def service_env(
 
 
 def second_instance(env: dict[str, str]) -> dict[str, str]:
-    """The environment of another instance of the same service (same namespace, same durable)."""
-    return {**env, "BILLING_HTTP_PORT": str(free_port())}
+    """The environment of another instance of the same service (same namespace, same durable, same
+    database and NATS), with its own HTTP port and data dir (one ``billing up`` per data dir)."""
+    port = free_port()
+    return {**env, "BILLING_HTTP_PORT": str(port), "BILLING_DATA_DIR": f"{env['BILLING_DATA_DIR']}-{port}"}
 
 
 class Service:
@@ -522,7 +545,7 @@ class Service:
         assert self.proc is None or self.proc.poll() is not None, "already running"
         self.starts += 1
         with self.log_path.open("ab") as log:
-            log.write(f"\n===== {self.name} start {self.starts} =====\n".encode())
+            log.write(f"\n===== {self.name} start {self.starts} at {datetime.now(UTC):%H:%M:%S.%f} =====\n".encode())
             log.flush()
             self.proc = subprocess.Popen([BILLING, "up"], env=self.env, stdout=log, stderr=subprocess.STDOUT)
 
@@ -555,6 +578,15 @@ class Service:
         assert self.proc is not None
         self.proc.kill()
         self.proc.wait(timeout=5)
+        with self.log_path.open("ab") as log:
+            log.write(f"\n===== {self.name} killed at {datetime.now(UTC):%H:%M:%S.%f} =====\n".encode())
+
+    async def committed(self) -> float:
+        """Events this process has accepted and settled (0 while its HTTP port does not answer)."""
+        try:
+            return await self.metric("billing_intake_messages_total", disposition="accepted")
+        except httpx.HTTPError:
+            return 0.0
 
     async def terminate(self) -> int:
         """SIGTERM and the exit status; polled, so the test's event loop (a NatsTap in it) keeps
