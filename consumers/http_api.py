@@ -139,32 +139,51 @@ _bearer = HTTPBearer(
 )
 
 
+def _bearer_token(header: str | None) -> str | None:
+    """The token of ``Authorization: Bearer <token>`` (the scheme in any case), as HTTPBearer reads it."""
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def authorization_refusal(auth: TokenAuthenticator, scope: str, header: str | None) -> ApiError | None:
+    """Why a request with this ``Authorization`` header may not use an operation of ``scope``, or
+    None. One check for the route dependency and for the guard that runs before the body is read."""
+    token = _bearer_token(header)
+    if token is None:
+        return ApiError(
+            401,
+            "unauthenticated",
+            "send an API token: Authorization: Bearer <token>",
+            headers={"WWW-Authenticate": 'Bearer realm="billing"'},
+        )
+    scopes = auth.scopes_of(token)
+    if scopes is None:
+        return ApiError(
+            401,
+            "invalid_token",
+            "the bearer token is not one this service knows; check the token (BILLING_API_TOKENS)",
+            headers={"WWW-Authenticate": 'Bearer realm="billing", error="invalid_token"'},
+        )
+    if scope not in scopes:
+        return ApiError(
+            403,
+            "insufficient_scope",
+            f"this token lacks the {scope!r} scope this operation needs (it has: {', '.join(sorted(scopes))})",
+            headers={"WWW-Authenticate": f'Bearer realm="billing", error="insufficient_scope", scope="{scope}"'},
+        )
+    return None
+
+
 def _scope_dependency(auth: TokenAuthenticator, scope: str) -> Callable[..., Coroutine[Any, Any, None]]:
     async def require_scope(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        request: Request,
+        _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> None:
-        if credentials is None:
-            raise ApiError(
-                401,
-                "unauthenticated",
-                "send an API token: Authorization: Bearer <token>",
-                headers={"WWW-Authenticate": 'Bearer realm="billing"'},
-            )
-        scopes = auth.scopes_of(credentials.credentials)
-        if scopes is None:
-            raise ApiError(
-                401,
-                "invalid_token",
-                "the bearer token is not one this service knows; check the token (BILLING_API_TOKENS)",
-                headers={"WWW-Authenticate": 'Bearer realm="billing", error="invalid_token"'},
-            )
-        if scope not in scopes:
-            raise ApiError(
-                403,
-                "insufficient_scope",
-                f"this token lacks the {scope!r} scope this operation needs (it has: {', '.join(sorted(scopes))})",
-                headers={"WWW-Authenticate": f'Bearer realm="billing", error="insufficient_scope", scope="{scope}"'},
-            )
+        refusal = authorization_refusal(auth, scope, request.headers.get("authorization"))
+        if refusal is not None:
+            raise refusal
 
     return require_scope
 
@@ -719,6 +738,82 @@ async def _read_limited(request: Request, limit: int) -> bytes:
 
 API_TITLE: Final = "GPU cloud billing API"
 API_VERSION: Final = "1.0.0"
+API_DESCRIPTION: Final = (
+    "Billing and metering service of the GPU cloud: wallet top-ups through Stripe, "
+    "Stripe webhooks, wallet and rental reads. Money is integer micro-USD (`...Micros`)."
+)
+# The path prefixes of the operations that need a token, and the scope (GuardMiddleware checks it
+# before the body is read; tests/unit/test_openapi.py checks every scoped route is covered).
+ROUTE_SCOPES: Final = {"/wallet/": "wallet", "/wallets/": "wallet", "/rentals/": "wallet", "/finance/": "finance"}
+DOCS_ASSETS_PATH: Final = "/docs/assets"
+
+
+def install_api(
+    app: FastAPI,
+    engine: Engine,
+    settings: Settings,
+    *,
+    stripe_client: stripe.StripeClient | None = None,
+    clock: Clock | None = None,
+) -> None:
+    """The whole HTTP API on ``app``: the wallet/Stripe and finance routers, the error shape, the
+    guard (token and body size before the body is read) and the served docs (``/``, ``/docs``)."""
+    app.include_router(build_api(engine, settings, stripe_client=stripe_client, clock=clock))
+    from consumers.finance_api import build_finance_api  # it imports this module's auth
+
+    app.include_router(build_finance_api(engine, settings, stripe_client=stripe_client, clock=clock))
+    install_error_handlers(app)
+    install_docs(app)
+    install_guard(app, settings)
+
+
+def install_guard(app: FastAPI, settings: Settings) -> None:
+    from consumers.http_limits import GuardMiddleware
+
+    auth = TokenAuthenticator(parse_api_tokens(settings.api_tokens.get_secret_value()))
+    app.add_middleware(
+        GuardMiddleware,
+        authorize=lambda scope, header: authorization_refusal(auth, scope, header),
+        scopes=ROUTE_SCOPES,
+        max_body_bytes=settings.http_max_body_bytes,
+        limits={"/stripe/webhook": MAX_WEBHOOK_BYTES},
+    )
+
+
+def install_docs(app: FastAPI) -> None:
+    """``/docs``: FastAPI's Swagger UI page, its JavaScript and CSS served from the installed
+    swagger-ui-bundle-v2 package (no CDN: the page works without internet); ``/``: where things are.
+    ``app.openapi_url`` must be set (``/openapi.json``). None of them needs a token."""
+    import swagger_ui_bundle
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+    from starlette.staticfiles import StaticFiles
+
+    openapi_url = app.openapi_url or "/openapi.json"
+    app.mount(DOCS_ASSETS_PATH, StaticFiles(directory=str(swagger_ui_bundle.swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=openapi_url,
+            title=f"{API_TITLE} - docs",
+            swagger_js_url=f"{DOCS_ASSETS_PATH}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS_PATH}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS_PATH}/favicon-32x32.png",
+        )
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> dict[str, Any]:
+        return {
+            "service": API_TITLE,
+            "version": API_VERSION,
+            "docs": "/docs",
+            "openapi": openapi_url,
+            "health": "/healthz",
+            "ready": "/readyz",
+            "metrics": "/metrics",
+            "auth": "Authorization: Bearer <token> (BILLING_API_TOKENS; scopes wallet, finance)",
+        }
 
 
 def create_app(
@@ -728,16 +823,14 @@ def create_app(
     stripe_client: stripe.StripeClient | None = None,
     clock: Clock | None = None,
 ) -> FastAPI:
-    """An app with the API's router and error handlers (tests, the OpenAPI export)."""
+    """An app with the whole API (tests, the OpenAPI export); ``billing up`` serves the same on its
+    operational app (consumers.app.build_http)."""
     app = FastAPI(
         title=API_TITLE,
         version=API_VERSION,
-        description="Billing and metering service of the GPU cloud: wallet top-ups through Stripe, "
-        "Stripe webhooks, wallet and rental reads. Money is integer micro-USD (`...Micros`).",
+        description=API_DESCRIPTION,
+        docs_url=None,  # ours, with local assets: install_docs
+        redoc_url=None,
     )
-    app.include_router(build_api(engine, settings, stripe_client=stripe_client, clock=clock))
-    from consumers.finance_api import build_finance_api  # it imports this module's auth
-
-    app.include_router(build_finance_api(engine, settings, stripe_client=stripe_client, clock=clock))
-    install_error_handlers(app)
+    install_api(app, engine, settings, stripe_client=stripe_client, clock=clock)
     return app
