@@ -240,7 +240,7 @@ async def run_service(
         api = build_http(engine, lambda: nc, registry, readiness)
         # The wallet, Stripe and finance routes (consumers.http_api) on the same app and port.
         # With the guard (token and body size before the body), the served docs (/, /docs).
-        install_api(api, engine, settings, clock=clock)
+        install_api(api, engine, settings, clock=clock, registry=registry)
         http = _HttpServer(
             # The bounds on slow and hostile clients (consumers/http_limits.py, the http_* settings).
             uvicorn_config(

@@ -47,6 +47,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
@@ -487,21 +488,41 @@ def _stripe_failure(error: StripeRefused | StripeUnavailable) -> ApiError:
     return ApiError(502, "stripe_unavailable", error.detail, headers={"Retry-After": RETRY_AFTER_SECONDS})
 
 
+def _anomaly_counter(registry: CollectorRegistry | None) -> Callable[[str, int], None] | None:
+    if registry is None:
+        return None
+    counter = Counter(
+        "billing_stripe_anomalies",
+        "Stripe facts applied as Stripe said but flagged for finance (GET /finance/anomalies), by kind",
+        ["kind"],
+        registry=registry,
+    )
+    for kind in ("exceeds_payment", "event_time"):
+        counter.labels(kind)  # present at 0 from the start, so a rate() has a baseline
+
+    def count(kind: str, n: int) -> None:
+        counter.labels(kind).inc(n)
+
+    return count
+
+
 def build_api(
     engine: Engine,
     settings: Settings,
     *,
     stripe_client: stripe.StripeClient | None = None,
     clock: Clock | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> APIRouter:
     """The API's routes. ``stripe_client`` defaults to one built from the settings (key and
-    ``BILLING_STRIPE_API_BASE``); ``clock`` (aware UTC datetimes) defaults to the system clock.
-    Raises ValueError at once if ``BILLING_API_TOKENS`` is malformed."""
+    ``BILLING_STRIPE_API_BASE``); ``clock`` (aware UTC datetimes) defaults to the system clock;
+    ``registry`` gets ``billing_stripe_anomalies_total{kind}``. Raises ValueError at once if
+    ``BILLING_API_TOKENS`` is malformed."""
     now = clock or _utc_now
     auth = TokenAuthenticator(parse_api_tokens(settings.api_tokens.get_secret_value()))
     client = stripe_client if stripe_client is not None else client_from_settings(settings)
     gateway = StripeGateway(client) if client is not None else None
-    facts = StripeFacts(engine, gateway, now)
+    facts = StripeFacts(engine, gateway, now, on_anomaly=_anomaly_counter(registry))
     wallet_scope = [Depends(_scope_dependency(auth, "wallet"))]
     router = APIRouter(route_class=BillingRoute)
 
@@ -600,7 +621,7 @@ def build_api(
         "/stripe/webhook",
         tags=["stripe"],
         summary="Stripe webhook endpoint (signed by Stripe)",
-        responses=_errors(400, 413, 422, 503),
+        responses=_errors(400, 413, 422, 502, 503),
         openapi_extra={
             "requestBody": {"required": True, "content": {"application/json": {"schema": _STRIPE_EVENT_SCHEMA}}}
         },
@@ -624,7 +645,8 @@ def build_api(
         refund), ``charge.dispute.created`` (hold) and ``charge.dispute.closed`` (release if won, else
         lost). Every event is recorded once by its Stripe id with its effect, in one transaction,
         committed before the 2xx; other types are answered 200 and recorded as not handled. A 5xx
-        (Stripe or the database unavailable) makes Stripe retry."""
+        (502 when Stripe must be asked and fails, 503 when the database is unavailable) makes Stripe
+        retry."""
         secret = settings.stripe_webhook_secret.get_secret_value()
         if not secret:
             raise ApiError(
@@ -637,9 +659,9 @@ def build_api(
             raise ApiError(400, "invalid_signature", str(error)) from None
         except InvalidWebhook as error:
             raise ApiError(400, "invalid_event", str(error)) from None
-        except (StripeRefused, StripeUnavailable) as error:
+        except (StripeRefused, StripeUnavailable) as error:  # 5xx whatever Stripe said: Stripe retries
             detail = error.detail
-            raise ApiError(503, "stripe_unavailable", detail, headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
+            raise ApiError(502, "stripe_unavailable", detail, headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
         return WebhookResponse(
             event_id=result.event_id,
             type=result.type,
@@ -755,10 +777,11 @@ def install_api(
     *,
     stripe_client: stripe.StripeClient | None = None,
     clock: Clock | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> None:
     """The whole HTTP API on ``app``: the wallet/Stripe and finance routers, the error shape, the
     guard (token and body size before the body is read) and the served docs (``/``, ``/docs``)."""
-    app.include_router(build_api(engine, settings, stripe_client=stripe_client, clock=clock))
+    app.include_router(build_api(engine, settings, stripe_client=stripe_client, clock=clock, registry=registry))
     from consumers.finance_api import build_finance_api  # it imports this module's auth
 
     app.include_router(build_finance_api(engine, settings, stripe_client=stripe_client, clock=clock))
