@@ -845,6 +845,7 @@ def create_app(
     *,
     stripe_client: stripe.StripeClient | None = None,
     clock: Clock | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> FastAPI:
     """An app with the whole API (tests, the OpenAPI export); ``billing up`` serves the same on its
     operational app (consumers.app.build_http)."""
@@ -855,5 +856,5 @@ def create_app(
         docs_url=None,  # ours, with local assets: install_docs
         redoc_url=None,
     )
-    install_api(app, engine, settings, stripe_client=stripe_client, clock=clock)
+    install_api(app, engine, settings, stripe_client=stripe_client, clock=clock, registry=registry)
     return app
