@@ -167,6 +167,8 @@ class GuardMiddleware:
         if body is None:
             await _answer(_too_large(limit), scope, receive, send)
             return
+        if body and body[-1]["type"] != "http.request":
+            return  # the client went away (or its body deadline passed) before the body was complete
         await self.app(scope, _replay(body, receive), send)
 
 
@@ -190,7 +192,7 @@ async def _read_body(receive: Receive, limit: int) -> list[Message] | None:
         message = await receive()
         messages.append(message)
         if message["type"] != "http.request":
-            return messages  # a disconnect: the app sees it as it would have
+            return messages  # a disconnect: nobody to answer
         size += len(message.get("body", b""))
         if size > limit:
             return None
