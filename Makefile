@@ -30,6 +30,9 @@ run: install
 	$(BIN)/billing up
 
 test: install
+	@# Headless Chromium for the /docs screenshot test (tests/integration/test_http_docs.py), Debian's package.
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "warning: chromium could not be installed; the /docs browser test will fail in CI"
 	$(BIN)/pytest
 
 lint: install

@@ -256,3 +256,18 @@ async def test_large_bodies_are_refused_before_they_are_read(server: tuple[str, 
         f"authenticated 10 MB: 413 in {too_large[0]:.3f} s; RSS {before:.0f} -> {after:.0f} MB"
     )
     assert after - before < 30
+
+
+def test_the_real_service_serves_its_docs_without_a_token(server: tuple[str, int]) -> None:
+    import json
+
+    from consumers.export_openapi import DEFAULT_PATH
+
+    base, _pid = server
+    assert httpx.get(f"{base}/openapi.json").json() == json.loads(DEFAULT_PATH.read_text())
+    assert httpx.get(f"{base}/docs").status_code == 200
+    assert httpx.get(f"{base}/docs/assets/swagger-ui-bundle.js").status_code == 200
+    assert httpx.get(f"{base}/").json()["docs"] == "/docs"
+    assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}  # unchanged
+    assert "billing_stripe_anomalies_total" in httpx.get(f"{base}/metrics").text
+    assert httpx.get(f"{base}/wallets/w1").status_code == 401
