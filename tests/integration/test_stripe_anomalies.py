@@ -174,3 +174,23 @@ def test_anomalies_as_csv_and_the_finance_scope(client: TestClient) -> None:
     summary = client.get("/finance/anomalies", headers=FINANCE).json()
     assert {"from", "to", "exceedsPayment", "eventTime", "rows"} <= set(summary)
     json.dumps(summary)
+
+
+def test_billing_report_anomalies_lists_them(
+    client: TestClient, fake_stripe: FakeStripe, database: Any, unique: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from typer.testing import CliRunner
+
+    from consumers.report_cli import report_app
+
+    pi = fake_stripe.succeed(fake_stripe.create_payment_intent(1000, metadata={"walletId": unique})["id"])
+    post(client, fake_stripe.event("payment_intent.succeeded", pi, created=1))
+    monkeypatch.setenv("BILLING_DATABASE_URL", database.url)
+    result = CliRunner().invoke(report_app, ["anomalies", "--format", "json"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.output)
+    assert doc["report"] == "anomalies"
+    mine = [r for r in doc["rows"] if r["walletId"] == unique]
+    assert [(r["kind"], r["stripeId"], r["stripeCreatedAt"]) for r in mine] == [
+        ("event_time", pi["id"], "1970-01-01T00:00:01+00:00")
+    ]
