@@ -85,9 +85,9 @@ def test_schemathesis_finds_no_500_anywhere(app: FastAPI, fake_stripe: FakeStrip
     rejection = schemathesis.checks.negative_data_rejection
     for label in ("trial-balance", "debts"):
         excluded[f"GET /finance/{label}"] = [rejection]
-    for label in ("statements/{walletId}", "revenue", "rejected", "stripe-reconciliation"):
+    for label in ("statements/{walletId}", "revenue", "rejected", "stripe-reconciliation", "anomalies"):
         excluded[f"GET /finance/{label}"] = [acceptance, rejection]
-    assert len(operations) == 11  # 5 wallet/Stripe operations and 6 finance reports
+    assert len(operations) == 12  # 5 wallet/Stripe operations and 7 finance reports
 
     def fuzz(operation: Any, mode: schemathesis.GenerationMode) -> None:
         label = f"{operation.method.upper()} {operation.path}"
