@@ -643,7 +643,11 @@ def build_api(
 
         Handled: ``payment_intent.succeeded`` (credit), ``charge.refunded`` (one debit per succeeded
         refund), ``charge.dispute.created`` (hold) and ``charge.dispute.closed`` (release if won, else
-        lost). Every event is recorded once by its Stripe id with its effect, in one transaction,
+        lost). Money Stripe moved is applied as Stripe says even when it is implausible, and flagged for
+        finance (``GET /finance/anomalies``): a refund or dispute larger than what its payment still
+        has in the ledger is applied in full; an event whose ``created`` is more than 300 s from the
+        service clock is booked at its receipt, not in another period. Every event is recorded once
+        by its Stripe id with its effect, in one transaction,
         committed before the 2xx; other types are answered 200 and recorded as not handled. A 5xx
         (502 when Stripe must be asked and fails, 503 when the database is unavailable) makes Stripe
         retry."""

@@ -24,6 +24,12 @@ transaction as its facts; a redelivery finds the row and does nothing. Handled t
 - ``charge.dispute.created`` / ``charge.dispute.closed``: the dispute's amount is held, then
   released (``won``) or gone (any other closing status).
 
+Facts are booked at Stripe's ``created`` when it is within the webhook tolerance (300 s) of the
+service clock, else at their receipt with ``data.stripeCreated`` keeping Stripe's claim (the
+``event_time`` anomaly). A refund or dispute larger than what its payment has left is applied in full
+by the rules and flagged in its journal memo (``exceeds_payment``). Both are counted in
+``billing_stripe_anomalies_total{kind}`` and listed by projections.anomalies.
+
 Any other type is answered 200 and recorded with ``handled = false``; so is a handled type that
 cannot be attributed to a wallet or is not in USD (logged as an error: finance must look).
 
