@@ -187,7 +187,7 @@ async def test_an_idle_keep_alive_connection_is_closed(server: tuple[str, int]) 
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
     await writer.drain()
-    first = await asyncio.wait_for(reader.read(4096), timeout=5)
+    first = await asyncio.wait_for(reader.readuntil(b'{"status":"ok"}'), timeout=5)  # the whole response
     assert first.startswith(b"HTTP/1.1 200 ")
     started = time.monotonic()
     assert await asyncio.wait_for(reader.read(4096), timeout=KEEPALIVE_S + 10) == b""
@@ -271,3 +271,29 @@ def test_the_real_service_serves_its_docs_without_a_token(server: tuple[str, int
     assert httpx.get(f"{base}/healthz").json() == {"status": "ok"}  # unchanged
     assert "billing_stripe_anomalies_total" in httpx.get(f"{base}/metrics").text
     assert httpx.get(f"{base}/wallets/w1").status_code == 401
+
+
+async def test_a_slowloris_on_a_kept_alive_connection_is_closed_too(server: tuple[str, int]) -> None:
+    """uvicorn's keep-alive timer is cancelled by any byte: a second request trickled on a kept-alive
+    connection must still meet the head deadline, counted from its first byte."""
+    base, _pid = server
+    port = int(base.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    first = await asyncio.wait_for(reader.readuntil(b'{"status":"ok"}'), timeout=5)  # the whole response
+    assert first.startswith(b"HTTP/1.1 200 ")
+    started = time.monotonic()
+    said = b""
+    for byte in b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100:
+        writer.write(bytes([byte]))
+        await writer.drain()
+        try:
+            said = await asyncio.wait_for(reader.read(4096), timeout=0.5)  # within the keep-alive time
+        except TimeoutError:
+            continue
+        break
+    elapsed = time.monotonic() - started
+    writer.close()
+    assert said.startswith(b"HTTP/1.1 408 ")
+    assert HEADER_TIMEOUT_S - 0.1 <= elapsed <= HEADER_TIMEOUT_S + SLACK_S
