@@ -41,6 +41,9 @@ run: $(RUN_STAMP)
 	$(BIN)/billing up
 
 test: install
+	@# Headless Chromium for the /docs screenshot test (tests/integration/test_http_docs.py), Debian's package.
+	@command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) \
+		|| echo "warning: chromium could not be installed; the /docs browser test will fail in CI"
 	$(BIN)/pytest
 
 lint: install

@@ -52,8 +52,8 @@ from sqlalchemy.engine import make_url
 
 from consumers import intake
 from consumers.admission import run_admission
-from consumers.finance_api import build_finance_api
-from consumers.http_api import build_api, install_error_handlers
+from consumers.http_api import API_DESCRIPTION, API_TITLE, API_VERSION, install_api
+from consumers.http_limits import uvicorn_config
 from consumers.lane_workers import LaneWorkers
 from consumers.metrics import CONTENT_TYPE_LATEST, Metrics
 from consumers.names import NatsNames
@@ -108,14 +108,23 @@ def build_http(
     readiness: Readiness,
 ) -> FastAPI:
     """The operational endpoints; ``run_service`` adds the API's router to the same app."""
-    api = FastAPI(title="billing", docs_url=None, redoc_url=None, openapi_url=None)
+    # /openapi.json and /docs (consumers.http_api.install_docs) describe the API routers only: the
+    # same document as openapi.json; the operational endpoints stay out of it.
+    api = FastAPI(
+        title=API_TITLE,
+        version=API_VERSION,
+        description=API_DESCRIPTION,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json",
+    )
 
-    @api.get("/healthz")
+    @api.get("/healthz", include_in_schema=False)
     async def healthz() -> dict[str, str]:
         """Liveness: the process serves HTTP."""
         return {"status": "ok"}
 
-    @api.get("/readyz")
+    @api.get("/readyz", include_in_schema=False)
     async def readyz() -> JSONResponse:
         """Readiness: PostgreSQL answers, NATS is connected, the consumers run."""
         checks: dict[str, str] = {}
@@ -130,7 +139,7 @@ def build_http(
         body = {"status": "ready" if ok else "not ready", "checks": checks}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @api.get("/metrics")
+    @api.get("/metrics", include_in_schema=False)
     async def metrics() -> Response:
         from prometheus_client import generate_latest
 
@@ -245,14 +254,18 @@ async def run_service(
         relay_kick, scheduler_kick = asyncio.Event(), asyncio.Event()
         api = build_http(engine, lambda: nc, registry, readiness)
         # The wallet, Stripe and finance routes (consumers.http_api) on the same app and port.
-        api.include_router(build_api(engine, settings, clock=clock))
-        api.include_router(build_finance_api(engine, settings, clock=clock))
-        install_error_handlers(api)
+        # With the guard (token and body size before the body), the served docs (/, /docs).
+        install_api(api, engine, settings, clock=clock, registry=registry)
         http = _HttpServer(
-            uvicorn.Config(
+            # The bounds on slow and hostile clients (consumers/http_limits.py, the http_* settings).
+            uvicorn_config(
                 api,
                 host=settings.http_host,
                 port=settings.http_port,
+                header_timeout_s=settings.http_header_timeout_s,
+                body_timeout_s=settings.http_body_timeout_s,
+                keepalive_timeout_s=settings.http_keepalive_timeout_s,
+                max_connections=settings.http_max_connections,
                 log_level="warning",
                 access_log=False,
                 lifespan="off",

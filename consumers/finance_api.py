@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final, Literal
 
@@ -16,11 +17,11 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import Engine, text
 
 from consumers.api_errors import ApiError
-from consumers.http_api import TokenAuthenticator, _errors, _scope_dependency, parse_api_tokens
+from consumers.http_api import TokenAuthenticator, _errors, _scope_dependency, _stripe_failure, parse_api_tokens
 from consumers.settings import Settings
-from consumers.stripe_gateway import _call, client_from_settings
+from consumers.stripe_gateway import StripeRefused, StripeUnavailable, _call, client_from_settings
 from ledger.money import cents_to_micros
-from projections import reports
+from projections import anomalies, reports
 from projections.reports import Report, StripeRecord
 
 # Stripe list pages are at most 100 items; a bound keeps one report from paging for ever.
@@ -72,8 +73,13 @@ def _render(report: Report, request: Request, fmt: str | None, body: dict[str, A
     return JSONResponse(body)
 
 
+def _too_many() -> StripeRefused:
+    return StripeRefused(422, "period_too_large", "more than 100,000 Stripe records: choose a shorter period")
+
+
 def stripe_records(client: stripe.StripeClient, start: datetime, end: datetime) -> list[StripeRecord]:
-    """Stripe's own records of the period: succeeded PaymentIntents and refunds (all pages)."""
+    """Stripe's own records of the period: succeeded PaymentIntents and refunds (all pages).
+    Raises StripeUnavailable (Stripe failed, or answered something unreadable) or StripeRefused."""
     window: Any = {"gte": int(start.timestamp()), "lt": int(end.timestamp())}
 
     def fetch() -> list[StripeRecord]:
@@ -89,7 +95,7 @@ def stripe_records(client: stripe.StripeClient, start: datetime, end: datetime) 
                 StripeRecord("payment", d["id"], cents_to_micros(int(d.get("amount_received") or 0)), wallet, created)
             )
             if len(out) > MAX_STRIPE_ITEMS:
-                raise ApiError(422, "period_too_large", "more than 100,000 Stripe records: choose a shorter period")
+                raise _too_many()
         for re in client.v1.refunds.list(params=params).auto_paging_iter():
             d = re.to_dict()
             created = datetime.fromtimestamp(int(d.get("created") or 0), UTC)
@@ -97,10 +103,38 @@ def stripe_records(client: stripe.StripeClient, start: datetime, end: datetime) 
                 continue
             out.append(StripeRecord("refund", d["id"], cents_to_micros(int(d.get("amount") or 0)), None, created))
             if len(out) > MAX_STRIPE_ITEMS:
-                raise ApiError(422, "period_too_large", "more than 100,000 Stripe records: choose a shorter period")
+                raise _too_many()
         return out
 
-    return _call(fetch)
+    try:
+        return _call(fetch)
+    except (KeyError, TypeError, ValueError, OverflowError) as error:  # an answer not shaped as Stripe's
+        raise StripeUnavailable(f"unexpected list answer from Stripe ({type(error).__name__}: {error})") from None
+
+
+_CAMEL_COUNTS: Final = {
+    "missing_in_ledger": "missingInLedger",
+    "missing_in_stripe": "missingInStripe",
+    "amount_mismatch": "amountMismatch",
+}
+
+
+def reconcile_with_stripe(engine: Engine, client: stripe.StripeClient, start: datetime, end: datetime) -> Report:
+    """The Stripe reconciliation of ``[start, end)``: the ledger's top-ups and refunds against Stripe's
+    own records, by Stripe id. Rows: status (matched, missing_in_ledger, missing_in_stripe,
+    amount_mismatch), kind, stripeId, walletId, ledgerMicros, stripeMicros; summary (camelCase):
+    from, to, matched, missingInLedger, missingInStripe, amountMismatch.
+
+    For ``GET /finance/stripe-reconciliation`` and ``billing report stripe-reconciliation``. Stripe is
+    asked first, outside any database transaction. Raises StripeUnavailable or StripeRefused (each
+    with a ``detail`` for people; HTTP answers them 502 / their status)."""
+    theirs = stripe_records(client, start, end)
+    with engine.connect() as conn:
+        conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
+        mine = reports.ledger_stripe_records(conn, start, end)
+    rep = reports.reconcile(mine, theirs, start, end)
+    summary = {_CAMEL_COUNTS.get(k, k): v for k, v in rep.summary.items()}
+    return replace(rep, summary=summary)
 
 
 def build_finance_api(
@@ -188,6 +222,24 @@ def build_finance_api(
         rep = read(reports.rejected_inputs, s, e)
         return _render(rep, request, fmt, {**rep.summary, "rows": rep.as_dicts()})
 
+    @router.get(
+        "/anomalies",
+        summary="Stripe facts applied as Stripe said but flagged: larger than the payment, or far-off times",
+    )
+    def stripe_anomalies(
+        request: Request,
+        start: From = None,
+        end: To = None,
+        fmt: Fmt = None,
+    ) -> Response:
+        """``exceeds_payment``: a refund or dispute larger than what its payment still had in the
+        ledger, applied in full (Stripe moved the money). ``event_time``: a webhook whose ``created``
+        was more than 300 s from the service clock, booked at its receipt (``bookedAt``) instead of
+        Stripe's ``stripeCreatedAt``. Period on the booking instant."""
+        s, e = _period(start, end, now())
+        rep = read(anomalies.anomalies, s, e)
+        return _render(rep, request, fmt, {**rep.summary, "rows": rep.as_dicts()})
+
     @router.get("/stripe-reconciliation", summary="Ledger top-ups and refunds against Stripe's own records")
     def stripe_reconciliation(
         request: Request,
@@ -198,10 +250,10 @@ def build_finance_api(
         if client is None:
             raise ApiError(503, "stripe_not_configured", "Stripe is not configured: set BILLING_STRIPE_API_KEY")
         s, e = _period(start, end, now())
-        theirs = stripe_records(client, s, e)
-        with engine.connect() as conn:
-            mine = reports.ledger_stripe_records(conn, s, e)
-        rep = reports.reconcile(mine, theirs, s, e)
+        try:
+            rep = reconcile_with_stripe(engine, client, s, e)
+        except (StripeRefused, StripeUnavailable) as error:
+            raise _stripe_failure(error) from None
         return _render(rep, request, fmt, {**rep.summary, "rows": rep.as_dicts()})
 
     return router

@@ -47,6 +47,7 @@ from fastapi import APIRouter, Depends, FastAPI, Header, Path, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CollectorRegistry, Counter
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints, WithJsonSchema
 from pydantic.alias_generators import to_camel
 from pydantic_core import PydanticCustomError
@@ -139,32 +140,51 @@ _bearer = HTTPBearer(
 )
 
 
+def _bearer_token(header: str | None) -> str | None:
+    """The token of ``Authorization: Bearer <token>`` (the scheme in any case), as HTTPBearer reads it."""
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def authorization_refusal(auth: TokenAuthenticator, scope: str, header: str | None) -> ApiError | None:
+    """Why a request with this ``Authorization`` header may not use an operation of ``scope``, or
+    None. One check for the route dependency and for the guard that runs before the body is read."""
+    token = _bearer_token(header)
+    if token is None:
+        return ApiError(
+            401,
+            "unauthenticated",
+            "send an API token: Authorization: Bearer <token>",
+            headers={"WWW-Authenticate": 'Bearer realm="billing"'},
+        )
+    scopes = auth.scopes_of(token)
+    if scopes is None:
+        return ApiError(
+            401,
+            "invalid_token",
+            "the bearer token is not one this service knows; check the token (BILLING_API_TOKENS)",
+            headers={"WWW-Authenticate": 'Bearer realm="billing", error="invalid_token"'},
+        )
+    if scope not in scopes:
+        return ApiError(
+            403,
+            "insufficient_scope",
+            f"this token lacks the {scope!r} scope this operation needs (it has: {', '.join(sorted(scopes))})",
+            headers={"WWW-Authenticate": f'Bearer realm="billing", error="insufficient_scope", scope="{scope}"'},
+        )
+    return None
+
+
 def _scope_dependency(auth: TokenAuthenticator, scope: str) -> Callable[..., Coroutine[Any, Any, None]]:
     async def require_scope(
-        credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+        request: Request,
+        _credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
     ) -> None:
-        if credentials is None:
-            raise ApiError(
-                401,
-                "unauthenticated",
-                "send an API token: Authorization: Bearer <token>",
-                headers={"WWW-Authenticate": 'Bearer realm="billing"'},
-            )
-        scopes = auth.scopes_of(credentials.credentials)
-        if scopes is None:
-            raise ApiError(
-                401,
-                "invalid_token",
-                "the bearer token is not one this service knows; check the token (BILLING_API_TOKENS)",
-                headers={"WWW-Authenticate": 'Bearer realm="billing", error="invalid_token"'},
-            )
-        if scope not in scopes:
-            raise ApiError(
-                403,
-                "insufficient_scope",
-                f"this token lacks the {scope!r} scope this operation needs (it has: {', '.join(sorted(scopes))})",
-                headers={"WWW-Authenticate": f'Bearer realm="billing", error="insufficient_scope", scope="{scope}"'},
-            )
+        refusal = authorization_refusal(auth, scope, request.headers.get("authorization"))
+        if refusal is not None:
+            raise refusal
 
     return require_scope
 
@@ -468,21 +488,41 @@ def _stripe_failure(error: StripeRefused | StripeUnavailable) -> ApiError:
     return ApiError(502, "stripe_unavailable", error.detail, headers={"Retry-After": RETRY_AFTER_SECONDS})
 
 
+def _anomaly_counter(registry: CollectorRegistry | None) -> Callable[[str, int], None] | None:
+    if registry is None:
+        return None
+    counter = Counter(
+        "billing_stripe_anomalies",
+        "Stripe facts applied as Stripe said but flagged for finance (GET /finance/anomalies), by kind",
+        ["kind"],
+        registry=registry,
+    )
+    for kind in ("exceeds_payment", "event_time"):
+        counter.labels(kind)  # present at 0 from the start, so a rate() has a baseline
+
+    def count(kind: str, n: int) -> None:
+        counter.labels(kind).inc(n)
+
+    return count
+
+
 def build_api(
     engine: Engine,
     settings: Settings,
     *,
     stripe_client: stripe.StripeClient | None = None,
     clock: Clock | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> APIRouter:
     """The API's routes. ``stripe_client`` defaults to one built from the settings (key and
-    ``BILLING_STRIPE_API_BASE``); ``clock`` (aware UTC datetimes) defaults to the system clock.
-    Raises ValueError at once if ``BILLING_API_TOKENS`` is malformed."""
+    ``BILLING_STRIPE_API_BASE``); ``clock`` (aware UTC datetimes) defaults to the system clock;
+    ``registry`` gets ``billing_stripe_anomalies_total{kind}``. Raises ValueError at once if
+    ``BILLING_API_TOKENS`` is malformed."""
     now = clock or _utc_now
     auth = TokenAuthenticator(parse_api_tokens(settings.api_tokens.get_secret_value()))
     client = stripe_client if stripe_client is not None else client_from_settings(settings)
     gateway = StripeGateway(client) if client is not None else None
-    facts = StripeFacts(engine, gateway, now)
+    facts = StripeFacts(engine, gateway, now, on_anomaly=_anomaly_counter(registry))
     wallet_scope = [Depends(_scope_dependency(auth, "wallet"))]
     router = APIRouter(route_class=BillingRoute)
 
@@ -581,7 +621,7 @@ def build_api(
         "/stripe/webhook",
         tags=["stripe"],
         summary="Stripe webhook endpoint (signed by Stripe)",
-        responses=_errors(400, 413, 422, 503),
+        responses=_errors(400, 413, 422, 502, 503),
         openapi_extra={
             "requestBody": {"required": True, "content": {"application/json": {"schema": _STRIPE_EVENT_SCHEMA}}}
         },
@@ -603,9 +643,14 @@ def build_api(
 
         Handled: ``payment_intent.succeeded`` (credit), ``charge.refunded`` (one debit per succeeded
         refund), ``charge.dispute.created`` (hold) and ``charge.dispute.closed`` (release if won, else
-        lost). Every event is recorded once by its Stripe id with its effect, in one transaction,
+        lost). Money Stripe moved is applied as Stripe says even when it is implausible, and flagged for
+        finance (``GET /finance/anomalies``): a refund or dispute larger than what its payment still
+        has in the ledger is applied in full; an event whose ``created`` is more than 300 s from the
+        service clock is booked at its receipt, not in another period. Every event is recorded once
+        by its Stripe id with its effect, in one transaction,
         committed before the 2xx; other types are answered 200 and recorded as not handled. A 5xx
-        (Stripe or the database unavailable) makes Stripe retry."""
+        (502 when Stripe must be asked and fails, 503 when the database is unavailable) makes Stripe
+        retry."""
         secret = settings.stripe_webhook_secret.get_secret_value()
         if not secret:
             raise ApiError(
@@ -618,9 +663,9 @@ def build_api(
             raise ApiError(400, "invalid_signature", str(error)) from None
         except InvalidWebhook as error:
             raise ApiError(400, "invalid_event", str(error)) from None
-        except (StripeRefused, StripeUnavailable) as error:
+        except (StripeRefused, StripeUnavailable) as error:  # 5xx whatever Stripe said: Stripe retries
             detail = error.detail
-            raise ApiError(503, "stripe_unavailable", detail, headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
+            raise ApiError(502, "stripe_unavailable", detail, headers={"Retry-After": RETRY_AFTER_SECONDS}) from None
         return WebhookResponse(
             event_id=result.event_id,
             type=result.type,
@@ -719,6 +764,83 @@ async def _read_limited(request: Request, limit: int) -> bytes:
 
 API_TITLE: Final = "GPU cloud billing API"
 API_VERSION: Final = "1.0.0"
+API_DESCRIPTION: Final = (
+    "Billing and metering service of the GPU cloud: wallet top-ups through Stripe, "
+    "Stripe webhooks, wallet and rental reads. Money is integer micro-USD (`...Micros`)."
+)
+# The path prefixes of the operations that need a token, and the scope (GuardMiddleware checks it
+# before the body is read; tests/unit/test_openapi.py checks every scoped route is covered).
+ROUTE_SCOPES: Final = {"/wallet/": "wallet", "/wallets/": "wallet", "/rentals/": "wallet", "/finance/": "finance"}
+DOCS_ASSETS_PATH: Final = "/docs/assets"
+
+
+def install_api(
+    app: FastAPI,
+    engine: Engine,
+    settings: Settings,
+    *,
+    stripe_client: stripe.StripeClient | None = None,
+    clock: Clock | None = None,
+    registry: CollectorRegistry | None = None,
+) -> None:
+    """The whole HTTP API on ``app``: the wallet/Stripe and finance routers, the error shape, the
+    guard (token and body size before the body is read) and the served docs (``/``, ``/docs``)."""
+    app.include_router(build_api(engine, settings, stripe_client=stripe_client, clock=clock, registry=registry))
+    from consumers.finance_api import build_finance_api  # it imports this module's auth
+
+    app.include_router(build_finance_api(engine, settings, stripe_client=stripe_client, clock=clock))
+    install_error_handlers(app)
+    install_docs(app)
+    install_guard(app, settings)
+
+
+def install_guard(app: FastAPI, settings: Settings) -> None:
+    from consumers.http_limits import GuardMiddleware
+
+    auth = TokenAuthenticator(parse_api_tokens(settings.api_tokens.get_secret_value()))
+    app.add_middleware(
+        GuardMiddleware,
+        authorize=lambda scope, header: authorization_refusal(auth, scope, header),
+        scopes=ROUTE_SCOPES,
+        max_body_bytes=settings.http_max_body_bytes,
+        limits={"/stripe/webhook": MAX_WEBHOOK_BYTES},
+    )
+
+
+def install_docs(app: FastAPI) -> None:
+    """``/docs``: FastAPI's Swagger UI page, its JavaScript and CSS served from the installed
+    swagger-ui-bundle-v2 package (no CDN: the page works without internet); ``/``: where things are.
+    ``app.openapi_url`` must be set (``/openapi.json``). None of them needs a token."""
+    import swagger_ui_bundle
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.responses import HTMLResponse
+    from starlette.staticfiles import StaticFiles
+
+    openapi_url = app.openapi_url or "/openapi.json"
+    app.mount(DOCS_ASSETS_PATH, StaticFiles(directory=str(swagger_ui_bundle.swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=openapi_url,
+            title=f"{API_TITLE} - docs",
+            swagger_js_url=f"{DOCS_ASSETS_PATH}/swagger-ui-bundle.js",
+            swagger_css_url=f"{DOCS_ASSETS_PATH}/swagger-ui.css",
+            swagger_favicon_url=f"{DOCS_ASSETS_PATH}/favicon-32x32.png",
+        )
+
+    @app.get("/", include_in_schema=False)
+    async def root() -> dict[str, Any]:
+        return {
+            "service": API_TITLE,
+            "version": API_VERSION,
+            "docs": "/docs",
+            "openapi": openapi_url,
+            "health": "/healthz",
+            "ready": "/readyz",
+            "metrics": "/metrics",
+            "auth": "Authorization: Bearer <token> (BILLING_API_TOKENS; scopes wallet, finance)",
+        }
 
 
 def create_app(
@@ -727,17 +849,16 @@ def create_app(
     *,
     stripe_client: stripe.StripeClient | None = None,
     clock: Clock | None = None,
+    registry: CollectorRegistry | None = None,
 ) -> FastAPI:
-    """An app with the API's router and error handlers (tests, the OpenAPI export)."""
+    """An app with the whole API (tests, the OpenAPI export); ``billing up`` serves the same on its
+    operational app (consumers.app.build_http)."""
     app = FastAPI(
         title=API_TITLE,
         version=API_VERSION,
-        description="Billing and metering service of the GPU cloud: wallet top-ups through Stripe, "
-        "Stripe webhooks, wallet and rental reads. Money is integer micro-USD (`...Micros`).",
+        description=API_DESCRIPTION,
+        docs_url=None,  # ours, with local assets: install_docs
+        redoc_url=None,
     )
-    app.include_router(build_api(engine, settings, stripe_client=stripe_client, clock=clock))
-    from consumers.finance_api import build_finance_api  # it imports this module's auth
-
-    app.include_router(build_finance_api(engine, settings, stripe_client=stripe_client, clock=clock))
-    install_error_handlers(app)
+    install_api(app, engine, settings, stripe_client=stripe_client, clock=clock, registry=registry)
     return app

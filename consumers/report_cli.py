@@ -121,3 +121,15 @@ def render_to_string(report: Report, fmt: Format) -> str:
     buf = io.StringIO()
     render(report, fmt, buf)
     return buf.getvalue()
+
+
+# --- `billing report anomalies` (owner: http; the query is projections/anomalies.py) ---------------
+@report_app.command("anomalies")
+def anomalies_cmd(start: str = FROM, end: str = TO, fmt: Format = FMT) -> None:
+    """Stripe facts applied as Stripe said but flagged for finance: a refund or dispute larger than
+    what its payment had (exceeds_payment), or a webhook time far from the clock, booked at receipt
+    (event_time)."""
+    from projections import anomalies
+
+    now = datetime.now(UTC)
+    _run(anomalies.anomalies, fmt, _time(start, now - timedelta(days=30)), _time(end, now))

@@ -97,6 +97,20 @@ class Settings(BaseSettings):
     # it is taken, a free port is used instead (logged, and written to runtime.json).
     embedded_nats_port: int = Field(default=14222, ge=1, le=65535)
 
+    # --- HTTP: bounds on slow and hostile clients (consumers/http_limits.py) ----------------------------
+    # The request line and headers must arrive within this of their first byte (or of the connect);
+    # the body within http_body_timeout_s of the headers. Absolute deadlines: a trickle of bytes
+    # (slowloris) does not extend them. On expiry the connection is closed (408 if nothing was answered).
+    http_header_timeout_s: float = Field(default=10.0, gt=0, le=300)
+    http_body_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    # An idle keep-alive connection is closed after this (whole seconds, at least 1).
+    http_keepalive_timeout_s: float = Field(default=5.0, ge=1, le=300)
+    # Connections (and requests in flight) at once; a request past it is answered 503 at once.
+    http_max_connections: int = Field(default=512, ge=1, le=100_000)
+    # Largest request body of every route but the Stripe webhook (1 MiB, stripe_facts.MAX_WEBHOOK_BYTES):
+    # 413 from the Content-Length, or as soon as a chunked body passes it. API bodies are < 1 KiB.
+    http_max_body_bytes: int = Field(default=65_536, ge=1024, le=16_777_216)
+
     def effective_intake_workers(self) -> int:
         if self.intake_workers is not None:
             return self.intake_workers

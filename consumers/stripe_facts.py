@@ -24,6 +24,12 @@ transaction as its facts; a redelivery finds the row and does nothing. Handled t
 - ``charge.dispute.created`` / ``charge.dispute.closed``: the dispute's amount is held, then
   released (``won``) or gone (any other closing status).
 
+Facts are booked at Stripe's ``created`` when it is within the webhook tolerance (300 s) of the
+service clock, else at their receipt with ``data.stripeCreated`` keeping Stripe's claim (the
+``event_time`` anomaly). A refund or dispute larger than what its payment has left is applied in full
+by the rules and flagged in its journal memo (``exceeds_payment``). Both are counted in
+``billing_stripe_anomalies_total{kind}`` and listed by projections.anomalies.
+
 Any other type is answered 200 and recorded with ``handled = false``; so is a handled type that
 cannot be attributed to a wallet or is not in USD (logged as an error: finance must look).
 
@@ -49,6 +55,7 @@ from sqlalchemy import Engine
 
 from consumers.api_errors import ApiError
 from consumers.stripe_gateway import (
+    WEBHOOK_TOLERANCE_SECONDS,
     ChargeView,
     DisputeView,
     PaymentIntentView,
@@ -77,6 +84,7 @@ from ledger.events import (
 )
 from ledger.journal import wallet_account
 from ledger.money import cents_to_micros
+from projections import anomalies
 from projections.processor import Disposition, Incoming, process_batch
 
 log = logging.getLogger("billing.stripe")
@@ -157,10 +165,19 @@ def storable_json(text: str) -> str:
 class StripeFacts:
     """Confirms and webhooks, each one unit of work."""
 
-    def __init__(self, engine: Engine, gateway: StripeGateway | None, clock: Clock) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        gateway: StripeGateway | None,
+        clock: Clock,
+        *,
+        on_anomaly: Callable[[str, int], None] | None = None,
+    ) -> None:
         self._engine = engine
         self._gateway = gateway
         self._clock = clock
+        self._on_anomaly = on_anomaly
+        """(kind, count) for each anomaly newly in the ledger (the metric)."""
 
     # ----------------------------------------------------------------------------------- confirm
 
@@ -198,7 +215,9 @@ class StripeFacts:
         with unit_of_work(self._engine) as uow:
             result = process_batch(uow.pg, [Incoming(fact, event_to_json(fact))], now=now)
             balance = _balance(uow.pg, wallet_id)
+            found = _new_anomalies(uow.pg, [fact], result.dispositions)
             uow.commit()
+        self._report(found, payment_intent_id)
         credited = result.dispositions[0] is Disposition.accepted
         if credited:
             log.info("payment %s credited to wallet %s by confirm", intent.id, wallet_id)
@@ -260,14 +279,20 @@ class StripeFacts:
                 recorded = self._recorded(event.id)
                 return WebhookResult(event.id, event.type, bool(recorded), True, 0, 0, "already received")
             applied = 0
+            found: dict[str, int] = {}
             if facts:
                 result = process_batch(uow.pg, [Incoming(f, event_to_json(f)) for f in facts], now=now)
                 applied = sum(1 for d in result.dispositions if d is Disposition.accepted)
+                found = _new_anomalies(uow.pg, facts, result.dispositions)
             uow.commit()
         if applied:
             log.info("stripe event %s (%s): %d new fact(s) in the ledger", event.id, event.type, applied)
+        self._report(found, event.id)
         if handled:
             note = f"{len(facts)} fact(s), {applied} new to the ledger"
+            if found:
+                flags = ", ".join(f"{kind} x{n}" for kind, n in sorted(found.items()))
+                note += f"; applied as Stripe says and flagged for finance ({flags}): GET /finance/anomalies"
         return WebhookResult(event.id, event.type, handled, False, len(facts), applied, note)
 
     def _recorded(self, event_id: str) -> bool | None:
@@ -278,7 +303,10 @@ class StripeFacts:
         return None if row is None else bool(row[0])
 
     def _facts_of(self, event: StripeEventView, now: datetime) -> list[StripeFact]:
-        at = _event_time(event.created, now)
+        at, claimed = _event_time(event.created, now)
+        return [_with_claimed_time(f, claimed) for f in self._facts_at(event, at)]
+
+    def _facts_at(self, event: StripeEventView, at: datetime) -> list[StripeFact]:
         obj = event.data.object
         if event.type == "payment_intent.succeeded":
             intent = _object(PaymentIntentView, obj, "PaymentIntent")
@@ -337,6 +365,12 @@ class StripeFacts:
 
     # ----------------------------------------------------------------------------------- helpers
 
+    def _report(self, found: dict[str, int], what: str) -> None:
+        for kind, n in sorted(found.items()):
+            log.warning("stripe %s: %d fact(s) flagged %s for finance (billing report anomalies)", what, n, kind)
+            if self._on_anomaly is not None:
+                self._on_anomaly(kind, n)
+
     def _stripe(self) -> StripeGateway:
         if self._gateway is None:
             raise StripeUnavailable("Stripe is not configured (set BILLING_STRIPE_API_KEY)")
@@ -385,6 +419,14 @@ class StripeFacts:
         )
 
 
+def _with_claimed_time(fact: StripeFact, claimed: int | None) -> StripeFact:
+    """The fact with Stripe's claimed ``created`` kept in its data (the anomaly flag), if any."""
+    if claimed is None:
+        return fact
+    data = type(fact.data).model_validate({**fact.data.model_dump(), "stripe_created": claimed})
+    return fact.model_copy(update={"data": data})
+
+
 def _object(view: type[_V], value: dict[str, Any], what: str) -> _V:
     """The event's ``data.object`` read as ``view``; a shape not understood is recorded, not handled."""
     try:
@@ -431,15 +473,33 @@ def _micros(cents: int, what: str) -> int:
     return micros
 
 
-def _event_time(created: int | None, now: datetime) -> datetime:
-    """When Stripe says the event happened (its ``created``), never after the service clock."""
+def _event_time(created: int | None, now: datetime) -> tuple[datetime, int | None]:
+    """When a webhook's facts are booked, and Stripe's ``created`` when it is flagged.
+
+    Stripe's own time when it is within the webhook tolerance of the service clock (never after the
+    clock); otherwise the receipt time ``now``, with ``created`` returned to be kept in the fact and
+    shown to finance: a producer's clock (``created`` = 1 is 1970) never books into another period."""
     if created is None:
-        return now
+        return now, None
     try:
         at = datetime.fromtimestamp(created, UTC)
     except (OverflowError, OSError, ValueError):
-        return now
-    return min(at, now)
+        return now, created
+    if abs((at - now).total_seconds()) > WEBHOOK_TOLERANCE_SECONDS:
+        return now, created
+    return min(at, now), None
+
+
+def _new_anomalies(
+    conn: psycopg.Connection[Any], facts: Sequence[StripeFact], dispositions: Sequence[Disposition]
+) -> dict[str, int]:
+    """The anomalies (projections.anomalies) among the facts this batch put in the ledger."""
+    new = [f for f, d in zip(facts, dispositions, strict=True) if d is Disposition.accepted]
+    found = anomalies.flagged_in(conn, [f.id for f in new])
+    late = sum(1 for f in new if f.data.stripe_created is not None)
+    if late:
+        found["event_time"] = late
+    return found
 
 
 def _balance(conn: psycopg.Connection[Any], wallet_id: str) -> int:

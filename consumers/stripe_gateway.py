@@ -131,7 +131,8 @@ class StripeEventView(_StripeView):
 
     id: StripeObjectId
     type: Annotated[str, StringConstraints(pattern=r"^[!-~]{1,255}$")]  # printable ASCII, as Stripe's are
-    created: StrictInt | None = None
+    # Unix seconds; a signed event beyond int64 is not one of Stripe's (400, nothing recorded).
+    created: Annotated[StrictInt, Field(ge=-(2**63 - 1), le=2**63 - 1)] | None = None
     data: StripeEventData
 
 
@@ -197,28 +198,38 @@ class StripeGateway:
         return [read_view(RefundView, r, "refund") for r in _call(fetch)]
 
 
+def _stripe_message(error: stripe.StripeError) -> str:
+    """What Stripe said (its error's message), bounded; for the caller and the finance operator."""
+    message = (error.user_message or str(error) or "").strip()
+    return message[:300] or "no message"
+
+
 def _call(fn: Callable[[], _T]) -> _T:
-    """Run one Stripe call, turning the library's errors into StripeRefused / StripeUnavailable."""
+    """Run one Stripe call, turning the library's errors into StripeRefused / StripeUnavailable, each
+    with Stripe's own message in its detail."""
     try:
         return fn()
     except stripe.InvalidRequestError as error:
-        message = error.user_message or str(error) or "invalid request"
-        raise StripeRefused(422, "stripe_refused", f"Stripe refused the request: {message}") from None
+        raise StripeRefused(422, "stripe_refused", f"Stripe refused the request: {_stripe_message(error)}") from None
     except stripe.IdempotencyError as error:
         detail = (
             "this Idempotency-Key was already used for a different request; use a new key for a new "
             f"top-up ({error.user_message or 'idempotency error'})"
         )
         raise StripeRefused(409, "idempotency_key_reused", detail) from None
-    except stripe.RateLimitError:
-        raise StripeUnavailable("Stripe is rate-limiting requests; try again in a few seconds") from None
-    except (stripe.AuthenticationError, stripe.PermissionError):
-        raise StripeUnavailable("Stripe refused the service's API key (check BILLING_STRIPE_API_KEY)") from None
-    except stripe.APIConnectionError:
-        raise StripeUnavailable("Stripe could not be reached; try again") from None
+    except stripe.RateLimitError as error:
+        raise StripeUnavailable(
+            f"Stripe is rate-limiting requests; try again in a few seconds (Stripe: {_stripe_message(error)})"
+        ) from None
+    except (stripe.AuthenticationError, stripe.PermissionError) as error:
+        raise StripeUnavailable(
+            f"Stripe refused the service's API key (check BILLING_STRIPE_API_KEY; Stripe: {_stripe_message(error)})"
+        ) from None
+    except stripe.APIConnectionError as error:
+        raise StripeUnavailable(f"Stripe could not be reached; try again (Stripe: {_stripe_message(error)})") from None
     except stripe.StripeError as error:
         status = error.http_status or "no status"
-        raise StripeUnavailable(f"Stripe failed ({status}); try again") from None
+        raise StripeUnavailable(f"Stripe failed ({status}); try again (Stripe: {_stripe_message(error)})") from None
 
 
 def _call_or_none(fn: Callable[[], _T]) -> _T | None:

@@ -355,25 +355,36 @@ StripeId = Annotated[str, StringConstraints(pattern=STRIPE_ID_PATTERN)]
 StripeMicros = Annotated[int, Field(ge=1, le=MAX_STRIPE_AMOUNT_MICROS)]
 
 
-class StripePaymentSucceeded(_EventData):
+MAX_STRIPE_CREATED: Final = 2**63 - 1
+
+
+class _StripeData(_EventData):
+    stripe_created: Annotated[int, Field(ge=-MAX_STRIPE_CREATED, le=MAX_STRIPE_CREATED)] | None = None
+    """Set only when Stripe's ``created`` (unix seconds, as Stripe sent it) was more than the webhook
+    tolerance away from the service clock: the fact is then booked at its receipt (``time``), not
+    when Stripe says, and finance sees it flagged (projections.anomalies). Absent otherwise, so the
+    facts written before this field serialize byte for byte as they did."""
+
+
+class StripePaymentSucceeded(_StripeData):
     payment_intent_id: StripeId
     amount_micros: StripeMicros
     via: Literal["webhook", "confirm"]
 
 
-class StripeRefundSucceeded(_EventData):
+class StripeRefundSucceeded(_StripeData):
     payment_intent_id: StripeId
     refund_id: StripeId
     amount_micros: StripeMicros
 
 
-class StripeDisputeOpened(_EventData):
+class StripeDisputeOpened(_StripeData):
     payment_intent_id: StripeId
     dispute_id: StripeId
     amount_micros: StripeMicros
 
 
-class StripeDisputeClosed(_EventData):
+class StripeDisputeClosed(_StripeData):
     payment_intent_id: StripeId
     dispute_id: StripeId
     amount_micros: StripeMicros

@@ -734,6 +734,17 @@ def _stripe_fact(
     return _with_payment(state, payment, tuple(txns))
 
 
+EXCEEDS_PAYMENT_FLAG: Final = " exceeds_payment"
+"""Memo suffix of a refund, dispute hold or lost dispute larger than what its payment had left."""
+
+
+def payment_remaining_micros(payment: PaymentState) -> int:
+    """What the ledger still holds of a payment: credited, less refunds and open dispute holds (a
+    lost dispute's amount is not kept in the state; its hold was counted while it was open)."""
+    held = sum(amount for status, amount in payment.disputes.values() if status == "open")
+    return payment.credited_micros - payment.refunded_micros - held
+
+
 def payment_pending(payment: PaymentState | None) -> tuple[PendingStripeFact, ...]:
     return () if payment is None else payment.pending
 
@@ -756,6 +767,9 @@ def _apply_stripe_money(
     require(payment.seen, "stripe money before its payment")
     wallet = wallet_account(wallet_id)
     pi = payment.payment_intent_id
+    # Money Stripe moved is applied as Stripe says, even beyond what the payment has left in the
+    # ledger (a bug or a leaked webhook secret could sign that): flagged in the memo for finance.
+    flag = EXCEEDS_PAYMENT_FLAG if fact.amount_micros > payment_remaining_micros(payment) else ""
     if fact.kind == "refund":
         txn = transfer(
             "refund",
@@ -763,7 +777,7 @@ def _apply_stripe_money(
             debit=wallet,
             credit=REFUNDS,
             amount_micros=fact.amount_micros,
-            memo=f"{fact.fact_id} of {pi}",
+            memo=f"{fact.fact_id} of {pi}{flag}",
         )
         return _replace(payment, refunded_micros=payment.refunded_micros + fact.amount_micros), [txn]
     require(fact.dispute_id is not None, "dispute fact without a dispute id")
@@ -778,7 +792,7 @@ def _apply_stripe_money(
             debit=wallet,
             credit=DISPUTES,
             amount_micros=fact.amount_micros,
-            memo=f"{dispute_id} of {pi}",
+            memo=f"{dispute_id} of {pi}{flag}",
         )
         return _replace(payment, disputes={**payment.disputes, dispute_id: ("open", fact.amount_micros)}), [txn]
     # dispute closed
@@ -818,7 +832,7 @@ def _apply_stripe_money(
                 debit=wallet,
                 credit=STRIPE_CLEARING,
                 amount_micros=fact.amount_micros,
-                memo=f"{dispute_id} lost",
+                memo=f"{dispute_id} lost{flag}",
             )
         )
     return _replace(payment, disputes={**payment.disputes, dispute_id: (outcome, 0)}), txns

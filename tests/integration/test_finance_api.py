@@ -177,3 +177,37 @@ def test_stripe_reconciliation_against_stripes_own_records(
     assert ("missing_in_ledger", missing_in_ledger["id"]) in rows
     assert ("amount_mismatch", mismatch["id"]) in rows
     assert ("missing_in_stripe", f"pi_ghost{unique[-20:]}") in rows
+    body = r.json()
+    assert {"matched", "missingInLedger", "missingInStripe", "amountMismatch"} <= set(body)  # camelCase
+    assert not [k for k in body if "_" in k]
+    assert body["missingInStripe"] >= 1
+    assert body["amountMismatch"] >= 1
+
+
+def test_stripe_failures_during_reconciliation_are_502_with_stripes_message(
+    client: TestClient, fake_stripe: FakeStripe
+) -> None:
+    fake_stripe.fail_next.append(500)
+    r = client.get("/finance/stripe-reconciliation", headers=FINANCE)
+    assert r.status_code == 502, r.text
+    assert r.json()["error"] == "stripe_unavailable"
+    assert "fake failure 500" in r.json()["detail"]  # Stripe's own message
+    assert r.headers["Retry-After"]
+    fake_stripe.fail_next.append(429)
+    r = client.get("/finance/stripe-reconciliation", headers=FINANCE)
+    assert (r.status_code, r.json()["error"]) == (502, "stripe_unavailable")
+    assert "rate-limiting" in r.json()["detail"]
+
+
+def test_reconciliation_is_one_function_for_the_cli(app_engine: Engine, fake_stripe: FakeStripe, unique: str) -> None:
+    from consumers.finance_api import reconcile_with_stripe
+    from consumers.stripe_gateway import StripeUnavailable
+
+    start = datetime.now(UTC) - timedelta(seconds=5)
+    pi = fake_stripe.succeed(fake_stripe.create_payment_intent(1200, metadata={"walletId": unique})["id"])
+    rep = reconcile_with_stripe(app_engine, fake_stripe.client(), start, datetime.now(UTC) + timedelta(seconds=5))
+    assert ("missing_in_ledger", "payment", pi["id"], unique, None, 12_000_000) in rep.rows
+    assert rep.summary["missingInLedger"] >= 1
+    fake_stripe.fail_next.append(503)
+    with pytest.raises(StripeUnavailable, match="fake failure 503"):
+        reconcile_with_stripe(app_engine, fake_stripe.client(), start, datetime.now(UTC))

@@ -32,6 +32,7 @@ def test_openapi_documents_the_contract() -> None:
         "/finance/stripe-reconciliation",
         "/finance/debts",
         "/finance/rejected",
+        "/finance/anomalies",
     }
     wallet = doc["components"]["schemas"]["WalletResponse"]["properties"]
     assert {"balanceMicros", "availableMicros", "holdsMicros", "burnMicrosPerHour", "projectedZeroAt", "state"} <= set(
@@ -55,3 +56,20 @@ def test_check_mode_reports_stale_files(tmp_path, capsys) -> None:
     assert main(["--check", str(stale)]) == 1
     assert main([str(stale)]) == 0
     assert main(["--check", str(stale)]) == 0
+
+
+def test_every_operation_with_a_token_is_guarded_before_its_body() -> None:
+    """GuardMiddleware checks the token by path prefix (ROUTE_SCOPES) before the body is read: every
+    operation that needs a token must fall under a prefix, with the scope the operation needs."""
+    from consumers.http_api import ROUTE_SCOPES
+
+    doc = json.loads(DEFAULT_PATH.read_text())
+    for path, item in doc["paths"].items():
+        for method, operation in item.items():
+            guarded = [scope for prefix, scope in ROUTE_SCOPES.items() if path.startswith(prefix)]
+            if "security" not in operation:
+                assert guarded == [], f"{method} {path} needs no token but a guard prefix covers it"
+                continue
+            assert len(guarded) == 1, f"{method} {path} needs a token but no guard prefix covers it"
+            expected = "finance" if path.startswith("/finance/") else "wallet"
+            assert guarded == [expected], (method, path, guarded)
