@@ -421,8 +421,10 @@ def render(
     exact: bool = False,
     detail: bool = False,
     width: int | None = None,
+    console: Console | None = None,
 ) -> None:
-    """Print ``report``; a table is as wide as the terminal (or ``width``), at least 80 columns fit."""
+    """Print ``report``; a table is as wide as the terminal (or ``width``, or the given console's);
+    every table is readable from 80 columns."""
     out = out or sys.stdout
     if fmt == Format.json:
         render_json(report, out)
@@ -430,7 +432,8 @@ def render(
     if fmt == Format.csv:
         render_csv(report, out)
         return
-    console = Console(file=out, width=width)  # None: the terminal's width (COLUMNS, else 80 off a terminal)
+    # width None: the terminal's width (COLUMNS, else 80 off a terminal).
+    console = console or Console(file=out, width=width)
     if report.name == "trial-balance":
         renderable: Any = trial_balance_table(report, exact, detail)
     elif report.name == "statement" and report.columns == reports.STATEMENT_LINE_COLUMNS:
