@@ -198,6 +198,8 @@ def cell(value: Any, column: str, exact: bool) -> str:
         return f"{value:,}"
     if column in _TIME_COLUMNS:
         return _shown_time(value)
+    if column == "status":  # the reconciliation's enum values, in words: "missing in ledger"
+        return str(value).replace("_", " ").replace("stripe", "Stripe")
     return str(value)
 
 
@@ -213,6 +215,8 @@ def new_table(columns: Sequence[str]) -> Table:
     for c in columns:
         if is_money(c) or c in _COUNT_COLUMNS:
             table.add_column(label(c), justify="right", no_wrap=True)
+        elif c in ("status", "kind"):
+            table.add_column(label(c), no_wrap=True)
         else:
             table.add_column(label(c), overflow="fold")
     return table
@@ -390,14 +394,37 @@ def statement_table(report: Report, exact: bool, width: int) -> Group:
     return Group(heading(f"Statement of wallet {s['walletId']}, {period_title(s)}"), lines, totals)
 
 
+def reconciliation_table(report: Report, exact: bool) -> Group:
+    """One row per Stripe id with its wallet under it: an id does not fold at 80 columns. The kind is
+    the id's prefix (pi_ a payment, re_ a refund); JSON and CSV carry it as a column."""
+    s = report.summary
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("Status", no_wrap=True)
+    table.add_column("Stripe id, wallet", overflow="fold")
+    table.add_column("Ledger (USD)", justify="right", no_wrap=True)
+    table.add_column("Stripe (USD)", justify="right", no_wrap=True)
+    for status, _kind, stripe_id, wallet, ledger, theirs in report.rows:
+        who = Text(str(stripe_id))
+        if wallet:
+            who.append(f"\n{wallet}", style="dim")
+        table.add_row(
+            Text(cell(status, "status", exact)),
+            who,
+            cell(ledger, "ledgerMicros", exact),
+            cell(theirs, "stripeMicros", exact),
+        )
+    keys = ("matched", "missingInLedger", "missingInStripe", "amountMismatch")
+    counts = ", ".join(f"{s[k]:,} {label(k).lower().replace('stripe', 'Stripe')}" for k in keys)
+    return Group(heading(f"Stripe reconciliation, {period_title(s)}"), table, Text(counts))
+
+
 def generic_table(report: Report, exact: bool) -> Any:
-    """Revenue, debts, rejected inputs, reconciliation: the rows, then a total row."""
+    """Revenue, debts, rejected inputs: the rows, then a total row."""
     s = report.summary
     titles = {
         "revenue": "Revenue",
         "debts": "Wallets below zero (most owed first)",
         "rejected": "Rejected inputs by reason",
-        "stripe-reconciliation": "Stripe reconciliation",
     }
     title = titles.get(report.name, report.name) + (f", {period_title(s)}" if "from" in s else "")
     table = new_table(report.columns)
@@ -406,10 +433,6 @@ def generic_table(report: Report, exact: bool) -> Any:
         total_row(table, report.columns, {report.columns[-1]: s["totalMicros"]}, exact)
     elif report.name == "rejected":
         total_row(table, report.columns, {"count": s["total"]}, exact)
-    if report.name == "stripe-reconciliation":
-        keys = ("matched", "missingInLedger", "missingInStripe", "amountMismatch")
-        counts = ", ".join(f"{s[k]:,} {label(k).lower()}" for k in keys)
-        return Group(heading(title), table, Text(counts))
     return Group(heading(title), table)
 
 
@@ -438,6 +461,8 @@ def render(
         renderable: Any = trial_balance_table(report, exact, detail)
     elif report.name == "statement" and report.columns == reports.STATEMENT_LINE_COLUMNS:
         renderable = statement_table(report, exact, console.width)
+    elif report.name == "stripe-reconciliation":
+        renderable = reconciliation_table(report, exact)
     else:
         renderable = generic_table(report, exact)
     console.print(renderable)
