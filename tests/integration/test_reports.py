@@ -377,7 +377,8 @@ def test_statement_lines_are_dated_one_per_resource_and_day(app_engine: Engine, 
         (d1 + timedelta(days=1, hours=1), "adjustment", None, 1, 2_000_000),
     ]
     assert rep.rows[1][1] == d1 + timedelta(hours=1)  # the day's last charge
-    assert rep.rows[0][6].startswith("pi_s") and rep.rows[4][6] == "goodwill (by ops)"
+    assert rep.rows[0][6].startswith("pi_s")
+    assert rep.rows[4][6] == "goodwill (by ops)"
     s = rep.summary
     assert (s["openingBalanceMicros"], s["closingBalanceMicros"]) == (0, 43_400_000)
     assert (s["topupsMicros"], s["chargesMicros"], s["refundsMicros"], s["adjustmentsMicros"]) == (
@@ -399,13 +400,16 @@ def test_statement_cli_in_every_format(
 ) -> None:
     w, _p, _d1 = _two_day_wallet(app_engine, unique)
     body = json.loads(_cli(monkeypatch, database.url, "statement", w, "--month", "1993-04", "-f", "json").output)
-    assert body["from"].startswith("1993-04-01") and body["to"].startswith("1993-05-01")
+    assert body["from"].startswith("1993-04-01")
+    assert body["to"].startswith("1993-05-01")
     assert (body["openingBalanceMicros"], body["closingBalanceMicros"]) == (0, 43_400_000)
     assert [r["kind"] for r in body["rows"]] == ["topup", "charge", "charge", "refund", "adjustment"]
-    assert body["rows"][1]["amountMicros"] == -1_200_000 and body["rows"][1]["at"].startswith("1993-04-01T10:02")
+    assert body["rows"][1]["amountMicros"] == -1_200_000
+    assert body["rows"][1]["at"].startswith("1993-04-01T10:02")
     csv_out = _cli(monkeypatch, database.url, "statement", w, "--from", "1993-04-01", "--to", "1993-04-02", "-f", "csv")
     rows = [line.split(",") for line in csv_out.output.splitlines()]
-    assert rows[0][:2] == ["line", "at"] and rows[0][-1] == "amountMicros"
+    assert rows[0][:2] == ["line", "at"]
+    assert rows[0][-1] == "amountMicros"
     assert (rows[1][0], rows[1][-1]) == ("opening", "0")
     assert (rows[-1][0], rows[-1][-1]) == ("closing", "43400000")  # --to 04-02 includes the 2nd
     totals = {r[3]: int(r[-1]) for r in rows if r[0] == "total"}
@@ -414,12 +418,17 @@ def test_statement_cli_in_every_format(
     assert table.exit_code == 0, table.output
     out = table.output
     assert max(len(line) for line in out.splitlines()) <= 80
-    assert "$50.00" in out and "-$1.20" in out and "-$2.40" in out and "Closing balance" in out
-    assert "$43.40" in out and "10:02-11:00" in out
+    assert "$50.00" in out
+    assert "-$1.20" in out
+    assert "-$2.40" in out
+    assert "Closing balance" in out
+    assert "$43.40" in out
+    assert "10:02-11:00" in out
     exact = _cli(monkeypatch, database.url, "statement", w, "--month", "1993-04", "--precision", "micros")
     assert "$43.400000" in exact.output
     wide = _cli(monkeypatch, database.url, "statement", w, "--month", "1993-04", env={"COLUMNS": "120"}).output
-    assert "Entries" in wide and "Entries" not in out  # the terminal's width, not a fixed one
+    assert "Entries" in wide
+    assert "Entries" not in out
     assert max(len(line) for line in wide.splitlines()) > 80
 
 
@@ -474,7 +483,8 @@ def test_revenue_by_month_with_a_total_row(
     ]
     assert body["totalMicros"] == 3_500
     table = _cli(monkeypatch, database.url, *args, "--precision", "micros", env={"COLUMNS": "80"}).output
-    assert "Revenue (USD)" in table and "1994-02" in table
+    assert "Revenue (USD)" in table
+    assert "1994-02" in table
     total = next(line for line in table.splitlines() if line.strip().startswith("Total"))
     assert total.split()[-1] == "$0.003500"
 
@@ -512,12 +522,17 @@ def test_stripe_reconciliation_cli(database, app_engine: Engine, unique: str, mo
         body = json.loads(result.output)
         rows = {(r["status"], r["stripeId"]) for r in body["rows"]}
         assert {("matched", matched["id"]), ("missing_in_ledger", missing["id"])} <= rows
-        assert body["matched"] >= 1 and body["missingInLedger"] >= 1  # camelCase keys, like every JSON field
+        assert body["matched"] >= 1
+        assert body["missingInLedger"] >= 1
         table = _cli(monkeypatch, database.url, "stripe-reconciliation", *period, env=env).output
-        assert "Stripe (USD)" in table and "$25.00" in table and "missing in ledger" in table
+        assert "Stripe (USD)" in table
+        assert "$25.00" in table
+        assert "missing in ledger" in table
         fake.fail_next.extend([500] * 5)  # Stripe down: every attempt of the client fails
         down = _cli(monkeypatch, database.url, "stripe-reconciliation", *period, env=env)
-        assert isinstance(down.exception, UserError) and "Stripe failed (500)" in str(down.exception)
+        assert isinstance(down.exception, UserError)
+        assert "Stripe failed (500)" in str(down.exception)
     monkeypatch.delenv("BILLING_STRIPE_API_KEY")
     no_key = _cli(monkeypatch, database.url, "stripe-reconciliation")
-    assert isinstance(no_key.exception, UserError) and "BILLING_STRIPE_API_KEY" in str(no_key.exception)
+    assert isinstance(no_key.exception, UserError)
+    assert "BILLING_STRIPE_API_KEY" in str(no_key.exception)

@@ -31,6 +31,11 @@ def t(*args: int) -> datetime:
     return datetime(*args, tzinfo=UTC)
 
 
+def line(at: datetime, kind: str, memo: str, amount_micros: int) -> tuple[object, ...]:
+    """A statement line of one transaction (not a charge)."""
+    return (at, at, kind, None, None, None, memo, 1, amount_micros)
+
+
 OCTOBER = {"from": "2026-10-01T00:00:00+00:00", "to": "2026-11-01T00:00:00+00:00"}
 
 TRIAL_BALANCE = Report(
@@ -54,13 +59,33 @@ STATEMENT = Report(
     "statement",
     STATEMENT_LINE_COLUMNS,
     [
-        (t(2026, 10, 1, 9), t(2026, 10, 1, 9), "topup", None, None, None, "pi_3QxYzAbCdEfGhIjK via webhook", 1, 100_000_000),
-        (t(2026, 10, 1, 9, 5), t(2026, 10, 1, 17, 59, 30), "charge", "pod-h100-7f3a9c", "pod_on_demand", "H100 SXM", None, 534, -26_606_500),
-        (t(2026, 10, 2, 0, 0, 12), t(2026, 10, 2, 0, 0, 12), "charge", "ep-llama-70b", "serverless", "ADA_48", None, 1, -4_995),
-        (t(2026, 10, 2, 10), t(2026, 10, 2, 10), "refund", None, None, None, "re_1Q of pi_3QxYzAbCdEfGhIjK", 1, -5_000_000),
-        (t(2026, 10, 2, 11), t(2026, 10, 2, 11), "dispute_hold", None, None, None, "dp_1 of pi_3QxYzAbCdEfGhIjK", 1, -10_000_000),
-        (t(2026, 10, 3, 11), t(2026, 10, 3, 11), "adjustment", None, None, None, "goodwill credit after outage (by finance/alice)", 1, 2_500_000),
-    ],  # fmt: skip
+        line(t(2026, 10, 1, 9), "topup", "pi_3QxYzAbCdEfGhIjK via webhook", 100_000_000),
+        (
+            t(2026, 10, 1, 9, 5),
+            t(2026, 10, 1, 17, 59, 30),
+            "charge",
+            "pod-h100-7f3a9c",
+            "pod_on_demand",
+            "H100 SXM",
+            None,
+            534,
+            -26_606_500,
+        ),
+        (
+            t(2026, 10, 2, 0, 0, 12),
+            t(2026, 10, 2, 0, 0, 12),
+            "charge",
+            "ep-llama-70b",
+            "serverless",
+            "ADA_48",
+            None,
+            1,
+            -4_995,
+        ),
+        line(t(2026, 10, 2, 10), "refund", "re_1Q of pi_3QxYzAbCdEfGhIjK", -5_000_000),
+        line(t(2026, 10, 2, 11), "dispute_hold", "dp_1 of pi_3QxYzAbCdEfGhIjK", -10_000_000),
+        line(t(2026, 10, 3, 11), "adjustment", "goodwill credit after outage (by finance/alice)", 2_500_000),
+    ],
     {
         "walletId": "acme-research-lab-0001",
         **OCTOBER,
@@ -81,16 +106,7 @@ EMPTY_STATEMENT = Report(
     {
         "walletId": "w2",
         **OCTOBER,
-        **{
-            k: 0
-            for k in (
-                "topupsMicros",
-                "chargesMicros",
-                "refundsMicros",
-                "disputesMicros",
-                "adjustmentsMicros",
-            )
-        },
+        **dict.fromkeys(("topupsMicros", "chargesMicros", "refundsMicros", "disputesMicros", "adjustmentsMicros"), 0),
         "openingBalanceMicros": -23_567_891,
         "closingBalanceMicros": -23_567_891,
     },
@@ -190,7 +206,8 @@ CHECKS = (
 
 def demo_summary() -> demo.Summary:
     s = demo.Summary(run_id="a1b2c3", wallets=300, simulated_minutes=60, real_seconds=47.3)
-    s.topped_up_micros, s.events_published, s.events_in_ledger, s.malformed_published = 31_525_000_000, 48_213, 48_213, 24
+    s.topped_up_micros, s.malformed_published = 31_525_000_000, 24
+    s.events_published = s.events_in_ledger = 48_213
     s.dead_letters = {"invalid_json": 6, "out_of_range": 6, "subject_mismatch": 6, "unknown_type": 6}
     s.dead_letters_expected = dict(s.dead_letters)
     s.rentals_started = {"cluster": 2, "marketplace": 41, "pod": 187}
@@ -202,7 +219,7 @@ def demo_summary() -> demo.Summary:
     s.settlements_received = s.settlements_expected = 61
     s.charged_micros = s.expected_charges_micros = 1_234_567_891
     s.trial_balance_accounts, s.trial_balance_total_micros = 312, 0
-    s.checks = {check: True for check in CHECKS}
+    s.checks = dict.fromkeys(CHECKS, True)
     return s
 
 
@@ -221,15 +238,18 @@ def test_demo_summary_and_progress_golden(width: int) -> None:
     c.print(Group(*progress.get_renderables()))
     out = buf.getvalue()
     check_golden(f"demo_{width}", out, width)
-    assert "$1,234.567891 / $1,234.567891" in out and "$31,525.00" in out
-    assert "40000/48213" in out and "events 31,234 · running 182" in out
+    assert "$1,234.567891 / $1,234.567891" in out
+    assert "$31,525.00" in out
+    assert "40000/48213" in out
+    assert "events 31,234 · running 182" in out
 
 
 def test_json_and_csv_keep_integer_micros_and_camel_case() -> None:
     import json
 
     body = json.loads(render_to_string(STATEMENT, Format.json))
-    assert body["closingBalanceMicros"] == 72_888_505 and body["rows"][1]["amountMicros"] == -26_606_500
+    assert body["closingBalanceMicros"] == 72_888_505
+    assert body["rows"][1]["amountMicros"] == -26_606_500
     assert body["rows"][1]["until"] == "2026-10-01T17:59:30+00:00"
     assert all(k[0].islower() and "_" not in k for k in (*body, *body["rows"][0]))
     tb = json.loads(render_to_string(TRIAL_BALANCE, Format.json))
@@ -282,7 +302,8 @@ def test_dates_of_the_command_line(value: str, end: bool, expected: datetime) ->
 def test_date_mistakes_are_one_line_naming_the_flag(args: tuple[str | None, ...], message: str) -> None:
     with pytest.raises(UserError) as info:
         period(*args, NOW)  # type: ignore[arg-type]
-    assert message in str(info.value) and "\n" not in str(info.value)
+    assert message in str(info.value)
+    assert "\n" not in str(info.value)
 
 
 def test_periods_and_instants() -> None:
