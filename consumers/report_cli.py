@@ -244,7 +244,19 @@ def _shown_at(value: Any) -> str:
 
 
 def period_title(summary: dict[str, Any]) -> str:
-    return f"{_shown_time(summary['from'])} to {_shown_time(summary['to'])} UTC"
+    """``month 2026-10``, ``2026-10-01 to 2026-10-03 (whole days, UTC)``, else both instants (the
+    second excluded: periods are half-open)."""
+    start = datetime.fromisoformat(str(summary["from"])).astimezone(UTC)
+    end = datetime.fromisoformat(str(summary["to"])).astimezone(UTC)
+    midnight = datetime.min.time()
+    if start.time() == midnight and end.time() == midnight and end > start:
+        if start.day == 1 and end.day == 1 and (end.year * 12 + end.month) - (start.year * 12 + start.month) == 1:
+            return f"month {start:%Y-%m} (UTC)"
+        last = end - timedelta(days=1)
+        if last == start:
+            return f"{start:%Y-%m-%d} (the whole day, UTC)"
+        return f"{start:%Y-%m-%d} to {last:%Y-%m-%d} (whole days, UTC)"
+    return f"{_shown_time(start)} to {_shown_time(end)} UTC (excluded)"
 
 
 # ------------------------------------------------------------------------------- machine formats
