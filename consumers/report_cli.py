@@ -64,7 +64,8 @@ def _month_start(value: str, flag: str) -> datetime | None:
         return None
     year, month = int(m[1]), int(m[2])
     if not (1 <= month <= 12 and year >= 1):
-        raise UserError(f"{flag} {value!r}: no such month; {DATE_FORMS}")
+        forms = "use YYYY-MM, e.g. 2026-10" if flag == "--month" else DATE_FORMS
+        raise UserError(f"{flag} {value!r}: no such month; {forms}")
     return datetime(year, month, 1, tzinfo=UTC)
 
 
@@ -502,10 +503,20 @@ def _now() -> datetime:
 
 
 def _run(fn: Callable[..., Report], fmt: Format, precision: Precision, *args: Any, detail: bool = False) -> None:
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
+
     from consumers.runtime_db import report_connection
 
-    with report_connection() as conn:
-        report = fn(conn, *args)
+    try:
+        with report_connection() as conn:
+            report = fn(conn, *args)
+    except (NoSuchModuleError, ArgumentError):
+        raise UserError(
+            "BILLING_DATABASE_URL is not a URL the service can use; use postgresql+psycopg://user@host:5432/db"
+        ) from None
+    except OperationalError as exc:
+        reason = " ".join(str(exc.orig or exc).split())[:200]
+        raise UserError(f"BILLING_DATABASE_URL: the database cannot be reached or failed: {reason}") from None
     render(report, fmt, exact=precision == Precision.micros, detail=detail)
 
 

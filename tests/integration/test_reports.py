@@ -536,3 +536,16 @@ def test_stripe_reconciliation_cli(database, app_engine: Engine, unique: str, mo
     no_key = _cli(monkeypatch, database.url, "stripe-reconciliation")
     assert isinstance(no_key.exception, UserError)
     assert "BILLING_STRIPE_API_KEY" in str(no_key.exception)
+
+
+def test_a_wrong_database_url_is_one_line_naming_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from consumers.user_errors import UserError
+
+    for url, message in [
+        ("postgres://postgres@127.0.0.1:5432/x", "use postgresql+psycopg://"),
+        ("postgresql+psycopg://postgres@127.0.0.1:1/x", "cannot be reached"),
+    ]:
+        result = _cli(monkeypatch, url, "debts")
+        assert isinstance(result.exception, UserError), result.output
+        assert "BILLING_DATABASE_URL" in str(result.exception)
+        assert message in str(result.exception)
