@@ -230,7 +230,10 @@ def add_rows(table: Table, report: Report, exact: bool) -> None:
 
 
 def total_row(table: Table, columns: Sequence[str], totals: dict[str, Any], exact: bool) -> None:
-    """The bold total row: ``Total`` in the first column, the given figures under their columns."""
+    """The bold total row: ``Total`` in the first column, the given figures under their columns.
+    A table of one column (revenue without grouping) is its own total."""
+    if len(columns) < 2:
+        return
     table.add_section()
     values = [Text(cell(totals.get(c), c, exact), style="bold") for c in columns]
     values[0] = Text("Total", style="bold")
