@@ -132,6 +132,7 @@ def main() -> None:
             ("trial balance at end of month", lambda c: reports.trial_balance(c, end)),
             ("trial balance mid-month", lambda c: reports.trial_balance(c, mid)),
             ("statement of one wallet, month", lambda c: reports.statement(c, "w00042", T0, end)),
+            ("statement lines (dated) of one wallet, month", lambda c: reports.statement_lines(c, "w00042", T0, end)),
             ("revenue by day, product, gpuType", lambda c: reports.revenue(c, T0, end)),
             ("revenue by product, one week", lambda c: reports.revenue(c, mid, mid + timedelta(days=7), ["product"])),
             ("debts", lambda c: reports.debts(c)),

@@ -54,7 +54,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -67,14 +67,17 @@ from nats.aio.msg import Msg
 from nats.errors import NoRespondersError
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js import JetStreamContext
-from rich.console import Console
+from rich import box
+from rich.console import Console, Group, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
+from rich.text import Text
 from sqlalchemy import Engine, text
 
 from consumers.names import NatsNames
 from consumers.runtime import RUNTIME_FILE, ServiceUrls, running_service_urls
 from consumers.settings import Settings
+from ledger.money import display_usd
 
 # --- simulated time ---------------------------------------------------------------------------------
 
@@ -129,11 +132,9 @@ CLUSTER_GPUS_PER_NODE: Final = 8
 RUN_ID_RE: Final = re.compile(r"^[A-Za-z0-9]{1,16}$")
 
 
-def _usd(micros: int) -> str:
-    """``$1,234.567890`` from integer micros (no float anywhere)."""
-    sign = "-" if micros < 0 else ""
-    whole, frac = divmod(abs(micros), USD)
-    return f"{sign}${whole:,}.{frac:06d}"
+def _usd(micros: int, *, exact: bool = False) -> str:
+    """``$1,234.57`` (or every micro with ``exact``) from integer micros: ledger.money's one formatter."""
+    return display_usd(micros, exact=exact)
 
 
 def _iso(t: datetime) -> str:
@@ -1077,7 +1078,7 @@ def running_service(settings: Settings, console: Console) -> Iterator[ServiceUrl
     nats_url = settings.nats_url or (running.nats_url if running else None)
     database_url = settings.database_url or (running.database_url if running else None)
     if nats_url and database_url and asyncio.run(_answers(nats_url, names)):
-        console.print(f"[dim]billing service found on {nats_url}[/dim]")
+        console.print(f"[dim]billing service found on {nats_url}[/dim]", soft_wrap=True)
         yield ServiceUrls(database_url, nats_url, ())
         return
 
@@ -1086,7 +1087,7 @@ def running_service(settings: Settings, console: Console) -> Iterator[ServiceUrl
         env["BILLING_HTTP_PORT"] = str(_free_port())
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     log_path = settings.data_dir / "demo-service.log"
-    console.print(f"[dim]no billing service answers: starting `billing up` (log in {log_path})[/dim]")
+    console.print(f"[dim]no billing service answers: starting `billing up` (log in {log_path})[/dim]", soft_wrap=True)
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
             [sys.executable, "-m", "consumers.cli", "up"],
@@ -1107,7 +1108,8 @@ def running_service(settings: Settings, console: Console) -> Iterator[ServiceUrl
                 proc.kill()
                 proc.wait(timeout=5)
         console.print(
-            f"[dim]stopped the billing service started for the demo; its data stays in {settings.data_dir}[/dim]"
+            f"[dim]stopped the billing service started for the demo; its data stays in {settings.data_dir}[/dim]",
+            soft_wrap=True,
         )
 
 
@@ -1133,70 +1135,90 @@ def _wait_for_service(
 # ---------------------------------------------------------------------------------------------- output
 
 
-def summary_table(s: Summary) -> Table:
-    def mark(check: str) -> str:
-        return "[green]✓[/green]" if s.checks.get(check) else "[red]✗[/red]"
+def summary_title(s: Summary) -> Text:
+    """The summary's title on its own line (a table's title is only as wide as the table)."""
+    return Text(f"billing demo {s.run_id}: {s.simulated_minutes} simulated minutes in {s.real_seconds} s", style="bold")
 
-    table = Table(title=f"billing demo {s.run_id}: {s.simulated_minutes} simulated minutes in {s.real_seconds} s")
-    table.add_column("what")
-    table.add_column("value", justify="right")
-    table.add_column("", justify="center")
-    table.add_row("wallets (topped up with wallet.adjusted)", f"{s.wallets:,} ({_usd(s.topped_up_micros)})", "")
-    table.add_row("events published (good)", f"{s.events_published:,}", "")
-    table.add_row("events in the ledger", f"{s.events_in_ledger:,}", mark("every good event is in the ledger"))
+
+def summary_table(s: Summary) -> Table:
+    """What happened, one line per figure; readable from 80 columns (labels short, values fold)."""
+
+    def mark(check: str) -> Text:
+        return Text("✓", style="green") if s.checks.get(check) else Text("✗", style="red")
+
+    rows: list[tuple[str, str, Text | str]] = [
+        ("wallets funded (wallet.adjusted)", f"{s.wallets:,} ({_usd(s.topped_up_micros)})", ""),
+        ("events published (good)", f"{s.events_published:,}", ""),
+        ("events in the ledger", f"{s.events_in_ledger:,}", mark("every good event is in the ledger")),
+    ]
     started = ", ".join(f"{n} {k}" for k, n in sorted(s.rentals_started.items()))
-    table.add_row("rentals started", f"{sum(s.rentals_started.values()):,} ({started})", "")
-    table.add_row("spot preemptions / user pauses", f"{s.spot_preemptions} / {s.user_pauses}", "")
-    table.add_row("serverless jobs completed", f"{s.jobs_completed:,}", "")
+    rows.append(("rentals started", f"{sum(s.rentals_started.values()):,} ({started})", ""))
+    rows.append(("spot preemptions / user pauses", f"{s.spot_preemptions} / {s.user_pauses}", ""))
+    rows.append(("serverless jobs completed", f"{s.jobs_completed:,}", ""))
     rental = s.rental_admissions
-    table.add_row(
-        "admissions, rental: admitted / refused", f"{rental.get('admitted', 0):,} / {rental.get('refused', 0):,}", ""
+    rows.append(
+        ("rental admissions: ok / refused", f"{rental.get('admitted', 0):,} / {rental.get('refused', 0):,}", "")
     )
     sl = s.serverless_admissions
     refused = {k: n for k, n in sl.items() if k != "admitted"}
-    table.add_row(
-        "admissions, serverless: admitted / refused",
-        f"{sl.get('admitted', 0):,} / {sum(refused.values()):,}"
-        + (f" ({', '.join(f'{n} {k[9:-1]}' for k, n in sorted(refused.items()))})" if refused else ""),
-        "",
+    why = f" ({', '.join(f'{n} {k[9:-1]}' for k, n in sorted(refused.items()))})" if refused else ""
+    rows.append(
+        ("serverless admissions: ok / refused", f"{sl.get('admitted', 0):,} / {sum(refused.values()):,}{why}", "")
     )
     if s.unanswered_asks:
-        table.add_row("admission asks unanswered", f"{s.unanswered_asks:,}", "")
-    table.add_row(
-        "charged total (ledger / expected)",
-        f"{_usd(s.charged_micros)} / {_usd(s.expected_charges_micros)}",
-        mark("charged exactly what the readings and jobs cost"),
+        rows.append(("admission asks unanswered", f"{s.unanswered_asks:,}", ""))
+    charged = f"{_usd(s.charged_micros, exact=True)} / {_usd(s.expected_charges_micros, exact=True)}"
+    rows.append(("charged (ledger / expected)", charged, mark("charged exactly what the readings and jobs cost")))
+    rows.append(
+        ("stops issued / answered", f"{s.stops_issued} / {s.stops_answered}", mark("every stop command was answered"))
     )
-    table.add_row(
-        "stops issued / answered", f"{s.stops_issued} / {s.stops_answered}", mark("every stop command was answered")
-    )
-    table.add_row(
-        f"dry wallet {s.dry_wallet}",
-        f"rental {s.dry_rental_status}, balance {_usd(s.dry_wallet_balance_micros)}",
-        mark("the dry wallet's rental was stopped and paused"),
-    )
-    notices = ", ".join(f"{n} {k}" for k, n in s.notices.items()) or "none"
-    table.add_row("notices", notices, "")
-    table.add_row(
-        "settlements received / rentals ended",
-        f"{s.settlements_received} / {s.settlements_expected}",
-        mark("every ended rental was settled"),
-    )
-    table.add_row(
-        "malformed published / dead letters",
-        f"{s.malformed_published} / {sum(s.dead_letters.values())}",
-        mark("every malformed message is dead-lettered"),
-    )
+    dry = f"{s.dry_wallet}: rental {s.dry_rental_status}, balance {_usd(s.dry_wallet_balance_micros)}"
+    rows.append(("the wallet that ran dry", dry, mark("the dry wallet's rental was stopped and paused")))
+    rows.append(("notices", ", ".join(f"{n} {k}" for k, n in s.notices.items()) or "none", ""))
+    settled = f"{s.settlements_received} / {s.settlements_expected}"
+    rows.append(("settlements / rentals ended", settled, mark("every ended rental was settled")))
+    letters = f"{s.malformed_published} / {sum(s.dead_letters.values())}"
+    rows.append(("malformed sent / dead letters", letters, mark("every malformed message is dead-lettered")))
     for reason in sorted(set(s.dead_letters) | set(s.dead_letters_expected)):
-        table.add_row(f"  dead letters: {reason}", str(s.dead_letters.get(reason, 0)), "")
-    total = "not computed" if s.trial_balance_total_micros is None else f"{s.trial_balance_total_micros} micros"
-    table.add_row(
-        "trial balance total (whole ledger)",
-        f"{total} over {s.trial_balance_accounts} accounts"
-        + (f" ({s.trial_balance_error})" if s.trial_balance_error else ""),
-        mark("trial balance total is 0"),
-    )
+        rows.append((f"  dead letters: {reason}", str(s.dead_letters.get(reason, 0)), ""))
+    total = "not computed" if s.trial_balance_total_micros is None else _usd(s.trial_balance_total_micros, exact=True)
+    error = f" ({s.trial_balance_error})" if s.trial_balance_error else ""
+    tb = f"{total} over {s.trial_balance_accounts:,} accounts{error}"
+    rows.append(("trial balance total (whole ledger)", tb, mark("trial balance total is 0")))
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False)
+    table.add_column("what", overflow="fold", max_width=36)
+    table.add_column("value", overflow="fold")
+    table.add_column("", justify="center", no_wrap=True, width=1)
+    for what, value, check in rows:
+        table.add_row(Text(what), Text(value), check)
     return table
+
+
+class DemoProgress(Progress):
+    """Progress with each task's figures on a line of their own under its bar: at 80 columns a bar,
+    its count and a sentence of figures do not fit on one line."""
+
+    def get_renderables(self) -> Iterator[RenderableType]:
+        for task in self.tasks:
+            yield self.make_tasks_table([task])
+            info = str(task.fields.get("info") or "")
+            if info:
+                yield Text(f"    {info}", style="dim", overflow="fold")
+
+
+def demo_progress(console: Console, get_time: Callable[[], float] | None = None) -> DemoProgress:
+    """Fixed columns so the separate tasks line up; the bar takes what the terminal has left.
+    ``get_time``: a fixed clock for tests (the spinner's frame and the elapsed time read it)."""
+    return DemoProgress(
+        SpinnerColumn(table_column=Column(width=1, no_wrap=True)),
+        TextColumn("[bold]{task.description}", table_column=Column(width=23, no_wrap=True)),
+        BarColumn(bar_width=None, table_column=Column(ratio=1)),
+        MofNCompleteColumn(table_column=Column(width=13, justify="right", no_wrap=True)),
+        TimeElapsedColumn(table_column=Column(width=7, no_wrap=True)),
+        console=console,
+        expand=True,
+        get_time=get_time,
+    )
 
 
 async def run_demo(
@@ -1217,15 +1239,7 @@ async def run_demo(
     names = NatsNames(settings.nats_namespace)
     engine = make_engine(urls.database_url, role=settings.database_role or None, pool_size=2)
     nc = await nats.connect(urls.nats_url, connect_timeout=5, max_reconnect_attempts=5)
-    progress = Progress(
-        SpinnerColumn(),
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        console=console,
-    )
+    progress = demo_progress(console)
     try:
         traffic = Traffic(plan, nc, names, engine, pace_s=pace_s, drain_timeout_s=drain_timeout_s)
         with progress:
@@ -1261,7 +1275,7 @@ def demo(
     run = run_id or secrets.token_hex(3)
     if not RUN_ID_RE.match(run):
         raise typer.BadParameter("1 to 16 letters or digits", param_hint="--run-id")
-    console = Console() if sys.stdout.isatty() else Console(width=120)
+    console = Console()  # the terminal's width; off a terminal COLUMNS, else 80
     settings = Settings()
     try:
         with running_service(settings, console) as urls:
@@ -1278,13 +1292,13 @@ def demo(
                     drain_timeout_s=timeout,
                 )
             )
-            console.print(summary_table(summary))
+            console.print(Group(summary_title(summary), summary_table(summary)))
             if json_path is not None:
                 json_path.write_text(summary.to_json() + "\n")
     except DemoError as exc:
-        console.print(f"[red]billing demo failed:[/red] {exc}")
+        console.print(f"[red]billing demo failed:[/red] {exc}", soft_wrap=True)
         raise typer.Exit(1) from None
     failed = [name for name, ok in summary.checks.items() if not ok]
     if failed:
-        console.print(f"[red]failed checks:[/red] {'; '.join(failed)}")
+        console.print(f"[red]failed checks:[/red] {'; '.join(failed)}", soft_wrap=True)
         raise typer.Exit(1)

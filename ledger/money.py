@@ -225,3 +225,23 @@ def micros_to_cents_exact(micros: int) -> int:
 def cents_to_micros(cents: int) -> int:
     """Whole cents (Stripe's unit) as micros; exact."""
     return require_int(cents, "cents") * MICROS_PER_CENT
+
+
+def display_usd(micros: int, *, exact: bool = False) -> str:
+    """Money for people to read: ``"$1,234.56"`` (to the cent), or with ``exact`` every micro
+    (``"$1,234.567891"``); negatives as ``"-$11,980.00"``. The one place micros become text in tables.
+
+    Cents are rounded half away from zero (``$0.005`` -> ``$0.01``), the way people round money by hand;
+    a nonzero amount that rounds to zero keeps its sign (``-$0.00``), so a debt of a few micros still
+    reads as a debt. Integers only: the exact figure is ``exact=True``, never a float.
+    """
+    amount_micros = require_int(micros, "micros")
+    sign = "-" if amount_micros < 0 else ""
+    if exact:
+        whole_usd, fraction_micros = divmod(abs(amount_micros), MICROS_PER_USD)
+        return f"{sign}${whole_usd:,}.{fraction_micros:06d}"
+    cents, remainder_micros = divmod(abs(amount_micros), MICROS_PER_CENT)
+    if 2 * remainder_micros >= MICROS_PER_CENT:
+        cents += 1
+    whole_usd, fraction_cents = divmod(cents, 100)
+    return f"{sign}${whole_usd:,}.{fraction_cents:02d}"

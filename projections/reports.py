@@ -22,10 +22,13 @@ from typing import Any, Final, Literal
 from sqlalchemy import Connection, text
 
 from ledger.invariants import require
+from ledger.journal import ADJUSTMENTS, DISPUTES, REFUNDS, STRIPE_CLEARING
 
-GROUP_KEYS: Final = ("day", "product", "gpuType")
+GROUP_KEYS: Final = ("day", "month", "product", "gpuType")
+DEFAULT_GROUP_BY: Final = ("day", "product", "gpuType")
 _GROUP_SQL: Final = {
     "day": "(booked_at AT TIME ZONE 'UTC')::date",
+    "month": "to_char(booked_at AT TIME ZONE 'UTC', 'YYYY-MM')",
     "product": "product",
     "gpuType": "gpu_type",
 }
@@ -64,6 +67,39 @@ def trial_balance(conn: Connection, at: datetime) -> Report:
         [(r[0], int(r[1])) for r in rows],
         {"at": at.isoformat(), "totalMicros": total},
     )
+
+
+# Account types of the trial balance's subtotals, in the order they are shown.
+ACCOUNT_TYPES: Final = ("wallets", "revenue", "clearing", "refunds", "disputes", "adjustments", "other")
+_FIXED_ACCOUNT_TYPES: Final = {
+    STRIPE_CLEARING: "clearing",
+    REFUNDS: "refunds",
+    DISPUTES: "disputes",
+    ADJUSTMENTS: "adjustments",
+}
+
+
+def account_type(account: str) -> str:
+    """``wallet:<id>`` -> wallets, ``revenue:<product>`` -> revenue, the fixed accounts by name."""
+    if account.startswith("wallet:"):
+        return "wallets"
+    if account.startswith("revenue:"):
+        return "revenue"
+    return _FIXED_ACCOUNT_TYPES.get(account, "other")
+
+
+def trial_balance_by_type(report: Report) -> Report:
+    """The trial balance's accounts summed per :data:`ACCOUNT_TYPES` (pure: from the per-account rows).
+    Types without an account are left out; the total is the same zero."""
+    accounts: dict[str, int] = {}
+    balances: dict[str, int] = {}
+    for account, balance in report.rows:
+        t = account_type(account)
+        accounts[t] = accounts.get(t, 0) + 1
+        balances[t] = balances.get(t, 0) + int(balance)
+    rows = [(t, accounts[t], balances[t]) for t in ACCOUNT_TYPES if t in accounts]
+    require(sum(r[2] for r in rows) == report.summary["totalMicros"], "trial balance subtotals differ from the total")
+    return Report("trial-balance", ("type", "accounts", "balanceMicros"), rows, dict(report.summary))
 
 
 STATEMENT_KINDS: Final = ("topup", "charge", "refund", "dispute_hold", "dispute_release", "dispute_lost", "adjustment")
@@ -106,22 +142,117 @@ def statement(conn: Connection, wallet_id: str, start: datetime, end: datetime) 
         "statement",
         ("kind", "resourceId", "product", "entries", "amountMicros"),
         rows,
-        {
-            "walletId": wallet_id,
-            "from": start.isoformat(),
-            "to": end.isoformat(),
-            "openingBalanceMicros": opening,
-            "topupsMicros": by_kind.get("topup", 0),
-            "chargesMicros": by_kind.get("charge", 0),
-            "refundsMicros": by_kind.get("refund", 0),
-            "disputesMicros": sum(by_kind.get(k, 0) for k in ("dispute_hold", "dispute_release", "dispute_lost")),
-            "adjustmentsMicros": by_kind.get("adjustment", 0),
-            "closingBalanceMicros": closing,
-        },
+        _statement_summary(wallet_id, start, end, opening, closing, by_kind),
     )
 
 
-def revenue(conn: Connection, start: datetime, end: datetime, group_by: Sequence[str] = GROUP_KEYS) -> Report:
+# A statement is one wallet over a period: a few lines a day. A bound keeps a mistaken period over
+# a hostile wallet (a million refunds) from building an unbounded report; the caller shortens it.
+MAX_STATEMENT_LINES: Final = 100_000
+
+STATEMENT_LINE_COLUMNS: Final = (
+    "at",
+    "until",
+    "kind",
+    "resourceId",
+    "product",
+    "gpuType",
+    "detail",
+    "entries",
+    "amountMicros",
+)
+
+# Charges: one line per resource and UTC day (a pod metered every minute is ~1,440 entries a day,
+# one line to a reader). Every other movement is its own line with its memo (payment id, reason).
+_CHARGE_LINES_SQL: Final = """
+    SELECT min(booked_at), max(booked_at), 'charge', resource_id, product, gpu_type, NULL,
+           count(*), sum(amount_micros)::bigint
+      FROM ledger_entries
+     WHERE account = :a AND kind = 'charge' AND booked_at >= :s AND booked_at < :e
+     GROUP BY (booked_at AT TIME ZONE 'UTC')::date, resource_id, product, gpu_type
+     ORDER BY 1, 4
+     LIMIT :n
+"""
+_OTHER_LINES_SQL: Final = """
+    SELECT e.booked_at, e.booked_at, e.kind, e.resource_id, e.product, e.gpu_type, t.memo, 1, e.amount_micros
+      FROM journal_entries e
+      JOIN journal_transactions t ON t.event_position = e.event_position AND t.txn_no = e.txn_no
+     WHERE e.account = :a AND e.kind <> 'charge' AND e.booked_at >= :s AND e.booked_at < :e
+     ORDER BY e.booked_at, e.event_position, e.txn_no
+     LIMIT :n
+"""
+
+
+class StatementTooLong(ValueError):
+    """More than :data:`MAX_STATEMENT_LINES` lines: the caller asks for a shorter period."""
+
+
+def wallet_known(conn: Connection, wallet_id: str) -> bool:
+    """Whether the ledger or the wallet projection has ever heard of this wallet."""
+    return bool(
+        conn.execute(
+            text(
+                "SELECT EXISTS (SELECT 1 FROM account_balances WHERE account = :a)"
+                "    OR EXISTS (SELECT 1 FROM wallets WHERE wallet_id = :w)"
+            ),
+            {"a": f"wallet:{wallet_id}", "w": wallet_id},
+        ).scalar_one()
+    )
+
+
+def statement_lines(conn: Connection, wallet_id: str, start: datetime, end: datetime) -> Report:
+    """The statement as dated lines in booking order: one per resource and UTC day for charges
+    (``at``/``until`` are its first and last charge), one per top-up, refund, dispute step and
+    adjustment. The summary is :func:`statement`'s; ``opening + sum(lines) == closing`` is checked."""
+    _aware(start, "from")
+    _aware(end, "to")
+    require(start <= end, "from must not be after to")
+    params = {"a": f"wallet:{wallet_id}", "s": start, "e": end, "n": MAX_STATEMENT_LINES + 1}
+    opening, closing = conn.execute(
+        text(
+            "SELECT coalesce(sum(amount_micros) FILTER (WHERE booked_at < :s), 0)::bigint,"
+            "       coalesce(sum(amount_micros), 0)::bigint"
+            "  FROM ledger_entries WHERE account = :a AND booked_at < :e"
+        ),
+        params,
+    ).one()
+    raw = [*conn.execute(text(_CHARGE_LINES_SQL), params).all(), *conn.execute(text(_OTHER_LINES_SQL), params).all()]
+    if len(raw) > MAX_STATEMENT_LINES:
+        raise StatementTooLong(f"more than {MAX_STATEMENT_LINES:,} statement lines: choose a shorter period")
+    kind_order = {k: i for i, k in enumerate(STATEMENT_KINDS)}
+    raw.sort(key=lambda r: (r[0], kind_order.get(r[2], len(kind_order)), r[3] or ""))
+    lines = [(r[0], r[1], r[2], r[3], r[4], r[5], r[6] or None, int(r[7]), int(r[8])) for r in raw]
+    by_kind: dict[str, int] = {}
+    for line in lines:
+        by_kind[line[2]] = by_kind.get(line[2], 0) + line[8]
+    moved = sum(by_kind.values())
+    require(int(opening) + moved == int(closing), f"statement of {wallet_id}: {opening} + {moved} != {closing}")
+    return Report(
+        "statement",
+        STATEMENT_LINE_COLUMNS,
+        lines,
+        _statement_summary(wallet_id, start, end, int(opening), int(closing), by_kind),
+    )
+
+
+def _statement_summary(
+    wallet_id: str, start: datetime, end: datetime, opening: int, closing: int, by_kind: dict[str, int]
+) -> dict[str, Any]:
+    return {
+        "walletId": wallet_id,
+        "from": start.isoformat(),
+        "to": end.isoformat(),
+        "openingBalanceMicros": opening,
+        "topupsMicros": by_kind.get("topup", 0),
+        "chargesMicros": by_kind.get("charge", 0),
+        "refundsMicros": by_kind.get("refund", 0),
+        "disputesMicros": sum(by_kind.get(k, 0) for k in ("dispute_hold", "dispute_release", "dispute_lost")),
+        "adjustmentsMicros": by_kind.get("adjustment", 0),
+        "closingBalanceMicros": closing,
+    }
+
+
+def revenue(conn: Connection, start: datetime, end: datetime, group_by: Sequence[str] = DEFAULT_GROUP_BY) -> Report:
     """Recognised revenue (credits to ``revenue:<product>``) in ``[from, to)``, grouped."""
     keys = list(dict.fromkeys(group_by))
     for k in keys:
@@ -210,6 +341,7 @@ def reconcile(ledger: Iterable[StripeRecord], stripe: Iterable[StripeRecord], st
     mine = {(r.kind, r.stripe_id): r for r in ledger}
     theirs = {(r.kind, r.stripe_id): r for r in stripe}
     rows: list[tuple[Any, ...]] = []
+    # Summary keys are camelCase like every JSON field; the statuses stay snake_case enum values.
     counts = {"matched": 0, "missing_in_ledger": 0, "missing_in_stripe": 0, "amount_mismatch": 0}
     for key in sorted(mine.keys() | theirs.keys()):
         a, b = mine.get(key), theirs.get(key)
@@ -236,5 +368,10 @@ def reconcile(ledger: Iterable[StripeRecord], stripe: Iterable[StripeRecord], st
         "stripe-reconciliation",
         ("status", "kind", "stripeId", "walletId", "ledgerMicros", "stripeMicros"),
         rows,
-        {"from": start.isoformat(), "to": end.isoformat(), **counts},
+        {"from": start.isoformat(), "to": end.isoformat(), **{_camel(k): n for k, n in counts.items()}},
     )
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
