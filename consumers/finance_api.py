@@ -7,7 +7,6 @@ from __future__ import annotations
 import csv
 import io
 from collections.abc import Callable
-from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Final, Literal
 
@@ -16,16 +15,14 @@ from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import Engine, text
 
+from consumers import reconciliation
 from consumers.api_errors import ApiError
 from consumers.http_api import TokenAuthenticator, _errors, _scope_dependency, _stripe_failure, parse_api_tokens
 from consumers.settings import Settings
-from consumers.stripe_gateway import StripeRefused, StripeUnavailable, _call, client_from_settings
-from ledger.money import cents_to_micros
+from consumers.stripe_gateway import StripeRefused, StripeUnavailable, client_from_settings
 from projections import anomalies, reports
-from projections.reports import Report, StripeRecord
+from projections.reports import Report
 
-# Stripe list pages are at most 100 items; a bound keeps one report from paging for ever.
-MAX_STRIPE_ITEMS: Final = 100_000
 DEFAULT_PERIOD: Final = timedelta(days=30)
 
 # Module level: annotations are strings here (PEP 563) and FastAPI resolves them in this namespace.
@@ -71,70 +68,6 @@ def _render(report: Report, request: Request, fmt: str | None, body: dict[str, A
         w.writerows(report.rows)
         return Response(buf.getvalue(), media_type="text/csv")
     return JSONResponse(body)
-
-
-def _too_many() -> StripeRefused:
-    return StripeRefused(422, "period_too_large", "more than 100,000 Stripe records: choose a shorter period")
-
-
-def stripe_records(client: stripe.StripeClient, start: datetime, end: datetime) -> list[StripeRecord]:
-    """Stripe's own records of the period: succeeded PaymentIntents and refunds (all pages).
-    Raises StripeUnavailable (Stripe failed, or answered something unreadable) or StripeRefused."""
-    window: Any = {"gte": int(start.timestamp()), "lt": int(end.timestamp())}
-
-    def fetch() -> list[StripeRecord]:
-        out: list[StripeRecord] = []
-        params: Any = {"created": window, "limit": 100}
-        for pi in client.v1.payment_intents.list(params=params).auto_paging_iter():
-            d = pi.to_dict()
-            created = datetime.fromtimestamp(int(d.get("created") or 0), UTC)
-            if d.get("status") != "succeeded" or not (start <= created < end):
-                continue
-            wallet = (d.get("metadata") or {}).get("walletId")
-            out.append(
-                StripeRecord("payment", d["id"], cents_to_micros(int(d.get("amount_received") or 0)), wallet, created)
-            )
-            if len(out) > MAX_STRIPE_ITEMS:
-                raise _too_many()
-        for re in client.v1.refunds.list(params=params).auto_paging_iter():
-            d = re.to_dict()
-            created = datetime.fromtimestamp(int(d.get("created") or 0), UTC)
-            if d.get("status") != "succeeded" or not (start <= created < end):
-                continue
-            out.append(StripeRecord("refund", d["id"], cents_to_micros(int(d.get("amount") or 0)), None, created))
-            if len(out) > MAX_STRIPE_ITEMS:
-                raise _too_many()
-        return out
-
-    try:
-        return _call(fetch)
-    except (KeyError, TypeError, ValueError, OverflowError) as error:  # an answer not shaped as Stripe's
-        raise StripeUnavailable(f"unexpected list answer from Stripe ({type(error).__name__}: {error})") from None
-
-
-_CAMEL_COUNTS: Final = {
-    "missing_in_ledger": "missingInLedger",
-    "missing_in_stripe": "missingInStripe",
-    "amount_mismatch": "amountMismatch",
-}
-
-
-def reconcile_with_stripe(engine: Engine, client: stripe.StripeClient, start: datetime, end: datetime) -> Report:
-    """The Stripe reconciliation of ``[start, end)``: the ledger's top-ups and refunds against Stripe's
-    own records, by Stripe id. Rows: status (matched, missing_in_ledger, missing_in_stripe,
-    amount_mismatch), kind, stripeId, walletId, ledgerMicros, stripeMicros; summary (camelCase):
-    from, to, matched, missingInLedger, missingInStripe, amountMismatch.
-
-    For ``GET /finance/stripe-reconciliation`` and ``billing report stripe-reconciliation``. Stripe is
-    asked first, outside any database transaction. Raises StripeUnavailable or StripeRefused (each
-    with a ``detail`` for people; HTTP answers them 502 / their status)."""
-    theirs = stripe_records(client, start, end)
-    with engine.connect() as conn:
-        conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
-        mine = reports.ledger_stripe_records(conn, start, end)
-    rep = reports.reconcile(mine, theirs, start, end)
-    summary = {_CAMEL_COUNTS.get(k, k): v for k, v in rep.summary.items()}
-    return replace(rep, summary=summary)
 
 
 def build_finance_api(
@@ -251,7 +184,8 @@ def build_finance_api(
             raise ApiError(503, "stripe_not_configured", "Stripe is not configured: set BILLING_STRIPE_API_KEY")
         s, e = _period(start, end, now())
         try:
-            rep = reconcile_with_stripe(engine, client, s, e)
+            with engine.connect() as conn:
+                rep = reconciliation.stripe_reconciliation(conn, client, s, e)
         except (StripeRefused, StripeUnavailable) as error:
             raise _stripe_failure(error) from None
         return _render(rep, request, fmt, {**rep.summary, "rows": rep.as_dicts()})

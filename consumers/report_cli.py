@@ -625,10 +625,10 @@ def _reconciliation(conn: Any, client: Any, start: datetime, end: datetime) -> R
 
     try:
         return stripe_reconciliation(conn, client, start, end)
+    except PeriodTooLarge as exc:
+        raise UserError(f"--from/--to: {exc.detail}") from None
     except (StripeUnavailable, StripeRefused) as exc:
         raise UserError(f"Stripe: {exc.detail} (BILLING_STRIPE_API_BASE, BILLING_STRIPE_API_KEY)") from None
-    except PeriodTooLarge as exc:
-        raise UserError(f"--from/--to: {exc}") from None
 
 
 @report_app.command("stripe-reconciliation")

@@ -200,8 +200,12 @@ def test_stripe_failures_during_reconciliation_are_502_with_stripes_message(
 
 
 def test_reconciliation_is_one_function_for_the_cli(app_engine: Engine, fake_stripe: FakeStripe, unique: str) -> None:
-    from consumers.finance_api import reconcile_with_stripe
+    from consumers.reconciliation import stripe_reconciliation
     from consumers.stripe_gateway import StripeUnavailable
+
+    def reconcile_with_stripe(engine: Engine, client: object, start: datetime, end: datetime) -> object:
+        with engine.connect() as conn:
+            return stripe_reconciliation(conn, client, start, end)  # type: ignore[arg-type]
 
     start = datetime.now(UTC) - timedelta(seconds=5)
     pi = fake_stripe.succeed(fake_stripe.create_payment_intent(1200, metadata={"walletId": unique})["id"])
