@@ -131,7 +131,7 @@ def check_trial_balance(result: Result, run: Run) -> None:
 
 def check_status(result: Result, run: Run) -> None:
     out = result.ok()
-    assert re.search(r"\bready\b", out, re.IGNORECASE), out
+    assert re.search(r"\bready\b\W+yes\b", out, re.IGNORECASE), out  # the row "ready | yes (...)"
     assert f"127.0.0.1:{run.http_port}" in out, out
     assert f":{run.nats_port}" in out, out
 
