@@ -1,4 +1,4 @@
-"""The AsyncAPI 3.0 document of the service's NATS interface (DESIGN sections 3 and 5), generated
+"""The AsyncAPI 3.0 document of the service's NATS interface (docs/events.md), generated
 by FastStream from code and kept in the repository as ``asyncapi.json``.
 
     python -m consumers.asyncapi [--check] [PATH]
@@ -55,7 +55,9 @@ DEFAULT_PATH: Final = Path(__file__).resolve().parent.parent / "asyncapi.json"
 
 TITLE: Final = "GPU cloud billing: NATS interface"
 VERSION: Final = "0.1.0"
-SERVER_URL: Final = "nats://localhost:4222"
+# The embedded nats-server's default address (BILLING_EMBEDDED_NATS_PORT); the document names it
+# with a port variable, and a production server whose host is a variable (BILLING_NATS_URL).
+SERVER_URL: Final = "nats://127.0.0.1:14222"
 
 DOC_ONLY: Final = "documentation only: the service's runtime is consumers.app (billing up)"
 
@@ -128,7 +130,7 @@ _IN_STREAM: Final = JStream("BILLING_IN", subjects=["billing.in.>"], declare=Fal
     pull_sub=PullSub(batch_size=4000),
     title="usageEvents",
     description=(
-        "Usage facts in (DESIGN section 3): CloudEvents 1.0 in structured JSON mode, published by the "
+        "Usage facts in (docs/events.md): CloudEvents 1.0 in structured JSON mode, published by the "
         "compute plane to JetStream stream BILLING_IN (subjects billing.in.>), one subject per wallet. "
         "data.walletId must be the subject's walletId. (source, id) identifies an event: the same pair "
         "twice is one event. Set Nats-Msg-Id for the stream's "
@@ -284,6 +286,222 @@ _HEADERS: Final[dict[str, dict[str, Any]]] = {
     "deadLetters": _DLQ_HEADERS,
 }
 
+# ------------------------------------------------------------------------------------- examples
+# One example message or more for every operation, as the service reads or writes them (the bodies
+# of docs/events.md). tests/unit/test_asyncapi.py validates each against the real models.
+
+_T: Final = "2026-11-28T10:00:00Z"
+
+
+def _cloudevent(event_id: str, kind: str, data: dict[str, Any]) -> dict[str, Any]:
+    return {"specversion": "1.0", "id": event_id, "source": "compute/host7", "type": kind, "time": _T, "data": data}
+
+
+_W: Final = {"walletId": "w_acme"}
+_POD: Final = {**_W, "resourceId": "pod42"}
+USAGE_EXAMPLES: Final[tuple[dict[str, Any], ...]] = (
+    _cloudevent(
+        "host7-pod42-000001",
+        "gpu.rental.started",
+        {
+            **_POD,
+            "resourceKind": "pod",
+            "gpuType": "RTX 4090",
+            "gpuCount": 1,
+            "tier": "on_demand",
+            "pricePerHourMicros": 2_000_000,
+            "admissionId": "adm-pod42",
+        },
+    ),
+    _cloudevent("host7-pod42-000118", "gpu.rental.metered", {**_POD, "uptimeSecondsTotal": 7080}),
+    _cloudevent("host7-pod42-000119", "gpu.rental.paused", {**_POD, "uptimeSecondsTotal": 7100}),
+    _cloudevent("host7-pod42-000120", "gpu.rental.resumed", {**_POD, "admissionId": "adm-pod42-2"}),
+    _cloudevent("host7-pod42-000180", "gpu.rental.ended", {**_POD, "uptimeSecondsTotal": 10800, "reason": "stopped"}),
+    _cloudevent(
+        "host7-spot9-000015",
+        "gpu.spot.preempted",
+        {
+            **_W,
+            "resourceId": "spot9",
+            "noticedAt": "2026-11-28T09:55:00Z",
+            "terminatedAt": _T,
+            "uptimeSecondsTotal": 900,
+        },
+    ),
+    _cloudevent(
+        "ep1-job-77",
+        "serverless.job.completed",
+        {
+            **_W,
+            "endpointId": "ep1",
+            "jobId": "job-77",
+            "gpuType": "AMPERE_24",
+            "computeMs": 1500,
+            "pricePerSecondMicros": 333,
+            "status": "completed",
+        },
+    ),
+    _cloudevent(
+        "ops-2026-11-28-001",
+        "wallet.adjusted",
+        {**_W, "amountMicros": 20_000_000, "reason": "goodwill credit", "operator": "ops@example.com"},
+    ),
+)
+_RENTAL_ASK: Final = {**_POD, "pricePerHourMicros": 2_000_000, "admissionId": "adm-pod42"}
+_REFUSED_INPUT: Final = _cloudevent("host7-pod42-000121", "gpu.rental.metered", {**_POD, "uptimeSecondsTotal": -5})
+
+
+def _example(name: str, summary: str, payload: Any, headers: dict[str, str] | None = None) -> dict[str, Any]:
+    example: dict[str, Any] = {"name": name, "summary": summary}
+    if headers is not None:
+        example["headers"] = headers
+    example["payload"] = payload
+    return example
+
+
+EXAMPLES: Final[dict[str, list[dict[str, Any]]]] = {
+    "usageEvents": [
+        _example(e["type"].replace(".", "_"), f"A {e['type']} event", e, {"Nats-Msg-Id": e["id"]})
+        for e in USAGE_EXAMPLES
+    ],
+    "admissionRental": [_example("ask", "May pod42 start at $2/h?", _RENTAL_ASK)],
+    "admissionRentalReply": [
+        _example(
+            "admitted",
+            "Admitted: one hour of the price ($2) is held for at most 120 s",
+            {"admitted": True, "admissionId": "adm-pod42", "reason": "admitted", "availableMicros": 20_000_000},
+        ),
+        _example(
+            "refused",
+            "Refused: less than one hour of the price is available",
+            {
+                "admitted": False,
+                "admissionId": "adm-pod42",
+                "reason": "insufficient_balance: starting needs one hour of its price (2000000 micros) available, "
+                "the wallet has 1500000",
+                "availableMicros": 1_500_000,
+            },
+        ),
+        _example(
+            "invalid",
+            "A malformed ask",
+            {"admitted": False, "reason": "invalid request: pricePerHourMicros: required field is missing"},
+        ),
+    ],
+    "admissionServerless": [_example("ask", "May a job of endpoint ep1 run?", {**_W, "endpointId": "ep1"})],
+    "admissionServerlessReply": [
+        _example("admitted", "Admitted", {"admitted": True, "reason": "admitted", "availableMicros": 19_899_343}),
+        _example(
+            "rateLimited",
+            "Refused: 60 jobs were admitted in the last minute",
+            {
+                "admitted": False,
+                "reason": "rate_limited: at most 60 jobs per minute (endpoint ep1)",
+                "availableMicros": 19_899_343,
+            },
+        ),
+    ],
+    "stopCommands": [
+        _example(
+            "balanceExhausted",
+            "Pause pod42: its wallet's available balance reached zero",
+            {
+                "commandId": "stop-w_acme-pod42-1",
+                "walletId": "w_acme",
+                "resourceId": "pod42",
+                "resourceKind": "pod",
+                "action": "pause",
+                "reason": "balance_exhausted",
+                "issuedAt": "2026-11-28T10:00:00.250000Z",
+            },
+            {"Nats-Msg-Id": "stop-w_acme-pod42-1"},
+        ),
+    ],
+    "notices": [
+        _example(
+            "lowBalance",
+            "Less than one hour of running burn is left",
+            {
+                "walletId": "w_acme",
+                "kind": "low_balance",
+                "balanceMicros": 1_500_000,
+                "projectedZeroAt": "2026-11-28T10:45:00Z",
+            },
+            {"Nats-Msg-Id": "notice-w_acme-low_balance-2026-11-28T10:00:00Z"},
+        ),
+        _example(
+            "exhausted",
+            "The available balance reached zero",
+            {"walletId": "w_acme", "kind": "exhausted", "balanceMicros": 0, "projectedZeroAt": _T},
+            {"Nats-Msg-Id": "notice-w_acme-exhausted-2026-11-28T10:00:00Z"},
+        ),
+    ],
+    "settlements": [
+        _example(
+            "stopped",
+            "pod42 ended after 3 hours at $2/h",
+            {
+                "walletId": "w_acme",
+                "resourceId": "pod42",
+                "billableSeconds": 10800,
+                "costMicros": 6_000_000,
+                "endedAt": _T,
+                "reason": "stopped",
+            },
+            {"Nats-Msg-Id": "settlement-w_acme-pod42"},
+        ),
+    ],
+    "deadLetters": [
+        _example(
+            "outOfRange",
+            "A reading with a negative counter, refused as received",
+            json.dumps(_REFUSED_INPUT),
+            {
+                "Nats-Msg-Id": "dlq-out_of_range-3f2a9c",
+                "Billing-Reason": "out_of_range",
+                "Billing-Detail": "data.uptimeSecondsTotal: must be >= 0, got -5",
+                "Billing-Subject": "billing.in.w_acme",
+                "Billing-Delivery-Count": "1",
+                "Billing-Stream": "BILLING_IN",
+                "Billing-Stream-Sequence": "1042",
+                "Billing-Source": "compute/host7",
+                "Billing-Event-Id": "host7-pod42-000121",
+                "Billing-Event-Type": "gpu.rental.metered",
+                "Billing-Wallet-Id": "w_acme",
+            },
+        ),
+    ],
+}
+_SERVERS: Final[dict[str, dict[str, Any]]] = {
+    "embedded": {
+        "host": "127.0.0.1:{port}",
+        "pathname": "",
+        "protocol": "nats",
+        "title": "The embedded nats-server of `billing up`",
+        "description": (
+            "Started by `billing up` when BILLING_NATS_URL is unset (`make run`), with JetStream, on "
+            "127.0.0.1. Its port is BILLING_EMBEDDED_NATS_PORT (default 14222); if that is taken a free "
+            "port is used, logged, and written to <data dir>/runtime.json (natsUrl) and `billing status`."
+        ),
+        "variables": {
+            "port": {"default": "14222", "description": "BILLING_EMBEDDED_NATS_PORT, or runtime.json's natsUrl"}
+        },
+    },
+    "production": {
+        "host": "{host}",
+        "pathname": "",
+        "protocol": "nats",
+        "title": "A NATS JetStream cluster",
+        "description": (
+            "BILLING_NATS_URL: the cluster's servers, with the users and permissions of "
+            "deploy/nats/accounts.conf. A non-empty BILLING_NATS_NAMESPACE prefixes every subject "
+            "(<ns>.billing.in.>) and stream (<NS>_BILLING_IN); production uses the names exactly as "
+            "written here."
+        ),
+        "variables": {"host": {"default": "nats-1:4222", "description": "host:port of a server of the cluster"}},
+    },
+}
+
 
 class _Document:
     """A finished document (FastStream's ``Specification`` protocol), for ``faststream docs gen``."""
@@ -341,6 +559,12 @@ def complete(doc: dict[str, Any]) -> dict[str, Any]:
         channels[channel_name]["parameters"] = parameters
     for channel_name, headers in _HEADERS.items():
         _message(doc, channel_name)["headers"] = headers
+    for channel_name, examples in EXAMPLES.items():
+        _message(doc, channel_name)["examples"] = examples
+    doc["servers"] = _SERVERS
+    for channel in channels.values():
+        if "servers" in channel:  # FastStream names its one server; every channel is on both
+            channel["servers"] = [{"$ref": f"#/servers/{name}"} for name in _SERVERS]
     for message in doc["components"]["messages"].values():
         # FastStream's own correlation header: billing neither sets nor reads it.
         message.pop("correlationId", None)
@@ -352,7 +576,7 @@ def complete(doc: dict[str, Any]) -> dict[str, Any]:
     components: dict[str, Any] = doc["components"]
     for section in ("messages", "schemas"):
         components[section] = dict(sorted(components[section].items()))
-    # The contract's order (DESIGN sections 3 and 5), each reply after its ask.
+    # The contract's order (docs/events.md), each reply after its ask.
     doc["channels"] = {name: channels[name] for name in _ORDER if name in channels} | channels
     doc["operations"] = {name: operations[name] for name in _ORDER if name in operations} | operations
     return doc
@@ -367,7 +591,7 @@ app = FastStream(
             "NATS subjects of the GPU cloud's billing service: usage facts in, admission questions "
             "(request-reply), stop commands, notices, settlements and dead letters out. Money is "
             "always an integer of micro-USD (fields named ...Micros). Generated from consumers/asyncapi.py "
-            "(python -m consumers.asyncapi); the contract is DESIGN.md sections 3 and 5."
+            "(python -m consumers.asyncapi); the contract is docs/events.md."
         ),
     ),
 )

@@ -1,4 +1,4 @@
-"""The shared charging vectors (../shared/vectors/charging.json), renamed per test so that cases
+"""The charging vectors (tests/data/charging.json, the worked examples of docs/rules.md), renamed per test so that cases
 never collide in the run's database, with helpers to read the results back."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 from ledger.events import Event
 from tests.factories import T0, make_event
 
-VECTORS_PATH = Path(__file__).resolve().parents[2].parent / "shared" / "vectors" / "charging.json"
+VECTORS_PATH = Path(__file__).resolve().parents[1] / "data" / "charging.json"
 
 
 def load_cases() -> list[dict[str, Any]]:

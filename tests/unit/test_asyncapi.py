@@ -1,5 +1,5 @@
 """asyncapi.json in the repository is the NATS interface as declared in consumers/asyncapi.py, and it
-documents every subject of the contract (DESIGN sections 3 and 5) with the real models."""
+documents every subject of the contract (docs/events.md) with the real models and examples."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
+from pydantic import BaseModel, ValidationError
 
+from consumers.admission import InvalidAnswer, RentalAnswer, RentalAsk, ServerlessAnswer, ServerlessAsk
 from consumers.asyncapi import (
     DEFAULT_PATH,
+    EXAMPLES,
     NoticeBody,
     SettlementBody,
     StopCommandBody,
@@ -18,13 +21,13 @@ from consumers.asyncapi import (
     main,
     render,
 )
-from ledger.events import EVENT_TYPES, RejectReason
+from ledger.events import EVENT_TYPES, Rejection, RejectReason, parse_event
 from projections.messages import notice_message, settlement_message, stop_message
 from projections.rules import Notice, Settlement, StopCommand
 
 pytestmark = pytest.mark.unit
 
-# DESIGN section 3 (in) and section 5 (out, questions), as AsyncAPI addresses.
+# docs/events.md: in, out and questions, as AsyncAPI addresses.
 CONTRACT_SUBJECTS = {
     "billing.in.{walletId}",
     "compute.commands.stop",
@@ -163,3 +166,68 @@ def test_check_mode_reports_stale_files(tmp_path, capsys) -> None:
     assert main(["--check", str(stale)]) == 1
     assert main([str(stale)]) == 0
     assert main(["--check", str(stale)]) == 0
+
+
+def _messages_of(doc: dict[str, Any], channel_ref: str) -> list[dict[str, Any]]:
+    channel = _schema(doc, channel_ref)
+    return [_schema(doc, ref["$ref"]) for ref in channel["messages"].values()]
+
+
+def test_every_operation_has_example_messages(doc: dict[str, Any]) -> None:
+    for name, operation in doc["operations"].items():
+        refs = [operation["channel"]["$ref"]] + (
+            [operation["reply"]["channel"]["$ref"]] if "reply" in operation else []
+        )
+        for ref in refs:
+            for message in _messages_of(doc, ref):
+                assert message.get("examples"), f"operation {name}: {message['title']} has no example"
+
+
+_VALIDATORS: dict[str, tuple[type[BaseModel], ...]] = {
+    "admissionRental": (RentalAsk,),
+    "admissionRentalReply": (RentalAnswer, InvalidAnswer),
+    "admissionServerless": (ServerlessAsk,),
+    "admissionServerlessReply": (ServerlessAnswer, InvalidAnswer),
+    "stopCommands": (StopCommandBody,),
+    "notices": (NoticeBody,),
+    "settlements": (SettlementBody,),
+}
+
+
+def _valid_as_one_of(payload: dict[str, Any], models: tuple[type[BaseModel], ...]) -> bool:
+    for model in models:
+        try:
+            model.model_validate(payload)
+        except ValidationError:
+            continue
+        return True
+    return False
+
+
+def test_examples_are_what_the_service_reads_and_writes(doc: dict[str, Any]) -> None:
+    """Each example validates against the real models: events through the real parser, asks and answers
+    through the admission models, outbound bodies through theirs, a dead letter refused for its reason."""
+    now = datetime(2026, 11, 28, 10, 1, tzinfo=UTC)
+    for example in EXAMPLES["usageEvents"]:
+        event = parse_event(json.dumps(example["payload"]).encode(), now=now)
+        assert not isinstance(event, Rejection), (example["name"], event)
+        assert example["headers"]["Nats-Msg-Id"] == event.id
+    assert {e["payload"]["type"] for e in EXAMPLES["usageEvents"]} == EVENT_TYPES
+    for channel, models in _VALIDATORS.items():
+        for example in EXAMPLES[channel]:
+            assert _valid_as_one_of(example["payload"], models), (channel, example["name"])
+    for example in EXAMPLES["deadLetters"]:
+        refused = parse_event(example["payload"].encode(), now=now)
+        assert isinstance(refused, Rejection)
+        assert example["headers"]["Billing-Reason"] == refused.reason.value
+        assert example["headers"]["Billing-Detail"] == refused.detail
+    assert doc["components"]["messages"]["stopCommands:Message"]["examples"] == EXAMPLES["stopCommands"]
+
+
+def test_servers_name_the_embedded_default_and_a_cluster(doc: dict[str, Any]) -> None:
+    servers = doc["servers"]
+    assert "localhost:4222" not in json.dumps(servers)
+    assert servers["embedded"]["host"] == "127.0.0.1:{port}"
+    # The default of BILLING_EMBEDDED_NATS_PORT (consumers/settings.py, docs/operations.md).
+    assert servers["embedded"]["variables"]["port"]["default"] == "14222"
+    assert "BILLING_NATS_URL" in servers["production"]["description"]

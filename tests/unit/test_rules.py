@@ -46,7 +46,7 @@ from projections.rules import (
 
 pytestmark = pytest.mark.unit
 
-VECTORS = Path("/work/shared/vectors/charging.json")
+VECTORS = Path(__file__).resolve().parents[1] / "data" / "charging.json"
 T0 = datetime(2026, 11, 28, 9, 0, tzinfo=UTC)
 US = timedelta(microseconds=1)
 _ids = itertools.count()
