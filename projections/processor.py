@@ -42,6 +42,7 @@ from ledger.events import (
 )
 from ledger.invariants import fail, require
 from ledger.store import AppendItem, EventKey, EventRecord, append_new, apply_balances
+from ledger.text import storable
 from projections.messages import notice_message, settlement_message, stop_message
 from projections.outbox import OutboxMessage, enqueue
 from projections.rules import (
@@ -166,8 +167,11 @@ def record_rejections(conn: psycopg.Connection[Any], rows: Sequence[RejectedInpu
             (
                 now,
                 [r.rejection.reason.value for r in rows],
-                [r.rejection.detail for r in rows],
-                [r.subject for r in rows],
+                # storable: PostgreSQL text holds no NUL nor a lone surrogate; one such character in
+                # a detail or a subject failed the whole transaction (issue 13), and the refusal was
+                # never recorded. The intake already makes both printable; this is the last guard.
+                [storable(r.rejection.detail) for r in rows],
+                [None if r.subject is None else storable(r.subject) for r in rows],
                 [r.rejection.source for r in rows],
                 [r.rejection.event_id for r in rows],
                 [r.rejection.event_type for r in rows],
