@@ -138,6 +138,6 @@ def install() -> None:
             return
         check_compatible()
         Client._build_message = _build_message  # type: ignore[method-assign]
-        Client._process_msg = _guarded(Client._process_msg)  # type: ignore[method-assign]
-        Client._process_headers = _guarded_headers(Client._process_headers)  # type: ignore[method-assign]
+        Client._process_msg = _guarded(Client._process_msg)  # type: ignore[method-assign,assignment]
+        Client._process_headers = _guarded_headers(Client._process_headers)  # type: ignore[method-assign,assignment]
         _installed = True
