@@ -179,8 +179,10 @@ class IntakeConfig:
     db_retry_max_s: float = 5.0
     lanes: int = 1
     """Transactions a batch is split into, by wallet, run side by side (see :func:`lane_of`)."""
-    event_max_age_s: float = 604_800.0
-    """Events whose time is older than this are refused as too_old (BILLING_EVENT_MAX_AGE_S)."""
+    event_max_age_s: float | None = None
+    """Events whose time is older than this are refused as too_old: the service sets it from
+    BILLING_EVENT_MAX_AGE_S (default 7 days, :meth:`from_settings`); None (tools, and tests on fixed
+    dates) is no lower bound."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.lanes <= 16:
@@ -195,7 +197,7 @@ class IntakeConfig:
             )
         if self.max_deliver < 2:
             raise ValueError("max_deliver must allow at least one retry")
-        if not self.event_max_age_s > 0:
+        if self.event_max_age_s is not None and not self.event_max_age_s > 0:
             raise ValueError(f"event_max_age_s {self.event_max_age_s} must be > 0")
 
     @classmethod
@@ -527,7 +529,7 @@ def prepare_deliveries(
     return items
 
 
-def verify_accept_old(conn: psycopg.Connection[Any], items: Sequence[_Item], *, max_age_s: float) -> list[_Item]:
+def verify_accept_old(conn: psycopg.Connection[Any], items: Sequence[_Item], *, max_age_s: float | None) -> list[_Item]:
     """The items, with each old event whose Billing-Accept-Old claim does not hold refused as
     ``too_old`` after all.
 
@@ -557,7 +559,7 @@ def verify_accept_old(conn: psycopg.Connection[Any], items: Sequence[_Item], *, 
         rejection = Rejection(
             reason=RejectReason.too_old,
             detail=(
-                f"time {ev.time.isoformat()} is older than {int(max_age_s)} s (BILLING_EVENT_MAX_AGE_S), and its "
+                f"time {ev.time.isoformat()} is older than {int(max_age_s or 0)} s (BILLING_EVENT_MAX_AGE_S), and its "
                 f"{ACCEPT_OLD_HEADER}: {item.accept_old} does not name the too_old dead letter of this event "
                 "(only `billing dlq replay --accept-old` of that dead letter lets an old event in)"
             )[:MAX_DETAIL_CHARS],
@@ -610,7 +612,7 @@ def outcomes_of(items: Sequence[_Item], result: BatchResult) -> tuple[_Outcome, 
     return tuple(outcomes)
 
 
-def transact(engine: Engine, items: Sequence[_Item], now: datetime, *, max_age_s: float = 0.0) -> LaneResult:
+def transact(engine: Engine, items: Sequence[_Item], now: datetime, *, max_age_s: float | None = None) -> LaneResult:
     """One lane's transaction: the processor on the parsed items, commit, and the outcomes
     (``max_age_s``: the bound the items were parsed with, for the detail of a refused replay)."""
     with unit_of_work(engine) as uow:

@@ -107,7 +107,12 @@ def _warm_up() -> int:
 
 
 def transact_deliveries(
-    deliveries: list[Delivery], now: datetime, namespace: str, max_deliver: int, partitions: int, max_age_s: float
+    deliveries: list[Delivery],
+    now: datetime,
+    namespace: str,
+    max_deliver: int,
+    partitions: int,
+    max_age_s: float | None,
 ) -> LaneResult:
     """In a worker: parse one lane's deliveries, run its transaction, commit, return the outcomes."""
     from consumers.intake import is_transient, prepare_deliveries, transact
@@ -190,7 +195,7 @@ class LaneWorkers:
         namespace: str,
         max_deliver: int,
         partitions: int,
-        max_age_s: float,
+        max_age_s: float | None,
     ) -> LaneResult:
         await asyncio.wait_for(self._started.wait(), timeout=WARM_UP_TIMEOUT_S)
         pool = self._pool
