@@ -16,6 +16,16 @@ The path of a batch (DESIGN sections 3 and 10):
 A crash anywhere before the ack means redelivery, which the ``(source, id)`` key of the log turns
 into a no-op: every event is counted exactly once.
 
+**Any bytes** (issue 13). nats-py is patched (``consumers.nats_safety``) so that a subject that is not
+UTF-8 reads as a ``surrogateescape`` string instead of ending the client's read loop; a refusal's
+subject and detail are stored and published printable (``ledger.text``: NUL, control characters
+and such bytes escaped, the subject reversibly), so every refused input is in rejected_inputs on its
+first delivery; a dead letter's body is cut to ``MAX_DLQ_BODY_BYTES`` (header
+``Billing-Body-Truncated``) so that a 1 MB input still fits the server's max_payload. The parser
+also refuses reserved sources (``reserved_source``) and, with ``event_max_age_s``, old times
+(``too_old``) unless the message is ``billing dlq replay --accept-old`` of that very dead letter
+(:func:`verify_accept_old`).
+
 **Subjects and consumers** (:class:`ConsumerSpec`). Unpartitioned (``BILLING_INTAKE_PARTITIONS=0``,
 the default: single node, embedded server, tests): one durable ``billing-intake`` on ``billing.in.>``,
 and a wallet's facts must arrive on ``billing.in.<walletId>``. Partitioned (N > 0, the cluster of
