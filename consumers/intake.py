@@ -490,7 +490,8 @@ def delivery_of(msg: Msg) -> Delivery:
 def _accept_old_of(msg: Msg) -> int | None:
     """The row id of a Billing-Accept-Old header (only ever trusted after verify_accept_old)."""
     value = msg.headers.get(ACCEPT_OLD_HEADER) if msg.headers else None
-    if value is None or not value.isdigit() or len(value) > 18:
+    # isascii: "²".isdigit() is True and int("²") raises; a producer's header must not break a batch.
+    if value is None or not (value.isascii() and value.isdigit()) or len(value) > 18:
         return None
     return int(value)
 

@@ -119,3 +119,52 @@ def test_a_nul_in_a_field_name_gives_a_storable_detail() -> None:
     assert isinstance(result, Rejection)
     _storable_everywhere(result.detail)
     assert "oper\\x00ator" in result.detail
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.binary(max_size=40),
+            st.one_of(st.binary(max_size=300), st.sampled_from([_doc(), _doc(source="stripe"), b"", b"\x00"])),
+            st.one_of(st.none(), st.text(max_size=8)),
+        ),
+        max_size=20,
+    )
+)
+def test_prepare_never_raises_and_every_refusal_is_storable(deliveries: list[tuple[bytes, bytes, str | None]]) -> None:
+    from nats.aio.msg import Msg
+
+    from consumers.intake import prepare
+    from consumers.names import NatsNames
+
+    msgs = []
+    for n, (subject, body, accept_old) in enumerate(deliveries):
+        headers = None if accept_old is None else {"Billing-Accept-Old": accept_old}
+        subject_text = b"billing.in.".decode() + subject.decode("utf-8", "surrogateescape")
+        reply = f"$JS.ACK.S.c.1.{n + 1}.{n + 1}.1.0"
+        msgs.append(Msg(_client=None, subject=subject_text, reply=reply, data=body, headers=headers))  # type: ignore[arg-type]
+    items = prepare(msgs, now=NOW, names=NatsNames(""), max_deliver=5, max_age_s=7 * 86_400)
+    assert len(items) == len(msgs)
+    for item in items:
+        assert (item.refused is None) != (item.incoming is None)
+        if item.refused is not None:
+            _storable_everywhere(item.refused.rejection.detail)
+            assert item.refused.subject is not None
+            _storable_everywhere(item.refused.subject)
+            assert unprintable(item.refused.subject) == nats_safety.subject_bytes(item.subject)
+
+
+def test_a_replay_header_that_is_not_a_plain_number_is_ignored() -> None:
+    from nats.aio.msg import Msg
+
+    from consumers.intake import delivery_of
+
+    for value, expected in (("²", None), ("12", 12), ("-1", None), ("1" * 19, None), ("x", None)):
+        msg = Msg(
+            _client=None,
+            subject="billing.in.w",
+            reply="$JS.ACK.S.c.1.1.1.1.0",
+            data=b"",
+            headers={"Billing-Accept-Old": value},
+        )  # type: ignore[arg-type]
+        assert delivery_of(msg)[4] == expected, value
