@@ -29,7 +29,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any, Final
 
@@ -217,7 +217,7 @@ def dead_letter_table(rows: list[DeadLetterRow]) -> Table:
     table = Table(title="dead letters (rejected_inputs)")
     for column in ("id", "received (UTC)", "reason", "wallet", "source", "event id", "type", "tries", "detail"):
         table.add_column(column, justify="right" if column in ("id", "tries") else "left", overflow="fold")
-    for r in rows:
+    for r in map(_shown, rows):
         table.add_row(
             str(r.id),
             r.received_at.strftime("%Y-%m-%d %H:%M:%S"),
@@ -232,9 +232,20 @@ def dead_letter_table(rows: list[DeadLetterRow]) -> Table:
     return table
 
 
+def _shown(r: DeadLetterRow) -> DeadLetterRow:
+    """The row with its identity printable: a source may hold bidi controls (U+202E) that would
+    garble a terminal; the detail and the subject are stored printable already."""
+
+    def shown(value: str | None) -> str | None:
+        return None if value is None else printable(value, reversible=False)
+
+    return replace(r, source=shown(r.source), event_id=shown(r.event_id), event_type=shown(r.event_type))
+
+
 def dead_letter_record(r: DeadLetterRow, width: int) -> Iterator[str]:
     """One dead letter as a few lines for a narrow terminal: id, time, reason and wallet first, then
     the identity, the subject and the detail, each wrapped to ``width`` (never cut)."""
+    r = _shown(r)
     indent = " " * 8
 
     def wrap(line: str, first: str = indent, rest: str = indent + "  ") -> list[str]:
