@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 import psycopg
@@ -152,8 +152,15 @@ def _messages(decision: Decision, now: datetime) -> list[OutboxMessage]:
     ]
 
 
+# How far back a redelivered input without an identity looks for its own earlier refusal: far beyond
+# the longest redelivery schedule (max_deliver x nak_delay_max_s, 20 minutes by default).
+REDELIVERY_WINDOW: Final = timedelta(hours=24)
+
+
 def record_rejections(conn: psycopg.Connection[Any], rows: Sequence[RejectedInput], *, now: datetime) -> None:
-    """Keep refused inputs with their reason, once per (source, id, reason)."""
+    """Keep refused inputs with their reason, once per (source, id, reason); an input without an
+    identity once per delivered message (see :func:`_already_recorded`)."""
+    rows = _already_recorded(conn, rows, now=now)
     if not rows:
         return
     with conn.cursor() as cur:
@@ -180,6 +187,43 @@ def record_rejections(conn: psycopg.Connection[Any], rows: Sequence[RejectedInpu
                 [r.raw for r in rows],
             ),
         )
+
+
+def _already_recorded(
+    conn: psycopg.Connection[Any], rows: Sequence[RejectedInput], *, now: datetime
+) -> Sequence[RejectedInput]:
+    """``rows`` less the redeliveries of inputs without an identity that are already recorded.
+
+    An input with a (source, id) is kept once by the unique index. One without (invalid JSON, an
+    empty body) would get a row per delivery when its first delivery was committed but not acked (a
+    crash, a dead letter that could not be published): such a redelivery (delivery count > 1) is
+    dropped if a row with the same reason, subject and bytes was recorded within REDELIVERY_WINDOW.
+    Two identical messages on one subject are indistinguishable anyway. Only redeliveries pay for
+    the look-up (the index on reason and received_at bounds it)."""
+    later = [
+        i
+        for i, r in enumerate(rows)
+        if (r.delivery_count or 1) > 1 and (r.rejection.source is None or r.rejection.event_id is None)
+    ]
+    if not later:
+        return rows
+    seen: set[int] = set()
+    with conn.cursor() as cur:
+        for i in later:
+            r = rows[i]
+            cur.execute(
+                "SELECT 1 FROM rejected_inputs WHERE reason = %s AND received_at >= %s"
+                " AND subject IS NOT DISTINCT FROM %s AND raw = %b LIMIT 1",
+                (
+                    r.rejection.reason.value,
+                    now - REDELIVERY_WINDOW,
+                    None if r.subject is None else storable(r.subject),
+                    r.raw,
+                ),
+            )
+            if cur.fetchone() is not None:
+                seen.add(i)
+    return [r for i, r in enumerate(rows) if i not in seen]
 
 
 def _rejection_of(ev: LogEvent, reason: RejectReason, detail: str) -> Rejection:

@@ -395,3 +395,24 @@ async def test_old_events_are_refused_and_replayed_on_purpose_and_dlq_commands(
         assert result.stderr.strip().startswith("error: ")
         assert fragment in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_a_redelivered_input_without_identity_is_recorded_once(app_engine: Engine, unique: str) -> None:
+    """Committed but not acked (a crash, a dead letter not published): the redelivery of an input
+    with no (source, id) does not add a second row; two messages' first deliveries are two rows."""
+    from ledger.db import unit_of_work
+    from ledger.events import Rejection, parse_event
+    from projections.processor import RejectedInput, record_rejections
+
+    now = datetime.now(UTC)
+    subject = f"billing.in.w\\xff{unique}"
+    raw = b"{broken " + unique.encode()
+    rejection = parse_event(raw, now=now)
+    assert isinstance(rejection, Rejection)
+    assert rejection.source is None
+    for delivery in (1, 1, 2, 3):
+        with unit_of_work(app_engine) as uow:
+            record_rejections(uow.pg, [RejectedInput(rejection, raw, subject, delivery)], now=now)
+            uow.commit()
+    rows = query(app_engine, "SELECT delivery_count FROM rejected_inputs WHERE subject = :s ORDER BY id", s=subject)
+    assert [r[0] for r in rows] == [1, 1]
