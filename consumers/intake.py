@@ -16,6 +16,16 @@ The path of a batch (DESIGN sections 3 and 10):
 A crash anywhere before the ack means redelivery, which the ``(source, id)`` key of the log turns
 into a no-op: every event is counted exactly once.
 
+**Any bytes** (issue 13). nats-py is patched (``consumers.nats_safety``) so that a subject that is not
+UTF-8 reads as a ``surrogateescape`` string instead of ending the client's read loop; a refusal's
+subject and detail are stored and published printable (``ledger.text``: NUL, control characters
+and such bytes escaped, the subject reversibly), so every refused input is in rejected_inputs on its
+first delivery; a dead letter's body is cut to ``MAX_DLQ_BODY_BYTES`` (header
+``Billing-Body-Truncated``) so that a 1 MB input still fits the server's max_payload. The parser
+also refuses reserved sources (``reserved_source``) and, with ``event_max_age_s``, old times
+(``too_old``) unless the message is ``billing dlq replay --accept-old`` of that very dead letter
+(:func:`verify_accept_old`).
+
 **Subjects and consumers** (:class:`ConsumerSpec`). Unpartitioned (``BILLING_INTAKE_PARTITIONS=0``,
 the default: single node, embedded server, tests): one durable ``billing-intake`` on ``billing.in.>``,
 and a wallet's facts must arrive on ``billing.in.<walletId>``. Partitioned (N > 0, the cluster of
@@ -91,8 +101,8 @@ import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import psycopg
@@ -105,16 +115,32 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.errors import BadRequestError
 from sqlalchemy import Engine
 
+from consumers import nats_safety
 from consumers.lane_workers import LaneWorkers, WorkerTransientError
 from consumers.metrics import Metrics
 from consumers.names import NatsNames, partition_of
 from consumers.settings import Settings
 from ledger.db import unit_of_work
-from ledger.events import MAX_DETAIL_CHARS, Rejection, RejectReason, parse_event
+from ledger.events import MAX_DETAIL_CHARS, MAX_EVENT_BYTES, Rejection, RejectReason, parse_event
 from ledger.invariants import require
+from ledger.text import printable
 from projections.processor import BatchResult, Disposition, Incoming, RejectedInput, process_batch
 
 log = logging.getLogger("billing.intake")
+
+# Any bytes in a delivered subject or reply must not end the NATS client's read loop (the intake and
+# admission share the connection): see consumers/nats_safety.py. Every process that imports the
+# intake (the service, its lane workers, tools) reads messages the same way.
+nats_safety.install()
+
+ACCEPT_OLD_HEADER: Final = "Billing-Accept-Old"
+"""Set by ``billing dlq replay --accept-old`` to the id of the ``too_old`` row of rejected_inputs
+being replayed. The intake then skips the age check for that message, but only if that row exists,
+is ``too_old``, and holds the same source, id and bytes (see :func:`verify_accept_old`)."""
+
+MAX_DLQ_BODY_BYTES: Final = MAX_EVENT_BYTES
+"""A dead letter's body at most: a larger input (too_large, up to the server's max_payload) would
+not fit with its headers; its first bytes are published, rejected_inputs keeps all of it."""
 
 PROCESSING_ERROR: Final = "processing_error"
 """Dead-letter reason of a message that made the processor fail on every delivery (DLQ stream only)."""
@@ -163,6 +189,10 @@ class IntakeConfig:
     db_retry_max_s: float = 5.0
     lanes: int = 1
     """Transactions a batch is split into, by wallet, run side by side (see :func:`lane_of`)."""
+    event_max_age_s: float | None = None
+    """Events whose time is older than this are refused as too_old: the service sets it from
+    BILLING_EVENT_MAX_AGE_S (default 7 days, :meth:`from_settings`); None (tools, and tests on fixed
+    dates) is no lower bound."""
 
     def __post_init__(self) -> None:
         if not 1 <= self.lanes <= 16:
@@ -177,6 +207,8 @@ class IntakeConfig:
             )
         if self.max_deliver < 2:
             raise ValueError("max_deliver must allow at least one retry")
+        if self.event_max_age_s is not None and not self.event_max_age_s > 0:
+            raise ValueError(f"event_max_age_s {self.event_max_age_s} must be > 0")
 
     @classmethod
     def from_settings(cls, s: Settings) -> IntakeConfig:
@@ -191,6 +223,7 @@ class IntakeConfig:
             nak_delay_max_s=s.intake_nak_delay_max_s,
             db_retry_max_s=s.intake_db_retry_max_s,
             lanes=s.effective_intake_lanes(),
+            event_max_age_s=s.event_max_age_s,
         )
 
     def nak_delay(self, delivered: int) -> float:
@@ -333,11 +366,13 @@ class _Item:
     incoming: Incoming | None = None
     refused: RejectedInput | None = None
     raw: bytes | None = None
+    accept_old: int | None = None
+    """The rejected_inputs id its Billing-Accept-Old header names (a replay), else None."""
 
 
-Delivery = tuple[str, bytes, int, int]
-"""(subject, data, num_delivered, stream sequence) of one JetStream delivery: what a lane worker
-process is sent (picklable, unlike nats-py's Msg)."""
+Delivery = tuple[str, bytes, int, int, int | None]
+"""(subject, data, num_delivered, stream sequence, Billing-Accept-Old row id) of one JetStream
+delivery: what a lane worker process is sent (picklable, unlike nats-py's Msg)."""
 
 
 class _Action(enum.Enum):
@@ -380,8 +415,8 @@ def expected_subject(names: NatsNames, wallet_id: str, partitions: int) -> str:
 def _mismatch_detail(subject: str, wallet_id: str, expected: str, names: NatsNames, partitions: int) -> str:
     if partitions == 0:
         detail = (
-            f"data.walletId {wallet_id} does not match the subject {subject!r}: "
-            f"events of a wallet are published to {expected!r} only"
+            f"data.walletId {wallet_id} does not match the subject '{subject}': "
+            f"events of a wallet are published to '{expected}' only"
         )
         prefix = names.subject("billing.in.")
         middle = subject[len(prefix) : -len(wallet_id) - 1] if subject.startswith(prefix) else ""
@@ -394,12 +429,12 @@ def _mismatch_detail(subject: str, wallet_id: str, expected: str, names: NatsNam
     p = partition_of(wallet_id, partitions)
     if subject == names.in_subject(wallet_id):
         return (
-            f"subject {subject!r} is not partitioned: with {partitions} partitions the NATS mapping "
+            f"subject '{subject}' is not partitioned: with {partitions} partitions the NATS mapping "
             f"'billing.in.*' -> 'billing.in.{{{{partition({partitions},1)}}}}.{{{{wildcard(1)}}}}' stores "
             f"wallet {wallet_id}'s events as {expected!r}; is the mapping missing from the server's account?"
         )
     return (
-        f"data.walletId {wallet_id} does not match the subject {subject!r}: wallet {wallet_id} is in "
+        f"data.walletId {wallet_id} does not match the subject '{subject}': wallet {wallet_id} is in "
         f"partition {p} of {partitions} (FNV-1a-32 of the wallet id mod {partitions}); its events are "
         f"stored as {expected!r} only"
     )
@@ -421,37 +456,73 @@ def lane_of(wallet_id: str | None, lanes: int) -> int:
     whenever ``lanes`` divides ``N``."""
     if lanes == 1 or wallet_id is None:
         return 0
-    return zlib.crc32(wallet_id.encode()) % lanes
+    # surrogateescape: a subject that was not UTF-8 (consumers.nats_safety) has a lane too.
+    return zlib.crc32(wallet_id.encode("utf-8", "surrogateescape")) % lanes
 
 
 def prepare(
-    msgs: Sequence[Msg], *, now: datetime, names: NatsNames, max_deliver: int, partitions: int = 0
+    msgs: Sequence[Msg],
+    *,
+    now: datetime,
+    names: NatsNames,
+    max_deliver: int,
+    partitions: int = 0,
+    max_age_s: float | None = None,
 ) -> list[_Item]:
     """Parse every message (pure, CPU only); refuse a fact whose subject is not its wallet's
-    (``partitions``: 0 unpartitioned, else the mapping's N, see :func:`expected_subject`)."""
+    (``partitions``: 0 unpartitioned, else the mapping's N, see :func:`expected_subject`), and
+    one older than ``max_age_s`` (None: no lower bound) unless a replay vouches for it."""
     return prepare_deliveries(
-        [delivery_of(m) for m in msgs], now=now, names=names, max_deliver=max_deliver, partitions=partitions
+        [delivery_of(m) for m in msgs],
+        now=now,
+        names=names,
+        max_deliver=max_deliver,
+        partitions=partitions,
+        max_age_s=max_age_s,
     )
 
 
 def delivery_of(msg: Msg) -> Delivery:
     delivered, seq, _ = _metadata(msg)
-    return (msg.subject, msg.data, delivered, seq)
+    return (msg.subject, msg.data, delivered, seq, _accept_old_of(msg))
+
+
+def _accept_old_of(msg: Msg) -> int | None:
+    """The row id of a Billing-Accept-Old header (only ever trusted after verify_accept_old)."""
+    value = msg.headers.get(ACCEPT_OLD_HEADER) if msg.headers else None
+    # isascii: "²".isdigit() is True and int("²") raises; a producer's header must not break a batch.
+    if value is None or not (value.isascii() and value.isdigit()) or len(value) > 18:
+        return None
+    return int(value)
 
 
 def prepare_deliveries(
-    deliveries: Sequence[Delivery], *, now: datetime, names: NatsNames, max_deliver: int, partitions: int = 0
+    deliveries: Sequence[Delivery],
+    *,
+    now: datetime,
+    names: NatsNames,
+    max_deliver: int,
+    partitions: int = 0,
+    max_age_s: float | None = None,
 ) -> list[_Item]:
-    """:func:`prepare` of deliveries already taken apart (what a lane worker process receives)."""
+    """:func:`prepare` of deliveries already taken apart (what a lane worker process receives).
+
+    A subject is recorded printable (ledger.text: NUL, control characters and bytes that are not
+    UTF-8 escaped reversibly), so that the refusal of any input is stored on its first delivery."""
+    max_age = None if max_age_s is None else timedelta(seconds=max_age_s)
     items = []
-    for subject, raw, delivered, seq in deliveries:
-        parsed = parse_event(raw, now=now)
+    for subject, raw, delivered, seq, accept_old in deliveries:
+        parsed = parse_event(raw, now=now, max_age=max_age)
+        claim = None
+        if isinstance(parsed, Rejection) and parsed.reason is RejectReason.too_old and accept_old is not None:
+            parsed, claim = parse_event(raw, now=now), accept_old  # checked in the transaction
         if isinstance(parsed, Rejection):
-            items.append(_Item(subject, delivered, seq, refused=RejectedInput(parsed, raw, subject, delivered)))
+            refused = RejectedInput(parsed, raw, printable(subject), delivered)
+            items.append(_Item(subject, delivered, seq, refused=refused))
             continue
         expected = expected_subject(names, parsed.wallet_id, partitions)
         if subject != expected:
-            detail = _mismatch_detail(subject, parsed.wallet_id, expected, names, partitions)
+            detail = _mismatch_detail(printable(subject), parsed.wallet_id, expected, names, partitions)
             rejection = Rejection(
                 reason=RejectReason.subject_mismatch,
                 detail=detail[:MAX_DETAIL_CHARS],
@@ -460,12 +531,57 @@ def prepare_deliveries(
                 event_type=parsed.type,
                 wallet_id=parsed.wallet_id,
             )
-            items.append(_Item(subject, delivered, seq, refused=RejectedInput(rejection, raw, subject, delivered)))
+            refused = RejectedInput(rejection, raw, printable(subject), delivered)
+            items.append(_Item(subject, delivered, seq, refused=refused))
             continue
         last = delivered >= max_deliver
         incoming = Incoming(parsed, raw, subject=subject, delivery_count=delivered, last_attempt=last)
-        items.append(_Item(subject, delivered, seq, incoming=incoming))
+        items.append(_Item(subject, delivered, seq, incoming=incoming, accept_old=claim))
     return items
+
+
+def verify_accept_old(conn: psycopg.Connection[Any], items: Sequence[_Item], *, max_age_s: float | None) -> list[_Item]:
+    """The items, with each old event whose Billing-Accept-Old claim does not hold refused as
+    ``too_old`` after all.
+
+    The header alone proves nothing (any producer can set it): the age check is skipped only for the
+    replay of a row of rejected_inputs that refused this very input (same source, id and bytes) as
+    ``too_old``. So an event gets in old only after it was refused as too old once and someone with
+    the database's rejected_inputs at hand (``billing dlq replay --accept-old``) sent it back."""
+    claims = {i.accept_old for i in items if i.accept_old is not None and i.incoming is not None}
+    if not claims:
+        return list(items)
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT id, source, event_id, raw FROM rejected_inputs WHERE id = ANY(%s) AND reason = 'too_old'",
+            (sorted(claims),),
+        )
+        rows = {int(r[0]): (r[1], r[2], bytes(r[3])) for r in cur.fetchall()}
+    out = []
+    for item in items:
+        incoming = item.incoming
+        if item.accept_old is None or incoming is None:
+            out.append(item)
+            continue
+        ev = incoming.event
+        if rows.get(item.accept_old) == (ev.source, ev.id, incoming.raw):
+            out.append(item)
+            continue
+        rejection = Rejection(
+            reason=RejectReason.too_old,
+            detail=(
+                f"time {ev.time.isoformat()} is older than {int(max_age_s or 0)} s (BILLING_EVENT_MAX_AGE_S), and its "
+                f"{ACCEPT_OLD_HEADER}: {item.accept_old} does not name the too_old dead letter of this event "
+                "(only `billing dlq replay --accept-old` of that dead letter lets an old event in)"
+            )[:MAX_DETAIL_CHARS],
+            source=ev.source,
+            event_id=ev.id,
+            event_type=ev.type,
+            wallet_id=ev.wallet_id,
+        )
+        refused = RejectedInput(rejection, incoming.raw, printable(item.subject), item.delivered)
+        out.append(replace(item, incoming=None, refused=refused, accept_old=None))
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -507,11 +623,13 @@ def outcomes_of(items: Sequence[_Item], result: BatchResult) -> tuple[_Outcome, 
     return tuple(outcomes)
 
 
-def transact(engine: Engine, items: Sequence[_Item], now: datetime) -> LaneResult:
-    """One lane's transaction: the processor on the parsed items, commit, and the outcomes."""
-    incoming = [i.incoming for i in items if i.incoming is not None]
-    refused = [i.refused for i in items if i.refused is not None]
+def transact(engine: Engine, items: Sequence[_Item], now: datetime, *, max_age_s: float | None = None) -> LaneResult:
+    """One lane's transaction: the processor on the parsed items, commit, and the outcomes
+    (``max_age_s``: the bound the items were parsed with, for the detail of a refused replay)."""
     with unit_of_work(engine) as uow:
+        items = verify_accept_old(uow.pg, items, max_age_s=max_age_s)
+        incoming = [i.incoming for i in items if i.incoming is not None]
+        refused = [i.refused for i in items if i.refused is not None]
         result = process_batch(uow.pg, incoming, now=now, rejected=refused)
         uow.commit()
     wakeups = any(w is not None for w in result.next_wakeups.values())
@@ -519,7 +637,8 @@ def transact(engine: Engine, items: Sequence[_Item], now: datetime) -> LaneResul
 
 
 def _header_value(value: str, limit: int = MAX_DETAIL_CHARS) -> str:
-    return _HEADER_UNSAFE.sub(" ", value)[:limit]
+    # printable first: NUL, CR/LF and bytes that were not UTF-8 (a subject) cannot be in a header.
+    return _HEADER_UNSAFE.sub(" ", printable(value, reversible=False))[:limit]
 
 
 def dead_letter_headers(
@@ -540,7 +659,7 @@ def dead_letter_headers(
         "Nats-Msg-Id": msg_id,
         "Billing-Reason": dl.reason,
         "Billing-Detail": _header_value(dl.detail),
-        "Billing-Subject": _header_value(subject),
+        "Billing-Subject": _header_value(printable(subject), limit=4 * MAX_DETAIL_CHARS),  # reversible
         "Billing-Delivery-Count": str(delivered),
         "Billing-Stream": stream,
         "Billing-Stream-Sequence": str(stream_seq),
@@ -881,12 +1000,20 @@ class Intake:
         now = self._clock()
         if self._workers is not None:
             # The lane worker processes parse (see consumers.lane_workers).
-            items = [_Item(subject, d, seq, raw=data) for subject, data, d, seq in map(delivery_of, msgs)]
+            items = [
+                _Item(subject, d, seq, raw=data, accept_old=old)
+                for subject, data, d, seq, old in map(delivery_of, msgs)
+            ]
         else:
             # Inline, not in a worker thread: ~15 us a message, a few ms a batch; in a thread it
             # only fights the event loop for the GIL (measured here: the whole loop ~20% slower).
             items = prepare(
-                msgs, now=now, names=self._names, max_deliver=self._max_deliver, partitions=self._spec.partitions
+                msgs,
+                now=now,
+                names=self._names,
+                max_deliver=self._max_deliver,
+                partitions=self._spec.partitions,
+                max_age_s=self._config.event_max_age_s,
             )
         lanes = self._lanes(items, now, stop)
         previous = self._pending[-1].task if self._pending else None
@@ -998,15 +1125,17 @@ class Intake:
         return await self._process(idx, items, now, stop)
 
     async def _transact(self, items: Sequence[_Item], now: datetime) -> LaneResult:
+        max_age_s = self._config.event_max_age_s
         if self._workers is None:
-            return await asyncio.to_thread(transact, self._engine, items, now)
-        deliveries = [(i.subject, i.raw or b"", i.delivered, i.stream_seq) for i in items]
+            return await asyncio.to_thread(transact, self._engine, items, now, max_age_s=max_age_s)
+        deliveries = [(i.subject, i.raw or b"", i.delivered, i.stream_seq, i.accept_old) for i in items]
         return await self._workers.transact(
             deliveries,
             now,
             namespace=self._names.namespace,
             max_deliver=self._max_deliver,
             partitions=self._spec.partitions,
+            max_age_s=max_age_s,
         )
 
     async def _transact_holding(self, items: Sequence[_Item], now: datetime, stop: asyncio.Event) -> LaneResult:
@@ -1116,9 +1245,13 @@ class Intake:
         headers = dead_letter_headers(
             dl, subject=item.subject, delivered=item.delivered, stream=self._names.in_stream, stream_seq=item.stream_seq
         )
+        body = msg.data
+        if len(body) > MAX_DLQ_BODY_BYTES:
+            headers["Billing-Body-Truncated"] = f"{len(body)} bytes received, the first {MAX_DLQ_BODY_BYTES} here"
+            body = body[:MAX_DLQ_BODY_BYTES]
         await self._js.publish(
             self._names.dlq_subject(dl.reason),
-            msg.data,
+            body,
             timeout=PUBLISH_TIMEOUT_S,
             stream=self._names.dlq_stream,
             headers=headers,

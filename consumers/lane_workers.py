@@ -109,7 +109,12 @@ def _warm_up() -> int:
 
 
 def transact_deliveries(
-    deliveries: list[Delivery], now: datetime, namespace: str, max_deliver: int, partitions: int
+    deliveries: list[Delivery],
+    now: datetime,
+    namespace: str,
+    max_deliver: int,
+    partitions: int,
+    max_age_s: float | None,
 ) -> LaneResult:
     """In a worker: parse one lane's deliveries, run its transaction, commit, return the outcomes."""
     from consumers.intake import is_transient, prepare_deliveries, transact
@@ -119,9 +124,14 @@ def transact_deliveries(
         raise RuntimeError("lane worker not initialised")
     try:
         items = prepare_deliveries(
-            deliveries, now=now, names=NatsNames(namespace), max_deliver=max_deliver, partitions=partitions
+            deliveries,
+            now=now,
+            names=NatsNames(namespace),
+            max_deliver=max_deliver,
+            partitions=partitions,
+            max_age_s=max_age_s,
         )
-        return transact(_engine, items, now)
+        return transact(_engine, items, now, max_age_s=max_age_s)
     except Exception as exc:
         # Re-raised as one of ours: the original may not pickle, and the service process must still
         # tell "database unavailable" from "this batch fails".
@@ -182,7 +192,14 @@ class LaneWorkers:
             self._started.set()  # a lane that waited goes ahead (and meets a broken pool if it failed)
 
     async def transact(
-        self, deliveries: list[Delivery], now: datetime, *, namespace: str, max_deliver: int, partitions: int
+        self,
+        deliveries: list[Delivery],
+        now: datetime,
+        *,
+        namespace: str,
+        max_deliver: int,
+        partitions: int,
+        max_age_s: float | None,
     ) -> LaneResult:
         await asyncio.wait_for(self._started.wait(), timeout=WARM_UP_TIMEOUT_S)
         pool = self._pool
@@ -191,7 +208,7 @@ class LaneWorkers:
         loop = asyncio.get_running_loop()
         try:
             result: LaneResult = await loop.run_in_executor(
-                pool, transact_deliveries, deliveries, now, namespace, max_deliver, partitions
+                pool, transact_deliveries, deliveries, now, namespace, max_deliver, partitions, max_age_s
             )
         except BrokenProcessPool:
             # A worker died; every lane in the pool fails with this. One new pool for all of them.

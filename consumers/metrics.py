@@ -6,8 +6,14 @@ another, or two intakes in one test run) never collide on metric names in the gl
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from consumers import nats_safety
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -55,5 +61,20 @@ class Metrics:
             registry=r,
         )
 
+        # --- intake: hostile input (helper "intake", issue 13) ---
+        r.register(_UnreadableMessages())
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class _UnreadableMessages(Collector):
+    """``billing_intake_unreadable_messages_total``: messages this process's NATS client could not
+    read at all and dropped (consumers.nats_safety counts them process-wide, for every connection)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(
+            "billing_intake_unreadable_messages",
+            "NATS messages the client could not read (dropped and logged; a JetStream delivery is redelivered).",
+            value=nats_safety.unreadable_messages(),
+        )

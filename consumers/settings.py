@@ -111,6 +111,11 @@ class Settings(BaseSettings):
     # 413 from the Content-Length, or as soon as a chunked body passes it. API bodies are < 1 KiB.
     http_max_body_bytes: int = Field(default=65_536, ge=1024, le=16_777_216)
 
+    # --- intake: hostile input (helper "intake", issue 13) ---------------------------------------------
+    # Lower bound on an event's time: older than this (default 7 days) is refused as too_old and
+    # dead-lettered; `billing dlq replay --accept-old` lets such a dead letter in on purpose.
+    event_max_age_s: float = Field(default=604_800.0, gt=0, le=100 * 365 * 86_400)
+
     def effective_intake_workers(self) -> int:
         if self.intake_workers is not None:
             return self.intake_workers

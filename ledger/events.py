@@ -37,6 +37,7 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import ErrorDetails, PydanticCustomError
 
 from ledger.invariants import InvariantViolation, fail, require
+from ledger.text import printable
 
 # --- Bounds -------------------------------------------------------------------------------------
 # Each bound is far above anything real, and far below anything that would overflow a BIGINT once
@@ -48,6 +49,17 @@ MAX_EVENT_BYTES: Final = 65_536
 
 MAX_FUTURE_SKEW: Final = timedelta(minutes=5)
 """How far ``time`` may be ahead of the service clock before the event is refused (clock skew)."""
+
+DEFAULT_MAX_AGE: Final = timedelta(days=7)
+"""How far ``time`` may be behind the service clock by default (``BILLING_EVENT_MAX_AGE_S``): an
+older event is refused as ``too_old`` (a producer's clock, or a replay of ancient history), unless a
+deliberate backfill (``billing dlq replay --accept-old``) lets it in."""
+
+RESERVED_SOURCES: Final = frozenset({"stripe"})
+"""Sources of the facts the service itself writes into the log from HTTP (Stripe's webhooks and
+``POST /wallet/confirm``: ``consumers.stripe_facts``). Refused on ``billing.in`` as
+``reserved_source``: a producer must never take the identity (source, id) of a payment, or the real
+payment arriving later would be a duplicate and never credited (issue 13)."""
 
 MAX_GPU_COUNT: Final = 256
 """GPUs of one rental: 1..256 (a large cluster; a pod has at most 8 or 10)."""
@@ -479,6 +491,8 @@ class RejectReason(StrEnum):
     out_of_range = "out_of_range"
     future_time = "future_time"
     too_large = "too_large"
+    reserved_source = "reserved_source"
+    too_old = "too_old"
     # Decided by the intake and the deciders, which know the subject and the state:
     subject_mismatch = "subject_mismatch"
     not_started = "not_started"
@@ -530,19 +544,24 @@ _JSON_KINDS: Final[dict[type, str]] = {
 }
 
 
-def parse_event(raw: bytes, *, now: datetime) -> Event | Rejection:
+def parse_event(raw: bytes, *, now: datetime, max_age: timedelta | None = None) -> Event | Rejection:
     """Parse one message of ``billing.in.>`` into a typed event, or say why not.
 
     Never raises on any input. Checks, in order: size (``too_large``), JSON (``invalid_json``),
     the CloudEvents envelope (``invalid_envelope``), the type (``unknown_type``), the data
-    (``out_of_range`` for numbers outside their bounds, else ``invalid_data``), and finally that
-    ``time`` is at most :data:`MAX_FUTURE_SKEW` after ``now`` (``future_time``).
+    (``out_of_range`` for numbers outside their bounds, else ``invalid_data``), the source
+    (``reserved_source``: :data:`RESERVED_SOURCES`), and finally that ``time`` is at most
+    :data:`MAX_FUTURE_SKEW` after ``now`` (``future_time``) and, when ``max_age`` is given (the
+    intake gives ``BILLING_EVENT_MAX_AGE_S``), at most ``max_age`` before it (``too_old``).
     """
     # A naive `now` or non-bytes input is the caller's bug, not bad input: raise.
     require(isinstance(raw, bytes | bytearray), f"raw must be bytes, got {type(raw).__name__}")
     require(now.utcoffset() is not None, "now must be timezone-aware")
     try:
-        return _parse(bytes(raw), now)
+        event = _parse(bytes(raw), now)
+        if max_age is None or isinstance(event, Rejection):
+            return event
+        return _too_old(event, now, max_age) or event
     except InvariantViolation:
         raise
     except Exception as error:
@@ -556,6 +575,32 @@ def parse_event(raw: bytes, *, now: datetime) -> Event | Rejection:
         return _reject(RejectReason.invalid_envelope, detail)
 
 
+def is_reserved_source(source: str) -> bool:
+    """Whether ``source`` is, or looks like (any case, a path under it), a source the service
+    reserves for itself (:data:`RESERVED_SOURCES`): ``stripe``, ``Stripe``, ``stripe/webhook``."""
+    head = source.strip().casefold()
+    for separator in "/:.#":
+        head = head.split(separator, 1)[0]
+    return head.strip() in RESERVED_SOURCES
+
+
+def _too_old(event: Event, now: datetime, max_age: timedelta) -> Rejection | None:
+    behind = now - event.time
+    if behind <= max_age:
+        return None
+    return _reject(
+        RejectReason.too_old,
+        f"time {event.time.isoformat()} is {behind // _ONE_SECOND} s before the service clock "
+        f"({now.astimezone(UTC).isoformat()}); at most {max_age // _ONE_SECOND} s "
+        "(BILLING_EVENT_MAX_AGE_S) is allowed: check the producer's clock, or backfill on purpose "
+        "with `billing dlq replay --accept-old`",
+        source=event.source,
+        event_id=event.id,
+        event_type=event.type,
+        wallet_id=event.wallet_id,
+    )
+
+
 def _parse(raw: bytes, now: datetime) -> Event | Rejection:
     if len(raw) > MAX_EVENT_BYTES:
         return _reject(
@@ -567,6 +612,15 @@ def _parse(raw: bytes, now: datetime) -> Event | Rejection:
         event = EVENT_ADAPTER.validate_json(raw, by_name=False)
     except ValidationError as error:
         return _classify_failure(raw, error)
+    identity = {"source": event.source, "event_id": event.id, "event_type": event.type, "wallet_id": event.wallet_id}
+    if is_reserved_source(event.source):
+        return _reject(
+            RejectReason.reserved_source,
+            f"source {_quote(event.source)} is reserved: the service writes the facts of that source "
+            "itself (Stripe payments, refunds and disputes arrive by HTTP); a producer's events need a "
+            "source of its own, such as compute/<host>",
+            **identity,
+        )
     ahead = event.time - now
     if ahead > MAX_FUTURE_SKEW:
         return _reject(
@@ -574,10 +628,7 @@ def _parse(raw: bytes, now: datetime) -> Event | Rejection:
             f"time {event.time.isoformat()} is {ahead // _ONE_SECOND} s after the service clock "
             f"({now.astimezone(UTC).isoformat()}); at most {MAX_FUTURE_SKEW // _ONE_SECOND} s "
             "is allowed: check the producer's clock",
-            source=event.source,
-            event_id=event.id,
-            event_type=event.type,
-            wallet_id=event.wallet_id,
+            **identity,
         )
     return event
 
@@ -722,6 +773,9 @@ def _reject(
     event_type: str | None = None,
     wallet_id: str | None = None,
 ) -> Rejection:
+    # Printable: a field name may hold NUL or control characters, and the detail is stored as text,
+    # sent in a NATS header and shown on terminals (ledger.text).
+    detail = printable(detail, reversible=False)
     if len(detail) > MAX_DETAIL_CHARS:
         detail = detail[: MAX_DETAIL_CHARS - 3] + "..."
     return Rejection(

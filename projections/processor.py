@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Final
 
 import psycopg
@@ -42,6 +42,7 @@ from ledger.events import (
 )
 from ledger.invariants import fail, require
 from ledger.store import AppendItem, EventKey, EventRecord, append_new, apply_balances
+from ledger.text import storable
 from projections.messages import notice_message, settlement_message, stop_message
 from projections.outbox import OutboxMessage, enqueue
 from projections.rules import (
@@ -151,8 +152,15 @@ def _messages(decision: Decision, now: datetime) -> list[OutboxMessage]:
     ]
 
 
+# How far back a redelivered input without an identity looks for its own earlier refusal: far beyond
+# the longest redelivery schedule (max_deliver x nak_delay_max_s, 20 minutes by default).
+REDELIVERY_WINDOW: Final = timedelta(hours=24)
+
+
 def record_rejections(conn: psycopg.Connection[Any], rows: Sequence[RejectedInput], *, now: datetime) -> None:
-    """Keep refused inputs with their reason, once per (source, id, reason)."""
+    """Keep refused inputs with their reason, once per (source, id, reason); an input without an
+    identity once per delivered message (see :func:`_already_recorded`)."""
+    rows = _already_recorded(conn, rows, now=now)
     if not rows:
         return
     with conn.cursor() as cur:
@@ -166,8 +174,11 @@ def record_rejections(conn: psycopg.Connection[Any], rows: Sequence[RejectedInpu
             (
                 now,
                 [r.rejection.reason.value for r in rows],
-                [r.rejection.detail for r in rows],
-                [r.subject for r in rows],
+                # storable: PostgreSQL text holds no NUL nor a lone surrogate; one such character in
+                # a detail or a subject failed the whole transaction (issue 13), and the refusal was
+                # never recorded. The intake already makes both printable; this is the last guard.
+                [storable(r.rejection.detail) for r in rows],
+                [None if r.subject is None else storable(r.subject) for r in rows],
                 [r.rejection.source for r in rows],
                 [r.rejection.event_id for r in rows],
                 [r.rejection.event_type for r in rows],
@@ -176,6 +187,43 @@ def record_rejections(conn: psycopg.Connection[Any], rows: Sequence[RejectedInpu
                 [r.raw for r in rows],
             ),
         )
+
+
+def _already_recorded(
+    conn: psycopg.Connection[Any], rows: Sequence[RejectedInput], *, now: datetime
+) -> Sequence[RejectedInput]:
+    """``rows`` less the redeliveries of inputs without an identity that are already recorded.
+
+    An input with a (source, id) is kept once by the unique index. One without (invalid JSON, an
+    empty body) would get a row per delivery when its first delivery was committed but not acked (a
+    crash, a dead letter that could not be published): such a redelivery (delivery count > 1) is
+    dropped if a row with the same reason, subject and bytes was recorded within REDELIVERY_WINDOW.
+    Two identical messages on one subject are indistinguishable anyway. Only redeliveries pay for
+    the look-up (the index on reason and received_at bounds it)."""
+    later = [
+        i
+        for i, r in enumerate(rows)
+        if (r.delivery_count or 1) > 1 and (r.rejection.source is None or r.rejection.event_id is None)
+    ]
+    if not later:
+        return rows
+    seen: set[int] = set()
+    with conn.cursor() as cur:
+        for i in later:
+            r = rows[i]
+            cur.execute(
+                "SELECT 1 FROM rejected_inputs WHERE reason = %s AND received_at >= %s"
+                " AND subject IS NOT DISTINCT FROM %s AND raw = %b LIMIT 1",
+                (
+                    r.rejection.reason.value,
+                    now - REDELIVERY_WINDOW,
+                    None if r.subject is None else storable(r.subject),
+                    r.raw,
+                ),
+            )
+            if cur.fetchone() is not None:
+                seen.add(i)
+    return [r for i, r in enumerate(rows) if i not in seen]
 
 
 def _rejection_of(ev: LogEvent, reason: RejectReason, detail: str) -> Rejection:

@@ -118,6 +118,8 @@ def service_env(database: TestDatabase, nats_url: str, unique: str, tmp_path: Pa
             "BILLING_DATA_DIR": str(tmp_path / "data"),
             "BILLING_SHUTDOWN_TIMEOUT_S": "10",
             "BILLING_INTAKE_MAX_WAIT_S": "0.2",
+            # tests.factories dates events 2026-11-28 (T0): no too_old refusal on the real clock.
+            "BILLING_EVENT_MAX_AGE_S": str(100 * 365 * 86_400),
         }
     )
     return env

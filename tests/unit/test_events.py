@@ -528,6 +528,8 @@ def test_reject_reasons_are_subject_tokens() -> None:
         "out_of_range",
         "future_time",
         "too_large",
+        "reserved_source",
+        "too_old",
         "subject_mismatch",
         "not_started",
         "reading_after_settlement",
