@@ -89,8 +89,9 @@ after the kill.
   accepted or duplicate event is then a duplicate by the log's ``(source, id)`` key; a refused input
   with a readable identity is recorded once by ``rejected_inputs``' ``(source, event_id, reason)``
   key, and its dead letter is dropped by the DLQ stream's duplicate window (``Nats-Msg-Id`` of the
-  refusal); one without (not JSON, not UTF-8) gets a second ``rejected_inputs`` row. That window is a
-  commit-to-ack gap of a few milliseconds per crash, as before; nothing acked is delivered again.
+  refusal); one without (not JSON, not UTF-8) is recognised by its reason, subject and bytes within
+  24 hours (``record_rejections``) and not recorded again. That window is a commit-to-ack gap of a
+  few milliseconds per crash, as before; nothing acked is delivered again.
 * *Parked readings.* A nak with a delay is stored by the server as a last delivery of
   ``now + delay - ack_wait``; with ``ack_wait`` short for a moment, a reading with less than
   ``ack_wait - TAKEOVER_ACK_WAIT_S`` of its delay left comes back at the takeover instead: one

@@ -75,7 +75,8 @@ class Settings(BaseSettings):
     intake_partitions: int = Field(default=0, ge=0, le=256)
     # How often an instance checks its locks, counts the live instances and takes or gives up durables
     # (a dead instance's durables move within about this long; after an unclean loss the new owner
-    # also waits out ack_wait before it pulls, so the dead one's un-acked messages come first).
+    # has the server requeue the dead one's un-acked messages before it pulls, so they come first:
+    # consumers/partitions.py).
     intake_rebalance_s: float = Field(default=2.0, gt=0, le=60)
     # Lanes of one intake: a batch is split by wallet (crc32 of the walletId) into this many
     # transactions run side by side, so one lane's wait on PostgreSQL overlaps another's rules. A
