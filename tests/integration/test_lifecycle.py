@@ -377,10 +377,28 @@ def test_http_port_in_use_is_one_line(database: TestDatabase, nats_url: str, tmp
 
 
 def test_one_shot_commands_on_a_data_dir_without_a_database(tmp_path: Path) -> None:
+    """verify, the reports and the dlq commands find the database the same way: on a data dir where
+    `billing up` never ran, the same one line and exit 2, and nothing initialised there."""
     env = _env(tmp_path / "empty")
-    verify = _cli(env, "verify")
-    assert verify.returncode == 2
-    assert "no billing database in" in _error_line(verify)
+    expected = (
+        f"error: no billing database in {tmp_path / 'empty'} (BILLING_DATA_DIR): start `billing up` once, "
+        "or set BILLING_DATABASE_URL"
+    )
+    for command in (
+        ("verify",),
+        ("report", "trial-balance"),
+        ("report", "statement", "w-1"),
+        ("report", "revenue", "--group-by", "month"),
+        ("report", "debts"),
+        ("report", "rejected"),
+        ("report", "anomalies"),
+        ("dlq", "list"),
+        ("dlq", "show", "1"),
+        ("dlq", "replay"),
+    ):
+        result = _cli(env, *command)
+        assert result.returncode == 2, (command, result.stderr[-3000:])
+        assert _error_line(result) == expected, command
     token = _cli(env, "token")
     assert token.returncode == 2
     assert "no development token in" in _error_line(token)
