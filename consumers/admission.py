@@ -57,6 +57,7 @@ from consumers.names import NatsNames
 from ledger.db import unit_of_work
 from ledger.events import ID_PATTERN, MAX_PRICE_PER_HOUR_MICROS
 from ledger.invariants import require
+from ledger.text import printable
 from projections.processor import admit_rental_request, admit_serverless_request
 from projections.wallet_store import lock_wallets
 
@@ -70,6 +71,7 @@ DEFAULT_MAX_CONCURRENCY: Final = 4
 DRAIN_TIMEOUT_S: Final = 5.0
 MAX_ERRORS_LISTED: Final = 5
 MAX_QUOTED_CHARS: Final = 60
+MAX_SHOWN_REPLY_CHARS: Final = 200  # of a reply subject in a log line (a subject may be long)
 
 Id = Annotated[str, StringConstraints(pattern=ID_PATTERN)]
 PricePerHourMicros = Annotated[int, Field(ge=0, le=MAX_PRICE_PER_HOUR_MICROS)]
@@ -379,6 +381,16 @@ async def run_admission(
                 # hold an hour of the wallet's money for nothing.
                 log.warning("admission: ask on %s without a reply subject ignored (use request-reply)", msg.subject)
                 return
+            if not _answerable(msg.reply):
+                # Not UTF-8 (read through consumers.nats_safety): nats-py cannot publish to it
+                # (UnicodeEncodeError), so decide nothing: an admitted ask would hold money for an
+                # answer nobody gets. One line, the subject's bytes as escapes.
+                log.warning(
+                    "admission: ask on %s ignored: its reply subject %s is not UTF-8 (use a NATS client's request)",
+                    msg.subject,
+                    printable(msg.reply)[:MAX_SHOWN_REPLY_CHARS],
+                )
+                return
             await slots.acquire()  # back-pressure: the subscription's queue holds the rest
             task = asyncio.create_task(_answer(msg, answer, slots))
             in_hand.add(task)
@@ -420,6 +432,14 @@ async def run_admission(
         if in_hand:
             await asyncio.wait(list(in_hand), timeout=DRAIN_TIMEOUT_S)
         log.info("admission replies stopped")
+
+
+def _answerable(reply: str) -> bool:
+    try:
+        reply.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 async def _answer(msg: Msg, answer: Callable[[bytes], Awaitable[bytes]], slots: asyncio.Semaphore) -> None:

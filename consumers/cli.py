@@ -49,13 +49,27 @@ def migrate(
     database_url: str = typer.Option(None, envvar="BILLING_DATABASE_URL", help="Owner's URL of the database."),
 ) -> None:
     """Upgrade the database schema to the newest revision (runs as the URL's login, the owner)."""
+    import psycopg
+    from sqlalchemy.exc import DBAPIError, OperationalError
+
+    from consumers.up import check_database_url, probe_database, redacted_database_url
     from ledger.migrate import upgrade
 
     _logging()
     if not database_url:
-        typer.echo("BILLING_DATABASE_URL is not set (or pass --database-url).", err=True)
-        raise typer.Exit(2)
-    upgrade(database_url)
+        raise UserError("BILLING_DATABASE_URL is not set (or pass --database-url)")
+    # The URL as `billing up` takes it (postgres:// rewritten, other schemes refused), and a wrong
+    # or unreachable server as one line before Alembic starts.
+    url = check_database_url(database_url)
+    probe_database(url)
+    try:
+        upgrade(url)
+    except DBAPIError as exc:
+        if not isinstance(exc, OperationalError) and not isinstance(exc.orig, psycopg.errors.InsufficientPrivilege):
+            raise  # a bug in a migration, not a mistake of the person running it
+        # The server went away halfway, or the login is not the schema's owner.
+        reason = " ".join(str(exc.orig or exc).split())[:200]
+        raise UserError(f"BILLING_DATABASE_URL: migration failed: {reason} ({redacted_database_url(url)})") from None
     typer.echo("database schema is at the newest revision")
 
 

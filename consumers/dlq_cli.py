@@ -197,7 +197,7 @@ def list_(
 
     _check_reason(reason)
     _check_format(fmt, ("table", "json"))
-    with report_connection(Settings()) as conn:
+    with report_connection() as conn:
         rows = read_dead_letters(conn, reason=reason, limit=limit)
     if fmt == "json":
         typer.echo(json.dumps([r.to_json(with_raw=False) for r in rows], indent=2))
@@ -274,7 +274,7 @@ def show(
     from consumers.runtime_db import report_connection
 
     _check_format(fmt, ("text", "json"))
-    with report_connection(Settings()) as conn:
+    with report_connection() as conn:
         rows = read_dead_letters(conn, ids=[row_id], limit=1)
     if not rows:
         raise UserError(f"no dead letter with id {row_id}; `billing dlq list` shows the ids")

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Final, Literal
 import stripe
 from fastapi import APIRouter, Depends, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
-from sqlalchemy import Engine, text
+from sqlalchemy import Connection, Engine, text
 
 from consumers import reconciliation
 from consumers.api_errors import ApiError
@@ -34,8 +34,8 @@ GroupBy = Annotated[
     str,
     Query(
         alias="groupBy",
-        pattern=r"^(day|product|gpuType)(,(day|product|gpuType))*$",
-        description="comma-separated: day, product, gpuType",
+        pattern=r"^(day|month|product|gpuType)(,(day|month|product|gpuType))*$",
+        description="comma-separated: day or month (YYYY-MM, UTC), product, gpuType",
     ),
 ]
 WalletId = Annotated[str, Path(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
@@ -68,6 +68,18 @@ def _render(report: Report, request: Request, fmt: str | None, body: dict[str, A
         w.writerows(report.rows)
         return Response(buf.getvalue(), media_type="text/csv")
     return JSONResponse(body)
+
+
+def _statement(conn: Connection, wallet_id: str, start: datetime, end: datetime) -> Report:
+    """The statement of a wallet the ledger knows; an unknown one is 404 as on the wallet API (and
+    an error on the CLI), not an all-zero statement that looks like a wallet with no money."""
+    if not reports.wallet_known(conn, wallet_id):
+        raise ApiError(
+            404,
+            "wallet_not_found",
+            f"no wallet {wallet_id} is known: it has had no top-up, usage or admission yet",
+        )
+    return reports.statement(conn, wallet_id, start, end)
 
 
 def build_finance_api(
@@ -109,7 +121,11 @@ def build_finance_api(
         }
         return _render(rep, request, fmt, body)
 
-    @router.get("/statements/{walletId}", summary="Opening balance, movements and closing balance of a wallet")
+    @router.get(
+        "/statements/{walletId}",
+        summary="Opening balance, movements and closing balance of a wallet",
+        responses=_errors(404),
+    )
     def statement(
         request: Request,
         walletId: WalletId,  # the contract's path parameter name
@@ -118,10 +134,10 @@ def build_finance_api(
         fmt: Fmt = None,
     ) -> Response:
         s, e = _period(start, end, now())
-        rep = read(reports.statement, walletId, s, e)
+        rep = read(_statement, walletId, s, e)
         return _render(rep, request, fmt, {**rep.summary, "movements": rep.as_dicts()})
 
-    @router.get("/revenue", summary="Recognised revenue grouped by day, product and GPU type")
+    @router.get("/revenue", summary="Recognised revenue grouped by day or month, product and GPU type")
     def revenue(
         request: Request,
         start: From = None,
@@ -136,6 +152,8 @@ def build_finance_api(
             raise ApiError(
                 422, "invalid_group_by", f"groupBy takes {', '.join(reports.GROUP_KEYS)}; unknown: {unknown}"
             )
+        if "day" in keys and "month" in keys:
+            raise ApiError(422, "invalid_group_by", "groupBy: day and month together group by day; give one of them")
         rep = read(reports.revenue, s, e, keys)
         return _render(rep, request, fmt, {**rep.summary, "rows": rep.as_dicts()})
 

@@ -1,5 +1,7 @@
-"""A database connection for one-shot commands (`billing report`, `billing verify`): the configured
-URL, or the embedded server in the data dir (started if `billing up` is not running)."""
+"""A database connection for one-shot commands (`billing report`, `billing dlq list|show`): found
+like `billing verify` finds it (`consumers.runtime.client_services`): the configured URL, else the
+running `billing up` of the data dir, else the data dir's embedded server (started for the command).
+A data dir without a database is one line, not an initialised PostgreSQL without tables."""
 
 from __future__ import annotations
 
@@ -12,23 +14,24 @@ from consumers.settings import Settings
 from ledger.db import make_engine
 
 
+def _settings(settings: Settings | None) -> Settings:
+    from consumers.up import load_settings
+
+    return settings or load_settings()  # a bad environment value as one line naming the variable
+
+
 @contextlib.contextmanager
 def database_url(settings: Settings | None = None) -> Iterator[str]:
-    settings = settings or Settings()
-    if settings.database_url:
-        yield settings.database_url
-        return
-    from consumers.embedded import EmbeddedPostgres
-    from consumers.runtime import EMBEDDED_DB_NAME, _ensure_database
+    from consumers.runtime import client_services
 
-    with EmbeddedPostgres(settings.data_dir / "postgres") as pg:
-        yield _ensure_database(pg.url, EMBEDDED_DB_NAME)
+    with client_services(_settings(settings), need_nats=False) as urls:
+        yield urls.database_url
 
 
 @contextlib.contextmanager
 def report_connection(settings: Settings | None = None) -> Iterator[Connection]:
     """A read connection as the service role (reports never write)."""
-    settings = settings or Settings()
+    settings = _settings(settings)
     with database_url(settings) as url:
         engine = make_engine(url, role=settings.database_role or None, pool_size=1)
         try:

@@ -47,10 +47,10 @@ class StreamSpec:
 
 def stream_specs(names: NatsNames) -> list[StreamSpec]:
     return [
-        StreamSpec(names.in_stream, (names.in_subjects,), "Usage facts in: CloudEvents per wallet (DESIGN 3)"),
+        StreamSpec(names.in_stream, (names.in_subjects,), "Usage facts in: CloudEvents per wallet (docs/events.md)"),
         StreamSpec(names.dlq_stream, (names.dlq_subjects,), "Dead letters: refused inputs with their reason"),
-        StreamSpec(names.commands_stream, (names.stop_subject,), "Stop commands to the compute plane (DESIGN 5)"),
-        StreamSpec(names.out_stream, (names.out_subjects,), "Notices and settlements out (DESIGN 5)"),
+        StreamSpec(names.commands_stream, (names.stop_subject,), "Stop commands to the compute plane (docs/events.md)"),
+        StreamSpec(names.out_stream, (names.out_subjects,), "Notices and settlements out (docs/events.md)"),
     ]
 
 

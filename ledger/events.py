@@ -699,7 +699,7 @@ def _describe_error(e: ErrorDetails) -> str:
     if error_type == "missing":
         return "required field is missing"
     if error_type == "extra_forbidden":
-        return "unknown field (field names are camelCase, as in DESIGN section 3)"
+        return "unknown field (field names are camelCase, as in docs/events.md)"
     if error_type in _BOUNDS:
         symbol, key = _BOUNDS[error_type]
         return f"must be {symbol} {ctx.get(key)}, got {_quote(e['input'])}"

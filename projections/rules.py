@@ -85,7 +85,13 @@ from ledger.journal import (
     transfer,
     wallet_account,
 )
-from ledger.money import rental_cost_micros, serverless_cost_micros, serverless_exact_millimicros
+from ledger.money import (
+    MICROS_PER_CENT,
+    display_usd,
+    rental_cost_micros,
+    serverless_cost_micros,
+    serverless_exact_millimicros,
+)
 
 RentalStatus = Literal["running", "paused", "ended"]
 EndReason = Literal["stopped", "destroyed", "auto_stopped", "failed", "preempted"]
@@ -356,23 +362,21 @@ def check_topup(amount_micros: int, max_micros: int = DEFAULT_MAX_TOPUP_MICROS) 
     presets = ", ".join(f"${p}" for p in TOPUP_PRESETS_USD)
     if amount_micros < MIN_TOPUP_MICROS:
         return (
-            f"The minimum top-up is ${_usd(MIN_TOPUP_MICROS)}; you asked for ${_usd(amount_micros)}. "
+            f"The minimum top-up is {_usd(MIN_TOPUP_MICROS)}; you asked for {_usd(amount_micros)}. "
             f"Choose at least $5 (for example {presets})."
         )
     if amount_micros > max_micros:
         return (
-            f"The maximum top-up is ${_usd(max_micros)}; you asked for ${_usd(amount_micros)}. "
+            f"The maximum top-up is {_usd(max_micros)}; you asked for {_usd(amount_micros)}. "
             "Choose a smaller amount or top up in several payments."
         )
     return None
 
 
 def _usd(micros: int) -> str:
-    sign = "-" if micros < 0 else ""
-    whole, frac = divmod(abs(micros), 1_000_000)
-    if frac == 0:
-        return f"{sign}{whole:,}"
-    return f"{sign}{whole:,}.{frac:06d}".rstrip("0")
+    """The one money formatter (``$5.00``), every micro shown for an amount that is not whole cents
+    (``$4.999999`` must not read as the ``$5.00`` it was refused against)."""
+    return display_usd(micros, exact=micros % MICROS_PER_CENT != 0)
 
 
 # ---------------------------------------------------------------------------------- queries (R3/R4)

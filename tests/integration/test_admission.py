@@ -15,7 +15,7 @@ from sqlalchemy import Engine
 from consumers.admission import run_admission
 from consumers.names import NatsNames
 from tests.factories import adjusted, make_event
-from tests.integration.outbound import connect, namespace_of, process, stop_task, utc_now
+from tests.integration.outbound import connect, namespace_of, process, stop_task, utc_now, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -214,3 +214,47 @@ async def test_malformed_ask_is_answered_with_what_to_fix(
     assert answer["reason"].startswith("invalid request: ")
     for m in mentions:
         assert m in answer["reason"], answer["reason"]
+
+
+async def test_an_ask_whose_reply_subject_is_not_utf8_is_one_warning_and_holds_nothing(
+    app_engine: Engine, nc: Any, names: NatsNames, unique: str, nats_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """nats-py cannot publish to a reply subject that is not UTF-8 (UnicodeEncodeError): such an
+    ask is ignored before it is decided (an admitted one would hold an hour of the wallet's money
+    for an answer nobody can get), in one short warning line, and the next ask is answered."""
+    import logging
+    import socket
+    from urllib.parse import urlsplit
+
+    from consumers import nats_safety
+
+    nats_safety.install()  # as the service does: nats-py reads a subject that is not UTF-8
+    credit(app_engine, unique, PRICE)  # one hour, once
+    ask_body = json.dumps({"walletId": unique, "resourceId": "r-bad-reply", "pricePerHourMicros": PRICE}).encode()
+    parts = urlsplit(nats_url)
+    with caplog.at_level(logging.WARNING, logger="billing"):
+        with socket.create_connection((parts.hostname or "127.0.0.1", parts.port or 4222), timeout=10) as raw:
+            raw.recv(4096)  # INFO
+            raw.sendall(b'CONNECT {"verbose":false,"pedantic":false,"protocol":1}\r\n')
+            subject = names.admission_rental.encode()
+            raw.sendall(b"PUB %s _INBOX.bad\xff\xfe %d\r\n%s\r\nPING\r\n" % (subject, len(ask_body), ask_body))
+            seen = b""
+            while b"PONG" not in seen:
+                chunk = raw.recv(4096)
+                assert chunk, "NATS closed the connection"
+                seen += chunk
+
+        async def warned() -> bool:
+            return any("_INBOX.bad" in r.getMessage() for r in caplog.records)
+
+        await wait_until(warned, timeout=10, what="the warning about the reply subject")
+        answer = await rental(nc, names, unique, "r-good")  # the responders still serve
+    assert answer["admitted"] is True, answer  # the ignored ask held nothing: the hour is still there
+    lines = [r for r in caplog.records if "_INBOX.bad" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
+    assert lines[0].levelno == logging.WARNING
+    assert lines[0].exc_info is None
+    message = lines[0].getMessage()
+    assert "\n" not in message, message
+    assert len(message) < 300, message
+    assert r"_INBOX.bad\xff\xfe" in message, message  # printable: the bytes as escapes

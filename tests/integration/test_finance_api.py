@@ -125,6 +125,53 @@ def test_statement_revenue_and_debts(client: TestClient, app_engine: Engine, uni
     assert client.get("/finance/revenue", params={"from": "yesterday"}, headers=FINANCE).status_code == 422
 
 
+def test_unknown_wallet_statement_is_404_and_revenue_groups_by_month(
+    client: TestClient, app_engine: Engine, unique: str
+) -> None:
+    """As on the CLI: an unknown wallet is an error (not an all-zero statement), and revenue takes
+    month (YYYY-MM) as a grouping, but not together with day."""
+    nobody = f"n{unique[-39:]}"
+    r = client.get(f"/finance/statements/{nobody}", headers=FINANCE)
+    assert r.status_code == 404, r.text
+    assert r.json() == {
+        "error": "wallet_not_found",
+        "detail": f"no wallet {nobody} is known: it has had no top-up, usage or admission yet",
+    }
+    w, p = f"m{unique[-39:]}", f"q{unique[-39:]}"
+    t = datetime.now(UTC) - timedelta(minutes=30)
+    started = {
+        "walletId": w,
+        "resourceId": p,
+        "resourceKind": "pod",
+        "gpuType": "A100",
+        "gpuCount": 1,
+        "tier": "spot",
+        "pricePerHourMicros": 3_600_000,
+    }
+    ended = {"walletId": w, "resourceId": p, "uptimeSecondsTotal": 600, "reason": "stopped"}
+    process(
+        app_engine,
+        [
+            make_event("gpu.rental.started", started, time=t),
+            make_event("gpu.rental.ended", ended, time=t + timedelta(seconds=600)),
+        ],
+    )
+    known = client.get(f"/finance/statements/{w}", headers=FINANCE)
+    assert known.status_code == 200, known.text  # a wallet known only by its charges has a statement
+    assert known.json()["chargesMicros"] == -600_000
+    period = {"from": (t - timedelta(seconds=1)).isoformat(), "to": datetime.now(UTC).isoformat()}
+    by_month = client.get("/finance/revenue", params={**period, "groupBy": "month,product"}, headers=FINANCE)
+    assert by_month.status_code == 200, by_month.text
+    rows = by_month.json()["rows"]
+    months = {row["month"] for row in rows}
+    assert months <= {t.strftime("%Y-%m"), datetime.now(UTC).strftime("%Y-%m")}, months
+    by_day = client.get("/finance/revenue", params={**period, "groupBy": "day"}, headers=FINANCE).json()["rows"]
+    assert sum(r["revenueMicros"] for r in rows) == sum(r["revenueMicros"] for r in by_day) >= 600_000
+    both = client.get("/finance/revenue", params={"groupBy": "day,month"}, headers=FINANCE)
+    assert both.status_code == 422
+    assert both.json()["error"] == "invalid_group_by"
+
+
 def test_stripe_reconciliation_against_stripes_own_records(
     client: TestClient, app_engine: Engine, fake_stripe: FakeStripe, unique: str
 ) -> None:

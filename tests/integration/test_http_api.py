@@ -815,6 +815,48 @@ def test_payloads_jsonb_cannot_hold_are_stored_cleaned_or_refused(
     assert webhook_row(app_engine, "evt_hugenumber") is None
 
 
+def test_nul_anywhere_in_a_signed_webhook_is_never_a_5xx_and_books_nothing_wrong(
+    client: TestClient, fake_stripe: FakeStripe, app_engine: Engine, unique: str
+) -> None:
+    """PostgreSQL refuses \\u0000 in jsonb and NUL in text: in an identity it is 400 invalid_event,
+    in a wallet id or an object id it is recorded, not handled; elsewhere the payload is stored
+    cleaned and a real payment is credited once. Never a 500 (Stripe would retry it for days)."""
+    paid = paid_intent(fake_stripe, unique)
+    paid["description"] = "nul \x00 here"
+    odd_wallet = {**paid_intent(fake_stripe, f"{unique}b"), "metadata": {"walletId": f"{unique}b\x00"}}
+    refused = {
+        "id": fake_stripe.event("customer.updated", {"id": "cus_1"}, event_id="evt_\x00x"),
+        "type": fake_stripe.event("payment_intent.succeeded\x00", paid),
+    }
+    unhandled = {
+        "object id": fake_stripe.event("payment_intent.succeeded", {**paid, "id": "pi_\x00"}),
+        "wallet id": fake_stripe.event("payment_intent.succeeded", odd_wallet),
+        "currency": fake_stripe.event(
+            "payment_intent.succeeded", {**paid, "id": f"{paid['id']}x", "currency": "usd\x00"}
+        ),
+        "charge id": fake_stripe.event("charge.refunded", {"id": "ch_\x00", "payment_intent": paid["id"]}),
+        "key": fake_stripe.event("customer.updated", {"id": "cus_1", "a\x00b": 1}),
+    }
+    for what, event in refused.items():
+        r = post_event(client, event)
+        assert (r.status_code, r.json()["error"]) == (400, "invalid_event"), (what, r.text)
+        assert "not a Stripe event" in r.json()["detail"], what
+    for what, event in unhandled.items():
+        r = post_event(client, event)
+        assert r.status_code == 200, (what, r.text)
+        assert (r.json()["handled"], r.json()["applied"]) == (False, 0), (what, r.text)
+        assert webhook_row(app_engine, event["id"]) is not None, what
+    assert (wallet_balance(app_engine, unique), wallet_balance(app_engine, f"{unique}b")) == (0, 0)
+    credit = fake_stripe.event("payment_intent.succeeded", paid)
+    for _ in range(2):
+        assert post_event(client, credit).status_code == 200
+    assert wallet_balance(app_engine, unique) == 25_000_000
+    assert topup_txns(app_engine, unique) == 1
+    row = webhook_row(app_engine, credit["id"])
+    assert row is not None
+    assert row["payload"]["data"]["object"]["description"] == "nul \ufffd here"
+
+
 def test_the_router_keeps_its_error_shape_in_any_app(app_engine: Engine, fake_stripe: FakeStripe) -> None:
     """The runtime includes the router in its own app, maybe without install_error_handlers."""
     from consumers.http_api import build_api

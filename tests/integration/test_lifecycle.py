@@ -365,6 +365,44 @@ def test_postgres_scheme_is_accepted_and_a_missing_database_named(database: Test
     assert not _on_data_dir(tmp_path / "data")
 
 
+def test_migrate_takes_a_postgres_url_and_its_mistakes_are_one_line(pg_server: tuple[str, str], tmp_path: Path) -> None:
+    """`billing migrate` reads BILLING_DATABASE_URL as `billing up` does: postgres:// is the same
+    server with the service's driver; a wrong scheme, a missing database or no server is one line."""
+    import secrets
+
+    from sqlalchemy.engine import make_url
+
+    from ledger.migrate import current
+
+    admin = make_url(pg_server[0])
+    name = f"billing_migrate_{secrets.token_hex(4)}"
+    plain = admin.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(plain, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        given = admin.set(drivername="postgres", database=name).render_as_string(hide_password=False)
+        done = _cli(_env(tmp_path / "data", BILLING_DATABASE_URL=given), "migrate")
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert done.stdout.strip().splitlines()[-1] == "database schema is at the newest revision"
+        assert current(admin.set(database=name).render_as_string(hide_password=False)) is not None
+    finally:
+        with psycopg.connect(plain, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    for url, expected in [
+        (None, "error: BILLING_DATABASE_URL is not set (or pass --database-url)"),
+        ("mysql://billing@127.0.0.1/billing", "error: BILLING_DATABASE_URL: unsupported scheme mysql://"),
+        (
+            admin.set(drivername="postgres", database=f"{name}_missing").render_as_string(hide_password=False),
+            f'error: BILLING_DATABASE_URL: cannot connect: database "{name}_missing" does not exist',
+        ),
+        ("postgres://postgres@127.0.0.1:1/billing", "error: BILLING_DATABASE_URL: cannot connect: connection failed"),
+    ]:
+        env = _env(tmp_path / "data", **({"BILLING_DATABASE_URL": url} if url else {}))
+        result = _cli(env, "migrate")
+        assert result.returncode == 2, (url, result.stderr[-3000:])
+        assert _error_line(result).startswith(expected), url
+
+
 def test_http_port_in_use_is_one_line(database: TestDatabase, nats_url: str, tmp_path: Path) -> None:
     with socket.socket() as other:
         other.bind(("127.0.0.1", 0))
@@ -377,10 +415,28 @@ def test_http_port_in_use_is_one_line(database: TestDatabase, nats_url: str, tmp
 
 
 def test_one_shot_commands_on_a_data_dir_without_a_database(tmp_path: Path) -> None:
+    """verify, the reports and the dlq commands find the database the same way: on a data dir where
+    `billing up` never ran, the same one line and exit 2, and nothing initialised there."""
     env = _env(tmp_path / "empty")
-    verify = _cli(env, "verify")
-    assert verify.returncode == 2
-    assert "no billing database in" in _error_line(verify)
+    expected = (
+        f"error: no billing database in {tmp_path / 'empty'} (BILLING_DATA_DIR): start `billing up` once, "
+        "or set BILLING_DATABASE_URL"
+    )
+    for command in (
+        ("verify",),
+        ("report", "trial-balance"),
+        ("report", "statement", "w-1"),
+        ("report", "revenue", "--group-by", "month"),
+        ("report", "debts"),
+        ("report", "rejected"),
+        ("report", "anomalies"),
+        ("dlq", "list"),
+        ("dlq", "show", "1"),
+        ("dlq", "replay"),
+    ):
+        result = _cli(env, *command)
+        assert result.returncode == 2, (command, result.stderr[-3000:])
+        assert _error_line(result) == expected, command
     token = _cli(env, "token")
     assert token.returncode == 2
     assert "no development token in" in _error_line(token)

@@ -541,9 +541,10 @@ def test_stripe_reconciliation_cli(database, app_engine: Engine, unique: str, mo
 def test_a_wrong_database_url_is_one_line_naming_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     from consumers.user_errors import UserError
 
-    for url, message in [
-        ("postgres://postgres@127.0.0.1:5432/x", "use postgresql+psycopg://"),
-        ("postgresql+psycopg://postgres@127.0.0.1:1/x", "cannot be reached"),
+    for url, message in [  # postgres:// is the same server with the service's driver, as for `billing up`
+        ("postgres://postgres@127.0.0.1:5432/x_missing", 'cannot connect: database "x_missing" does not exist'),
+        ("mysql://postgres@127.0.0.1:5432/x", "unsupported scheme mysql://; use postgresql+psycopg://"),
+        ("postgresql+psycopg://postgres@127.0.0.1:1/x", "cannot connect: connection failed"),
     ]:
         result = _cli(monkeypatch, url, "debts")
         assert isinstance(result.exception, UserError), result.output

@@ -227,6 +227,17 @@ def test_R1_topup_below_five_dollars_refused_with_a_message() -> None:
     assert "4.99" in message
 
 
+def test_R1_messages_show_money_as_the_tables_do() -> None:
+    """ledger.money.display_usd, the one formatter: cents, and every micro when not whole cents."""
+    assert check_topup(4_990_000) == (
+        "The minimum top-up is $5.00; you asked for $4.99. Choose at least $5 (for example $5, $10, $25, $50, $100)."
+    )
+    assert "you asked for $4.999999." in (check_topup(4_999_999) or "")
+    assert (check_topup(10_000_000_001) or "").startswith(
+        "The maximum top-up is $10,000.00; you asked for $10,000.000001."
+    )
+
+
 def test_R1_topup_bounds() -> None:
     assert check_topup(5_000_000) is None
     assert check_topup(10_000_000_000) is None
