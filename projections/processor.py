@@ -369,7 +369,7 @@ def process_batch(
     result.outbox = len(messages)
     record_rejections(conn, refused, now=now)
     # Last: the rows of the busiest accounts (revenue, clearing) stay locked only until the commit
-    # that follows (see ledger.store.append_batch).
+    # that follows (see ledger.store.apply_balances).
     apply_balances(conn, appended.balance_deltas)
     return result
 
