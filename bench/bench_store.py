@@ -211,8 +211,7 @@ def main() -> None:
                 with fresh_database(server, what) as url:
                     runs[what].append(paths[what](url, items, args.batch))
             print(
-                f"  run {run + 1}: store by COPY {runs['new'][-1]:,.0f} ev/s,"
-                f" raw COPY {runs['copy'][-1]:,.0f} ev/s",
+                f"  run {run + 1}: store by COPY {runs['new'][-1]:,.0f} ev/s, raw COPY {runs['copy'][-1]:,.0f} ev/s",
                 flush=True,
             )
     print()

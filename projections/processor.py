@@ -396,23 +396,6 @@ def _lock_and_load(
     return ids, before, stored
 
 
-def due_wallets(conn: psycopg.Connection[Any], now: datetime, limit: int = 500) -> list[str]:
-    """Wallets whose next wake-up is due at ``now`` (predicted zero, re-issue, hold expiry...)."""
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT wallet_id FROM wallets WHERE next_wakeup_at <= %s ORDER BY next_wakeup_at LIMIT %s",
-            (now, limit),
-        )
-        return [r[0] for r in cur.fetchall()]
-
-
-def next_deadline(conn: psycopg.Connection[Any]) -> datetime | None:
-    with conn.cursor() as cur:
-        cur.execute("SELECT min(next_wakeup_at) FROM wallets WHERE next_wakeup_at IS NOT NULL")
-        row = cur.fetchone()
-        return row[0] if row else None
-
-
 def tick_wallets(conn: psycopg.Connection[Any], wallet_ids: Sequence[str], *, now: datetime) -> TickResult:
     """The scheduler's unit of work: at ``now``, the rules' time-driven decisions (R4 stop commands
     and their re-issue, notices, expired holds) for these wallets, outbox rows in the same

@@ -15,7 +15,6 @@ from typing import Any, Final
 import psycopg
 
 from ledger.invariants import fail, require
-from ledger.journal import wallet_account
 from projections.rules import EndpointState, Hold, PaymentState, PendingStripeFact, RentalState, WalletState
 
 # The aggregate of one wallet is small; a batch touches at most this many wallets.
@@ -445,7 +444,3 @@ def _payment_from_row(
             for f in pending
         ),
     )
-
-
-def wallet_balance_account(wallet_id: str) -> str:
-    return wallet_account(wallet_id)
