@@ -6,8 +6,9 @@ with integer money, and the result of a call is a function of its arguments alon
 
 Entry points
 ------------
-- :func:`decide` / :func:`evolve` / :func:`apply`: one event against one wallet's state.
-  ``apply`` returns both; ``decide`` and ``evolve`` are the two halves of the same computation.
+- :func:`apply_fact`: one event against one wallet's state, without the housekeeping (the batch
+  writer's call, followed by one :func:`tick` per wallet); :func:`apply`: one event with the
+  housekeeping at ``now`` (the same fact, then what :func:`tick` would decide).
 - :func:`tick`: the scheduler's call (no event): expired holds, auto-stop commands and their
   re-issue, status notices. :func:`next_wakeup` says when to call it next.
 - :func:`admit_rental` (R2/R3), :func:`admit_serverless` (R5), :func:`check_topup` (R1).
@@ -1087,16 +1088,6 @@ def apply_fact(state: WalletState, event: LogEvent) -> tuple[WalletState, Decisi
         return state, Decision(outcome=fact.outcome, rejection=fact.rejection)
     _require_consistent(state, fact.state, fact.txns)
     return fact.state, Decision(outcome=fact.outcome, txns=fact.txns, settlements=fact.settlements, rejection=None)
-
-
-def decide(state: WalletState, event: LogEvent, now: datetime) -> Decision:
-    """What ``event`` decides against ``state`` at ``now`` (see :func:`apply`)."""
-    return apply(state, event, now)[1]
-
-
-def evolve(state: WalletState, event: LogEvent, now: datetime) -> WalletState:
-    """The state after ``event`` at ``now`` (see :func:`apply`)."""
-    return apply(state, event, now)[0]
 
 
 def tick(state: WalletState, now: datetime) -> tuple[WalletState, Decision]:
