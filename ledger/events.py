@@ -792,7 +792,7 @@ def event_to_json(event: LogEvent) -> bytes:
     (``parse_log_event`` for the Stripe facts, which billing.in does not accept).
 
     By the event class's own serializer: the same bytes as the union's adapter (checked in
-    tests/unit/test_events.py), in half the time (1.2 against 2.6 us; once per accepted event)."""
+    tests/unit/test_events.py), in half the time (once per accepted event; see bench/README.md)."""
     cls = type(event)
     if cls not in _LOG_EVENT_CLASSES:
         fail(f"not an event of the log: {cls.__name__}")

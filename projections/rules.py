@@ -1134,9 +1134,9 @@ _REPLACERS: dict[type, tuple[operator.attrgetter[Any], dict[str, int]]] = {}
 
 
 def _replace(obj: _T, /, **changes: Any) -> _T:
-    """``dataclasses.replace`` for this module's frozen dataclasses, about twice as fast (measured
-    here: 9 vs 18 us for a RentalState; the states are replaced several times per event on the
-    intake's hot path): the fields are read by one C ``attrgetter`` instead of a Python loop. Same
+    """``dataclasses.replace`` for this module's frozen dataclasses, about twice as fast (see
+    bench/README.md; the states are replaced several times per event on the intake's hot path):
+    the fields are read by one C ``attrgetter`` instead of a Python loop. Same
     meaning: ``__init__`` and ``__post_init__`` (the invariants) run on the new value."""
     cls = type(obj)
     entry = _REPLACERS.get(cls)
