@@ -4,11 +4,10 @@ binary COPY of the same rows into the same tables, measured in the same run on t
     python bench/bench_store.py [--events 200000] [--batch 1000] [--runs 3]
 
 Each event is a per-second usage reading with one two-leg charge (1 event row, 1 transaction row,
-2 entry rows). Three paths: the one-statement store path (``append_batch``: keeps the account
-balances, deduplicates on (source, id)); the store by COPY (``append_new`` + ``apply_balances``, what
-the intake's processor uses: balances kept, no conflict check since the processor has ruled
-duplicates out under its wallet locks); and the raw COPY baseline (neither): the floor of what
-PostgreSQL can take from Python here.
+2 entry rows). Two paths: the store by COPY (``append_new`` + ``apply_balances``, what the intake's
+processor uses: balances kept, no conflict check since the processor has ruled duplicates out under
+its wallet locks); and the raw COPY baseline (no balances): the floor of what PostgreSQL can take
+from Python here.
 """
 
 from __future__ import annotations
@@ -28,9 +27,9 @@ from bench.common import fresh_database, pg_server, plain, summary
 from ledger.db import make_engine, unit_of_work
 from ledger.events import EVENT_ADAPTER
 from ledger.journal import revenue_account, transfer, wallet_account
-from ledger.money import rental_charge_micros
+from ledger.money import rental_cost_micros
 from ledger.schema import APP_ROLE
-from ledger.store import AppendItem, EventRecord, append_batch, append_new, apply_balances, as_jsonb
+from ledger.store import AppendItem, EventRecord, append_new, apply_balances, as_jsonb
 
 T0 = datetime(2026, 11, 28, 10, 0, tzinfo=UTC)
 
@@ -56,7 +55,7 @@ def make_items(n: int, wallets: int = 1000, seed: int = 7) -> list[AppendItem]:
                 "data": {"walletId": wid, "resourceId": f"pod{w}", "uptimeSecondsTotal": seconds[w]},
             }
         )
-        cost = rental_charge_micros(prev, seconds[w], prices[w])
+        cost = rental_cost_micros(seconds[w], prices[w]) - rental_cost_micros(prev, prices[w])
         items.append(
             AppendItem(
                 EventRecord.from_event(ev),
@@ -75,20 +74,6 @@ def make_items(n: int, wallets: int = 1000, seed: int = 7) -> list[AppendItem]:
             )
         )
     return items
-
-
-def run_store(url: str, items: list[AppendItem], batch: int) -> float:
-    engine = make_engine(url, role=APP_ROLE, pool_size=1)
-    received_at = datetime.now(UTC)
-    t = time.perf_counter()
-    for i in range(0, len(items), batch):
-        with unit_of_work(engine) as uow:
-            res = append_batch(uow.pg, items[i : i + batch], received_at=received_at)
-            uow.commit()
-        assert len(res.positions) == len(items[i : i + batch])
-    dt = time.perf_counter() - t
-    engine.dispose()
-    return len(items) / dt
 
 
 def run_store_new(url: str, items: list[AppendItem], batch: int) -> float:
@@ -216,32 +201,29 @@ def main() -> None:
         f"{args.events:,} events (1 event + 1 transaction + 2 entries each), batches of {args.batch}; "
         f"built in {prep_s:.1f} s (not timed)"
     )
-    runs: dict[str, list[float]] = {"store": [], "new": [], "copy": []}
-    paths = {"store": run_store, "new": run_store_new, "copy": run_copy}
+    runs: dict[str, list[float]] = {"new": [], "copy": []}
+    paths = {"new": run_store_new, "copy": run_copy}
     with pg_server() as server:
         for run in range(args.runs):
             # Rotate the order so no path always gets the warmer cache.
-            order = list(paths)[run % 3 :] + list(paths)[: run % 3]
+            order = list(paths)[run % 2 :] + list(paths)[: run % 2]
             for what in order:
                 with fresh_database(server, what) as url:
                     runs[what].append(paths[what](url, items, args.batch))
             print(
-                f"  run {run + 1}: store {runs['store'][-1]:,.0f} ev/s, store by COPY {runs['new'][-1]:,.0f} ev/s,"
-                f" raw COPY {runs['copy'][-1]:,.0f} ev/s",
+                f"  run {run + 1}: store by COPY {runs['new'][-1]:,.0f} ev/s, raw COPY {runs['copy'][-1]:,.0f} ev/s",
                 flush=True,
             )
     print()
     print(f"{'path':<60} {'events/s median (min-max)':>30}")
     print(f"{'raw binary COPY of the same rows (baseline)':<60} {summary(runs['copy']):>30}")
-    print(f"{'store, one statement (append_batch + commit)':<60} {summary(runs['store']):>30}")
     print(f"{'store by COPY (append_new + apply_balances + commit)':<60} {summary(runs['new']):>30}")
-    for what in ("store", "new"):
-        ratios = [s / c for s, c in zip(runs[what], runs["copy"], strict=True)]
-        print(
-            f"{what} / raw COPY: median {sorted(ratios)[len(ratios) // 2]:.2f} (per run: "
-            + ", ".join(f"{r:.2f}" for r in ratios)
-            + ")"
-        )
+    ratios = [s / c for s, c in zip(runs["new"], runs["copy"], strict=True)]
+    print(
+        f"store by COPY / raw COPY: median {sorted(ratios)[len(ratios) // 2]:.2f} (per run: "
+        + ", ".join(f"{r:.2f}" for r in ratios)
+        + ")"
+    )
 
 
 if __name__ == "__main__":

@@ -142,7 +142,7 @@ def _area(frames: list[str]) -> str:
         if "projections/wallet_store.py" in f:
             return "wallet load/save (Python side)"
         if "ledger/store.py" in f:
-            return "append_batch (Python side: parameter arrays)"
+            return "append_new (Python side: COPY rows)"
         if "projections/processor.py" in f or "projections/outbox.py" in f:
             return "processor (Python side)"
         if "consumers/intake.py" in f:

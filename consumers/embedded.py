@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 # inside the socket dir, so the whole path must stay below this.
 UNIX_SOCKET_PATH_MAX = 107
 
-# nats-server is ready in ~20 ms here; 10 s leaves room for a cold disk or a loaded CI machine
-# while still failing a broken start quickly with the log tail.
+# nats-server is ready in milliseconds (see bench/README.md); 10 s leaves room for a cold disk or a
+# loaded CI machine while still failing a broken start quickly with the log tail.
 NATS_START_TIMEOUT_S = 10.0
 # SIGTERM makes nats-server flush JetStream and exit in well under a second; after this we SIGKILL
 # so a wedged server can never hang `billing up`'s shutdown or a test teardown.

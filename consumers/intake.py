@@ -48,18 +48,18 @@ When the transaction fails:
   :class:`~ledger.events.RejectReason`) rather than silently dropped by the server.
 
 **Pull loop: raw ``$JS.API.CONSUMER.MSG.NEXT`` on the FastStream broker's nats-py connection, not
-FastStream's batch subscriber.** ``/work/shared/notes/measurements.md`` measured FastStream's
-``PullSub(batch=True)`` and nats-py ``fetch()`` at ~20k msgs/s on these machines (``fetch()`` spends
-two asyncio tasks per message; FastStream's batch pull is built on it), against ~80k for pull
-requests sent by hand into one subscription callback. FastStream's batch handler would also need
+FastStream's batch subscriber.** FastStream's ``PullSub(batch=True)`` and nats-py ``fetch()`` run at
+a fraction of the rate of pull requests sent by hand into one subscription callback (``fetch()``
+spends two asyncio tasks per message; FastStream's batch pull is built on it; figures in
+bench/README.md). FastStream's batch handler would also need
 ``AckPolicy.MANUAL`` and the raw messages to do what this contract asks (commit first, then ack
 some, nak others with a per-message delay, dead-letter the rest, and hold the whole batch through a
 database outage while the subscriber must not pull more), so it would add its decoding and handler
 layers for nothing it is used for. The service keeps FastStream's ``NatsBroker`` for the
 application (it owns the connection: reconnects, logging, drain) and the intake drives its pulls on
-that connection. Measured here with the processor stubbed out, this loop (pull, parse, one empty
-transaction, ack each) runs at ~29k msgs/s; with the real processor the batch transaction
-dominates (~0.45 s per 1,000 meter readings over 500 wallets, ~2k msgs/s end to end).
+that connection. With the processor stubbed out this loop (pull, parse, one empty transaction, ack
+each) is far faster than the service end to end: the batch transaction dominates (see
+bench/README.md).
 
 * one core subscription on a private inbox ``<inbox>.*`` collects every delivery into a buffer;
   each pull request has its own reply subject, so its end (status 404 no messages, 408 expired)
@@ -393,7 +393,8 @@ def _metadata(msg: Msg) -> tuple[int, int, int]:
     """(num_delivered, stream sequence, num_pending) of a JetStream delivery, read from its ack
     subject ``$JS.ACK.<stream>.<consumer>.<delivered>.<stream seq>.<consumer seq>.<ts>.<pending>``.
     By hand for that form because nats-py's ``msg.metadata`` also builds a datetime and two
-    dataclasses per message (5% of the service process's CPU in a py-spy profile of the intake);
+    dataclasses per message (a visible share of the service process's CPU in a profile of the
+    intake: see bench/README.md);
     any other form (a JetStream domain) goes through nats-py."""
     reply = msg.reply
     if reply:
@@ -596,8 +597,8 @@ class LaneResult:
 
 
 # One shared (frozen) outcome per plain disposition: a lane worker's result is pickled back to the
-# service process, and pickle writes an object it has seen once as a reference (1,000 distinct
-# outcomes cost about 1.5 ms to pickle and as much to unpickle, the shared ones nothing).
+# service process, and pickle writes an object it has seen once as a reference (distinct outcomes
+# cost time to pickle and unpickle, the shared ones nothing: see bench/README.md).
 _PLAIN_OUTCOMES: Final = {
     Disposition.accepted: _Outcome(_Action.ack, Disposition.accepted.value),
     Disposition.duplicate: _Outcome(_Action.ack, Disposition.duplicate.value),
@@ -992,9 +993,9 @@ class Intake:
         Only a batch of at least LANE_MESSAGES (a backlog) is pipelined. A smaller one (the stream
         is caught up) waits until the batches in hand are done, and the next pull waits until it is
         done (:meth:`run`): its messages would wait for the same lane processes anyway, and what
-        arrives meanwhile gathers into one batch instead of as many small transactions (with 8
-        partitions paced at 200 events/s, pipelining small batches sent each worker a transaction
-        or two per message, and the paced latency went up)."""
+        arrives meanwhile gathers into one batch instead of as many small transactions (pipelining
+        small batches sent each worker a transaction or two per message, and the paced latency went
+        up: see bench/README.md)."""
         self._caught_up = len(msgs) < LANE_MESSAGES
         await self._make_room(1 if self._caught_up else PIPELINE_DEPTH)
         now = self._clock()
@@ -1005,8 +1006,8 @@ class Intake:
                 for subject, data, d, seq, old in map(delivery_of, msgs)
             ]
         else:
-            # Inline, not in a worker thread: ~15 us a message, a few ms a batch; in a thread it
-            # only fights the event loop for the GIL (measured here: the whole loop ~20% slower).
+            # Inline, not in a worker thread: a few ms a batch; in a thread it only fights the
+            # event loop for the GIL and the whole loop is slower (see bench/README.md).
             items = prepare(
                 msgs,
                 now=now,

@@ -10,8 +10,8 @@ transaction, commits, and sends back what to do with each message. Nothing else 
 service process acks only after every lane of the batch has committed, a failing lane is split and
 retried alone, an unavailable database holds the batch.
 
-Why processes and not something lighter: measured here (``bench/bench_e2e.py``), the intake's
-Python is the ceiling of the service, not NATS or PostgreSQL, and only processes run Python on two
+Why processes and not something lighter: the intake's Python is the ceiling of the service
+(``bench/bench_e2e.py``, see bench/README.md), not NATS or PostgreSQL, and only processes run Python on two
 cores at once. What a lane costs to hand over is small: a list of (subject, bytes, delivery count,
 stream sequence) tuples out, one small result per message back.
 

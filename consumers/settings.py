@@ -45,12 +45,8 @@ class Settings(BaseSettings):
     # low latency). With lane worker processes a batch is split into lanes of at most 1,000 messages
     # (consumers.intake.LANE_MESSAGES), one transaction each, so a larger batch does not hold wallet
     # locks for longer; it costs less per message (one pull, one settling, fuller lanes: a lane
-    # touches each of its wallets once). Measured with the pipelined intake (bench/bench_e2e.py, one
-    # instance, drain of 60k messages over 10k wallets, one run each, 2026-11-28): 1,000 (2 lanes of
-    # 500) -> 8,513/s, 0.38 x min(A, B); 2,000 -> 9,874/s, 0.45; 4,000 -> 10,980/s, 0.48. The slowest
-    # stop command of the overloaded bursts came 54, 29 and 24 ms after its wallet's zero (2 x 8
-    # partitions with 4,000: 178 ms). Before the lanes were capped and pipelined, 2,000-4,000 let that
-    # tail reach 1.0-1.3 s.
+    # touches each of its wallets once). 4,000 drained fastest of 1,000-4,000 without a longer
+    # zero -> stop tail (figures in bench/README.md).
     intake_batch_size: int = Field(default=4000, ge=1, le=5000)
     # When idle, how long one pull request waits for the next message before it is renewed.
     intake_max_wait_s: float = Field(default=1.0, gt=0, le=30)

@@ -50,10 +50,6 @@ MAX_EVENT_BYTES: Final = 65_536
 MAX_FUTURE_SKEW: Final = timedelta(minutes=5)
 """How far ``time`` may be ahead of the service clock before the event is refused (clock skew)."""
 
-DEFAULT_MAX_AGE: Final = timedelta(days=7)
-"""How far ``time`` may be behind the service clock by default (``BILLING_EVENT_MAX_AGE_S``): an
-older event is refused as ``too_old`` (a producer's clock, or a replay of ancient history), unless a
-deliberate backfill (``billing dlq replay --accept-old``) lets it in."""
 
 RESERVED_SOURCES: Final = frozenset({"stripe"})
 """Sources of the facts the service itself writes into the log from HTTP (Stripe's webhooks and
@@ -96,9 +92,6 @@ MAX_DETAIL_ERRORS: Final = 5
 MAX_QUOTED_CHARS: Final = 80
 
 ID_PATTERN: Final = r"^[A-Za-z0-9_-]{1,64}$"
-# CloudEvents extension attribute names are lowercase ASCII letters and digits; the spec suggests at
-# most 20 characters. Anything else (data_base64, a camelCase typo) is refused, not guessed at.
-EXTENSION_NAME_PATTERN: Final = r"^[a-z0-9]{1,20}$"
 
 # Control characters (C0, DEL, C1) would corrupt logs, NATS headers and CSV reports.
 _NO_CONTROL: Final = r"[^\x00-\x1f\x7f-\x9f]"
@@ -112,6 +105,8 @@ _GPU_TYPE_PATTERN: Final = r"^[!-~](?:[ -~]{0,62}[!-~])?$"
 # Python copies of the patterns, for the best-effort extraction of ids from input that failed.
 _ID_RE: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _ATTRIBUTE_RE: Final = re.compile(rf"{_NO_CONTROL}{{1,{MAX_ATTRIBUTE_CHARS}}}")
+# CloudEvents extension attribute names are lowercase ASCII letters and digits; the spec suggests at
+# most 20 characters. Anything else (data_base64, a camelCase typo) is refused, not guessed at.
 _EXTENSION_NAME_RE: Final = re.compile(r"[a-z0-9]{1,20}")
 
 
@@ -797,7 +792,7 @@ def event_to_json(event: LogEvent) -> bytes:
     (``parse_log_event`` for the Stripe facts, which billing.in does not accept).
 
     By the event class's own serializer: the same bytes as the union's adapter (checked in
-    tests/unit/test_events.py), in half the time (1.2 against 2.6 us; once per accepted event)."""
+    tests/unit/test_events.py), in half the time (once per accepted event; see bench/README.md)."""
     cls = type(event)
     if cls not in _LOG_EVENT_CLASSES:
         fail(f"not an event of the log: {cls.__name__}")

@@ -73,20 +73,6 @@ def rental_cost_micros(billable_seconds: int, price_per_hour_micros: int) -> int
     return _require_bigint(seconds * price // SECONDS_PER_HOUR, "rental cost")
 
 
-def rental_charge_micros(prev_seconds: int, new_seconds: int, price_per_hour_micros: int) -> int:
-    """What a reading of ``new_seconds`` charges when ``prev_seconds`` were already charged.
-
-    Readings are counters: a repeated or older reading (``new_seconds <= prev_seconds``) charges 0,
-    never a refund, because readings may arrive out of order or twice.
-    """
-    prev = _require_non_negative(prev_seconds, "prev_seconds")
-    new = _require_non_negative(new_seconds, "new_seconds")
-    charge = rental_cost_micros(max(prev, new), price_per_hour_micros) - rental_cost_micros(prev, price_per_hour_micros)
-    if not (charge >= 0):
-        fail(f"rental charge went negative: {charge}")
-    return charge
-
-
 def serverless_exact_millimicros(compute_ms: int, price_per_second_micros: int) -> int:
     """Exact cost of one job in thousandths of a micro: ``compute_ms * price_per_second_micros``."""
     millis = _require_non_negative(compute_ms, "compute_ms")
@@ -98,20 +84,6 @@ def serverless_cost_micros(exact_millimicros_total: int) -> int:
     """Cost so far of an endpoint's jobs for one wallet: ``floor(exact_total / 1000)``."""
     total = _require_non_negative(exact_millimicros_total, "exact_millimicros_total")
     return total // MILLIMICROS_PER_MICRO
-
-
-def serverless_charge_micros(prev_exact_total: int, job_exact: int) -> int:
-    """What one job charges, given the exact total (millimicros) of the jobs charged before it.
-
-    Ten 1.5 s jobs at 333 micros/s charge 4,995 micros in total, not 10 x 499: the fractions carry.
-    """
-    prev = _require_non_negative(prev_exact_total, "prev_exact_total")
-    job = _require_non_negative(job_exact, "job_exact")
-    new_total = _require_bigint(prev + job, "serverless exact total")
-    charge = serverless_cost_micros(new_total) - serverless_cost_micros(prev)
-    if not (charge >= 0):
-        fail(f"serverless charge went negative: {charge}")
-    return charge
 
 
 def parse_usd_micros(value: object) -> int:

@@ -1,10 +1,10 @@
 """The append-only store: events and their journal transactions, one database transaction a batch.
 
-Built for throughput: a batch of any size is one SQL statement (parallel arrays passed as binary
-parameters and expanded with ``unnest``), never a round trip per event. Idempotent on
-``(source, id)``: a duplicate, whether already in the log or twice in the batch, writes nothing
-and is reported as a duplicate. Concurrent appends of the same event from two connections write
-it once: the unique index makes the second wait for the first and then do nothing.
+Built for throughput: a batch of any size is three binary COPYs (events, transactions, entries),
+never a round trip per event (:func:`append_new`). The store does not deduplicate: the caller
+establishes that the events are new (the processor, under its wallet locks); should it not hold,
+the unique index on ``(source, id)`` refuses the COPY and the transaction writes nothing. The
+account balances are booked last by :func:`apply_balances`.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from ledger.journal import MAX_TXNS_PER_EVENT, JournalTxn
 
 EventKey = tuple[str, str]
 
-# A batch is one statement and one transaction; the bound keeps memory and lock time finite.
+# A batch is one transaction; the bound keeps memory and lock time finite.
 MAX_BATCH_EVENTS: Final = 10_000
 
 
@@ -78,63 +78,10 @@ class AppendResult:
     duplicates: tuple[EventKey, ...]
     """Events already in the log (or repeated within the batch): nothing was written for them."""
     balance_deltas: dict[str, tuple[int, int]] = field(default_factory=dict)
-    """``book_balances=False`` only: account -> (sum of the new postings, highest position), for
-    :func:`apply_balances`. Empty when the statement booked the balances itself."""
+    """Account -> (sum of the new postings, highest position), for :func:`apply_balances`."""
 
 
 _EVENT_COLS: Final = "position, source, event_id, type, wallet_id, resource_id, event_time, received_at, payload"
-
-# One statement: insert the events that are new, then the journal of exactly those events (joined
-# on the key, so a duplicate's journal falls out with it), then (unless the caller books them itself,
-# see :func:`apply_balances`) the balances of the touched accounts. Balance rows are locked in account
-# order so that concurrent batches cannot deadlock.
-_APPEND_CTES: Final = f"""
-WITH new_events AS (
-    INSERT INTO events ({_EVENT_COLS})
-    SELECT coalesce(pos, nextval('events_position_seq')), s, i, t, w, r, et, coalesce(rc, %(received_at)s),
-           p::jsonb
-      FROM unnest(%(pos)b::int8[], %(src)b::text[], %(eid)b::text[], %(typ)b::text[], %(wal)b::text[],
-                  %(res)b::text[], %(etm)b::timestamptz[], %(rcv)b::timestamptz[], %(pay)b::text[])
-           AS x(pos, s, i, t, w, r, et, rc, p)
-    ON CONFLICT (source, event_id) DO NOTHING
-    RETURNING position, source, event_id, event_time
-), txns AS (
-    INSERT INTO journal_transactions
-           (event_position, txn_no, kind, wallet_id, resource_id, product, gpu_type, memo, booked_at)
-    SELECT e.position, x.n, x.k, x.w, x.r, x.p, x.g, x.m, e.event_time
-      FROM unnest(%(t_src)b::text[], %(t_eid)b::text[], %(t_no)b::int2[], %(t_kind)b::text[],
-                  %(t_wal)b::text[], %(t_res)b::text[], %(t_prod)b::text[], %(t_gpu)b::text[],
-                  %(t_memo)b::text[]) AS x(s, i, n, k, w, r, p, g, m)
-      JOIN new_events e ON e.source = x.s AND e.event_id = x.i
-    RETURNING event_position
-), entries AS (
-    INSERT INTO journal_entries (event_position, txn_no, entry_no, account, amount_micros,
-                                 booked_at, kind, wallet_id, resource_id, product, gpu_type)
-    SELECT e.position, x.n, x.en, x.a, x.amt, e.event_time, x.k, x.w, x.r, x.p, x.g
-      FROM unnest(%(e_src)b::text[], %(e_eid)b::text[], %(e_no)b::int2[], %(e_eno)b::int2[],
-                  %(e_acc)b::text[], %(e_amt)b::int8[], %(e_kind)b::text[], %(e_wal)b::text[],
-                  %(e_res)b::text[], %(e_prod)b::text[], %(e_gpu)b::text[])
-           AS x(s, i, n, en, a, amt, k, w, r, p, g)
-      JOIN new_events e ON e.source = x.s AND e.event_id = x.i
-    RETURNING event_position, account, amount_micros
-)"""
-
-_APPEND_SQL: Final = f"""{_APPEND_CTES}, balances AS (
-    INSERT INTO account_balances AS b (account, balance_micros, last_position)
-    SELECT account, sum(amount_micros), max(event_position) FROM entries
-     GROUP BY account ORDER BY account
-    ON CONFLICT (account) DO UPDATE
-       SET balance_micros = b.balance_micros + EXCLUDED.balance_micros,
-           last_position = greatest(b.last_position, EXCLUDED.last_position)
-)
-SELECT position, source, event_id FROM new_events
-"""
-
-# The same without the balances: the caller books them with :func:`apply_balances` as the last
-# statement of its transaction (the entries CTE is still run: a data-modifying CTE always is).
-_APPEND_SQL_DEFERRED_BALANCES: Final = f"""{_APPEND_CTES}
-SELECT position, source, event_id FROM new_events
-"""
 
 _APPLY_BALANCES_SQL: Final = """
 INSERT INTO account_balances AS b (account, balance_micros, last_position)
@@ -143,114 +90,6 @@ ON CONFLICT (account) DO UPDATE
    SET balance_micros = b.balance_micros + EXCLUDED.balance_micros,
        last_position = greatest(b.last_position, EXCLUDED.last_position)
 """
-
-
-def _params(items: Sequence[AppendItem], received_at: datetime) -> dict[str, Any]:
-    columns = (
-        "pos src eid typ wal res etm rcv pay "
-        "t_src t_eid t_no t_kind t_wal t_res t_prod t_gpu t_memo "
-        "e_src e_eid e_no e_eno e_acc e_amt e_kind e_wal e_res e_prod e_gpu"
-    ).split()
-    p: dict[str, list[Any]] = {k: [] for k in columns}
-    batch_sum = 0
-    for item in items:
-        r = item.record
-        p["pos"].append(item.position)
-        p["rcv"].append(item.received_at)
-        p["src"].append(r.source)
-        p["eid"].append(r.event_id)
-        p["typ"].append(r.type)
-        p["wal"].append(r.wallet_id)
-        p["res"].append(r.resource_id)
-        p["etm"].append(r.event_time)
-        p["pay"].append(r.payload_json)
-        if not (len(item.txns) <= MAX_TXNS_PER_EVENT):
-            fail(f"{r.key}: {len(item.txns)} transactions")
-        for txn_no, txn in enumerate(item.txns):
-            p["t_src"].append(r.source)
-            p["t_eid"].append(r.event_id)
-            p["t_no"].append(txn_no)
-            p["t_kind"].append(txn.kind)
-            p["t_wal"].append(txn.wallet_id)
-            p["t_res"].append(txn.resource_id)
-            p["t_prod"].append(txn.product)
-            p["t_gpu"].append(txn.gpu_type)
-            p["t_memo"].append(txn.memo)
-            txn_sum = 0
-            for entry_no, posting in enumerate(txn.postings):
-                amount = require_int(posting.amount_micros, "amount_micros")
-                txn_sum += amount
-                p["e_src"].append(r.source)
-                p["e_eid"].append(r.event_id)
-                p["e_no"].append(txn_no)
-                p["e_eno"].append(entry_no)
-                p["e_acc"].append(posting.account)
-                p["e_amt"].append(amount)
-                p["e_kind"].append(txn.kind)
-                p["e_wal"].append(txn.wallet_id)
-                p["e_res"].append(txn.resource_id)
-                p["e_prod"].append(txn.product)
-                p["e_gpu"].append(txn.gpu_type)
-            if txn_sum != 0:
-                fail(f"{r.key} txn {txn_no} ({txn.kind}) sums to {txn_sum}")
-            batch_sum += txn_sum
-    if batch_sum != 0:
-        fail(f"batch sums to {batch_sum}")
-    return {"received_at": received_at, **p}
-
-
-def append_batch(
-    conn: psycopg.Connection[Any],
-    items: Sequence[AppendItem],
-    *,
-    received_at: datetime,
-    book_balances: bool = True,
-) -> AppendResult:
-    """Append events and their journal in the caller's transaction (commit is the caller's).
-
-    The first occurrence of a key within the batch wins; later ones are duplicates.
-
-    ``book_balances=False``: the balances are left to the caller, who passes
-    ``result.balance_deltas`` to :func:`apply_balances` as the LAST statement before its commit.
-    Why: a few accounts (``revenue:<product>``, ``stripe:clearing``) are in nearly every batch, and
-    the first writer to update such a row holds it until its commit. Updated inside this statement,
-    they would serialise concurrent writers (the partitions' intakes) from here to their commits;
-    updated last, only for the commit itself.
-    """
-    if not (len(items) <= MAX_BATCH_EVENTS):
-        fail(f"batch of {len(items)} > {MAX_BATCH_EVENTS}")
-    require(received_at.tzinfo is not None, "received_at must be timezone-aware")
-    first: dict[EventKey, AppendItem] = {}
-    in_batch_dups: list[EventKey] = []
-    for item in items:
-        if item.record.key in first:
-            in_batch_dups.append(item.record.key)
-        else:
-            first[item.record.key] = item
-    # Batch order, never re-sorted: positions must follow the order the events were decided in,
-    # or a rebuild would apply a reading before its start. (Two writers racing on the same events
-    # in different orders could deadlock; PostgreSQL then aborts one, whose batch is redelivered.)
-    unique = list(first.values())
-    if not unique:
-        return AppendResult(positions={}, duplicates=tuple(in_batch_dups))
-    with conn.cursor() as cur:
-        cur.execute(_APPEND_SQL if book_balances else _APPEND_SQL_DEFERRED_BALANCES, _params(unique, received_at))
-        rows = cur.fetchall()
-    positions = {(src, eid): pos for pos, src, eid in rows}
-    dups = [k for k in first if k not in positions]
-    deltas: dict[str, tuple[int, int]] = {}
-    if not book_balances:
-        for item in unique:
-            position = positions.get(item.record.key)
-            if position is None:
-                continue  # a duplicate: its journal was not written
-            for txn in item.txns:
-                for posting in txn.postings:
-                    total, last = deltas.get(posting.account, (0, position))
-                    deltas[posting.account] = (total + posting.amount_micros, max(last, position))
-        if sum(total for total, _ in deltas.values()) != 0:
-            fail("the balance deltas of a batch do not sum to zero")
-    return AppendResult(positions=positions, duplicates=(*dups, *in_batch_dups), balance_deltas=deltas)
 
 
 _COPY_EVENTS: Final = f"COPY events ({_EVENT_COLS}) FROM STDIN (FORMAT BINARY)"
@@ -292,8 +131,7 @@ def as_jsonb(payload_json: str) -> Jsonb:
 
 def append_new(conn: psycopg.Connection[Any], items: Sequence[AppendItem], *, received_at: datetime) -> AppendResult:
     """Append events known to be new, with their journal, by binary COPY, in the caller's
-    transaction; the balances are left to the caller (:func:`apply_balances`, last, as with
-    ``append_batch(book_balances=False)``).
+    transaction; the balances are left to the caller (:func:`apply_balances`, last).
 
     Precondition: none of these events is in the log and no key repeats. The intake's processor
     establishes that under the wallet locks (every event of a wallet is written under its lock, and
@@ -301,9 +139,9 @@ def append_new(conn: psycopg.Connection[Any], items: Sequence[AppendItem], *, re
     ``(source, id)`` sent for two wallets at once), the unique index refuses the COPY: the statement
     fails, the transaction is rolled back and nothing is written, as with any failed batch.
 
-    Why COPY: measured beside the one-statement path (``bench/bench_store.py``), the multi-row
-    INSERT with its conflict check, array parameters and joins costs the client and the server
-    about half again what COPY does for the same rows; this is the intake's hottest statement.
+    Why COPY: a multi-row INSERT with its conflict check, array parameters and joins costs the
+    client and the server more than COPY does for the same rows, and this is the intake's hottest
+    statement (see bench/README.md).
     """
     if not (len(items) <= MAX_BATCH_EVENTS):
         fail(f"batch of {len(items)} > {MAX_BATCH_EVENTS}")
@@ -402,7 +240,11 @@ def append_new(conn: psycopg.Connection[Any], items: Sequence[AppendItem], *, re
 def apply_balances(conn: psycopg.Connection[Any], deltas: Mapping[str, tuple[int, int]]) -> None:
     """Book ``AppendResult.balance_deltas`` (account -> (delta, highest position)) into
     ``account_balances``, rows locked in account order (no deadlock between concurrent writers).
-    Call it last before the commit (see :func:`append_batch`)."""
+
+    Call it as the LAST statement before the commit. Why: a few accounts (``revenue:<product>``,
+    ``stripe:clearing``) are in nearly every batch, and the first writer to update such a row holds
+    it until its commit. Updated earlier, they would serialise concurrent writers (the partitions'
+    intakes) from there to their commits; updated last, only for the commit itself."""
     if not deltas:
         return
     accounts = sorted(deltas)

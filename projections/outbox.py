@@ -93,10 +93,3 @@ def mark_published(conn: psycopg.Connection[Any], ids: Sequence[int], *, now: da
         return
     with conn.cursor() as cur:
         cur.execute(MARK_PUBLISHED_SQL, (now, list(ids)))
-
-
-def pending_count(conn: psycopg.Connection[Any]) -> int:
-    with conn.cursor() as cur:
-        cur.execute("SELECT count(*) FROM outbox WHERE published_at IS NULL")
-        row = cur.fetchone()
-        return int(row[0]) if row else 0

@@ -369,7 +369,7 @@ def process_batch(
     result.outbox = len(messages)
     record_rejections(conn, refused, now=now)
     # Last: the rows of the busiest accounts (revenue, clearing) stay locked only until the commit
-    # that follows (see ledger.store.append_batch).
+    # that follows (see ledger.store.apply_balances).
     apply_balances(conn, appended.balance_deltas)
     return result
 
@@ -394,23 +394,6 @@ def _lock_and_load(
     stored: dict[str, datetime | None] = {}
     before, _ = load_wallets(conn, ids, wallet_rows=rows, stored_wakeups=stored)
     return ids, before, stored
-
-
-def due_wallets(conn: psycopg.Connection[Any], now: datetime, limit: int = 500) -> list[str]:
-    """Wallets whose next wake-up is due at ``now`` (predicted zero, re-issue, hold expiry...)."""
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT wallet_id FROM wallets WHERE next_wakeup_at <= %s ORDER BY next_wakeup_at LIMIT %s",
-            (now, limit),
-        )
-        return [r[0] for r in cur.fetchall()]
-
-
-def next_deadline(conn: psycopg.Connection[Any]) -> datetime | None:
-    with conn.cursor() as cur:
-        cur.execute("SELECT min(next_wakeup_at) FROM wallets WHERE next_wakeup_at IS NOT NULL")
-        row = cur.fetchone()
-        return row[0] if row else None
 
 
 def tick_wallets(conn: psycopg.Connection[Any], wallet_ids: Sequence[str], *, now: datetime) -> TickResult:

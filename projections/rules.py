@@ -6,8 +6,9 @@ with integer money, and the result of a call is a function of its arguments alon
 
 Entry points
 ------------
-- :func:`decide` / :func:`evolve` / :func:`apply`: one event against one wallet's state.
-  ``apply`` returns both; ``decide`` and ``evolve`` are the two halves of the same computation.
+- :func:`apply_fact`: one event against one wallet's state, without the housekeeping (the batch
+  writer's call, followed by one :func:`tick` per wallet); :func:`apply`: one event with the
+  housekeeping at ``now`` (the same fact, then what :func:`tick` would decide).
 - :func:`tick`: the scheduler's call (no event): expired holds, auto-stop commands and their
   re-issue, status notices. :func:`next_wakeup` says when to call it next.
 - :func:`admit_rental` (R2/R3), :func:`admit_serverless` (R5), :func:`check_topup` (R1).
@@ -1093,16 +1094,6 @@ def apply_fact(state: WalletState, event: LogEvent) -> tuple[WalletState, Decisi
     return fact.state, Decision(outcome=fact.outcome, txns=fact.txns, settlements=fact.settlements, rejection=None)
 
 
-def decide(state: WalletState, event: LogEvent, now: datetime) -> Decision:
-    """What ``event`` decides against ``state`` at ``now`` (see :func:`apply`)."""
-    return apply(state, event, now)[1]
-
-
-def evolve(state: WalletState, event: LogEvent, now: datetime) -> WalletState:
-    """The state after ``event`` at ``now`` (see :func:`apply`)."""
-    return apply(state, event, now)[0]
-
-
 def tick(state: WalletState, now: datetime) -> tuple[WalletState, Decision]:
     """The scheduler's call at ``now`` (no event): due stop commands and re-issues, notices,
     expired holds and admissions dropped. Outcome ``applied`` if the state changed, else ``noop``."""
@@ -1147,9 +1138,9 @@ _REPLACERS: dict[type, tuple[operator.attrgetter[Any], dict[str, int]]] = {}
 
 
 def _replace(obj: _T, /, **changes: Any) -> _T:
-    """``dataclasses.replace`` for this module's frozen dataclasses, about twice as fast (measured
-    here: 9 vs 18 us for a RentalState; the states are replaced several times per event on the
-    intake's hot path): the fields are read by one C ``attrgetter`` instead of a Python loop. Same
+    """``dataclasses.replace`` for this module's frozen dataclasses, about twice as fast (see
+    bench/README.md; the states are replaced several times per event on the intake's hot path):
+    the fields are read by one C ``attrgetter`` instead of a Python loop. Same
     meaning: ``__init__`` and ``__post_init__`` (the invariants) run on the new value."""
     cls = type(obj)
     entry = _REPLACERS.get(cls)

@@ -15,7 +15,6 @@ from typing import Any, Final
 import psycopg
 
 from ledger.invariants import fail, require
-from ledger.journal import wallet_account
 from projections.rules import EndpointState, Hold, PaymentState, PendingStripeFact, RentalState, WalletState
 
 # The aggregate of one wallet is small; a batch touches at most this many wallets.
@@ -52,10 +51,9 @@ def _arrays(rows: Sequence[Any], fields: Sequence[str]) -> list[list[Any]]:
 # The lookups of a batch. Each key list is joined as a relation (``JOIN unnest(...)``), never
 # filtered with ``= ANY(array)``: psycopg prepares a statement run five times, PostgreSQL then
 # settles on a generic plan, and in a generic plan ``col = ANY($1)`` in a sequential scan's filter
-# is searched element by element for every row (only a literal array is hashed). Measured on the
-# bench's 60k events: the rentals lookup took 20-40 ms a batch that way, over a table of 1,551
-# rows, and would grow with every rental ever started. tests/integration/test_processor.py checks
-# the generic plans of these statements.
+# is searched element by element for every row (only a literal array is hashed): the rentals
+# lookup would grow with every rental ever started (figures in bench/README.md).
+# tests/integration/test_processor.py checks the generic plans of these statements.
 LOAD_WALLETS_SQL: Final = (
     # jsonb as text: most wallets hold '[]', and parsing it in Python per row is not free.
     "SELECT w.wallet_id, coalesce(b.balance_micros, 0), w.status, w.last_notice, w.holds::text,"
@@ -445,7 +443,3 @@ def _payment_from_row(
             for f in pending
         ),
     )
-
-
-def wallet_balance_account(wallet_id: str) -> str:
-    return wallet_account(wallet_id)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from datetime import UTC, datetime
 
 import psycopg
@@ -16,7 +15,7 @@ from ledger.db import unit_of_work
 from ledger.invariants import InvariantViolation
 from ledger.journal import ADJUSTMENTS, JournalTxn, Posting, revenue_account, transfer, wallet_account
 from ledger.migrate import upgrade
-from ledger.store import AppendItem, AppendResult, EventRecord, append_batch, append_new, apply_balances
+from ledger.store import AppendItem, EventRecord, append_new, apply_balances
 from tests.factories import adjusted, metered
 
 pytestmark = pytest.mark.integration
@@ -76,87 +75,15 @@ def entries_sum(engine: Engine, account: str | None = None) -> int:
 
 def append(engine: Engine, items: list[AppendItem]):
     with unit_of_work(engine) as uow:
-        result = append_batch(uow.pg, items, received_at=NOW)
+        result = append_new(uow.pg, items, received_at=NOW)
+        apply_balances(uow.pg, result.balance_deltas)
         uow.commit()
     return result
 
 
-def test_append_writes_events_journal_and_balances(app_engine: Engine, unique: str) -> None:
-    w = f"w{unique}"[:64]
-    items = [credit_item(w, 10_000_000), charge_item(w, "p1", 60, 8_500), charge_item(w, "p1", 120, 8_500)]
-    result = append(app_engine, items)
-    assert len(result.positions) == 3
-    assert result.duplicates == ()
-    assert balance(app_engine, wallet_account(w)) == 10_000_000 - 17_000
-    assert entries_sum(app_engine, wallet_account(w)) == 10_000_000 - 17_000
-    assert entries_sum(app_engine) == 0
-    positions = sorted(result.positions.values())
-    assert positions == sorted(set(positions))
-    with app_engine.connect() as conn:
-        n = conn.execute(text("SELECT count(*) FROM journal_transactions WHERE wallet_id = :w"), {"w": w}).scalar_one()
-    assert n == 3
-
-
-def test_same_event_twice_is_written_once(app_engine: Engine, unique: str) -> None:
-    w = f"w{unique}"[:64]
-    item = credit_item(w, 5_000_000)
-    first = append(app_engine, [item])
-    second = append(app_engine, [item])
-    within = append(
-        app_engine, [credit_item(w, 1_000_000, id_=f"x{unique}"), credit_item(w, 1_000_000, id_=f"x{unique}")]
-    )
-    assert len(first.positions) == 1
-    assert second.positions == {}
-    assert second.duplicates == (item.record.key,)
-    assert len(within.positions) == 1
-    assert len(within.duplicates) == 1
-    assert balance(app_engine, wallet_account(w)) == 6_000_000
-    with app_engine.connect() as conn:
-        n = conn.execute(text("SELECT count(*) FROM events WHERE wallet_id = :w"), {"w": w}).scalar_one()
-    assert n == 2
-
-
-def test_same_event_concurrently_from_two_connections_is_written_once(app_engine: Engine, unique: str) -> None:
-    w = f"w{unique}"[:64]
-    rounds = 20
-    for r in range(rounds):
-        items = [credit_item(w, 1_000_000, id_=f"c{r}-{i}-{unique}") for i in range(50)]
-        barrier = threading.Barrier(2)
-        results: list[AppendResult] = []
-        errors: list[BaseException] = []
-
-        def worker(
-            items: list[AppendItem] = items,
-            barrier: threading.Barrier = barrier,
-            results: list[AppendResult] = results,
-            errors: list[BaseException] = errors,
-        ) -> None:
-            try:
-                with unit_of_work(app_engine) as uow:
-                    barrier.wait(timeout=10)
-                    res = append_batch(uow.pg, items, received_at=NOW)
-                    uow.commit()
-                results.append(res)
-            except BaseException as exc:  # reported below
-                errors.append(exc)
-
-        threads = [threading.Thread(target=worker) for _ in range(2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=30)
-        assert not errors, errors
-        assert sum(len(r.positions) for r in results) == 50
-    assert balance(app_engine, wallet_account(w)) == rounds * 50 * 1_000_000
-    assert entries_sum(app_engine, wallet_account(w)) == rounds * 50 * 1_000_000
-    with app_engine.connect() as conn:
-        n = conn.execute(text("SELECT count(*) FROM events WHERE wallet_id = :w"), {"w": w}).scalar_one()
-    assert n == rounds * 50
-
-
-def test_append_new_copies_events_journal_and_deltas_like_the_statement(app_engine: Engine, unique: str) -> None:
-    """The COPY path writes the same rows as append_batch: events with their payload as a JSON
-    object, the journal in batch order, and balance deltas that apply_balances books."""
+def test_append_new_copies_events_journal_and_deltas(app_engine: Engine, unique: str) -> None:
+    """The COPY path writes events with their payload as a JSON object, the journal in batch order,
+    and balance deltas that apply_balances books."""
     w = f"n{unique}"[:64]
     items = [credit_item(w, 10_000_000), charge_item(w, "p1", 60, 8_500), charge_item(w, "p1", 120, 8_500)]
     with unit_of_work(app_engine) as uow:
@@ -208,7 +135,8 @@ def test_append_new_refuses_an_event_already_in_the_log_and_writes_nothing(app_e
 def test_rolled_back_unit_of_work_keeps_nothing(app_engine: Engine, unique: str) -> None:
     w = f"w{unique}"[:64]
     with unit_of_work(app_engine) as uow:
-        append_batch(uow.pg, [credit_item(w, 7_000_000)], received_at=NOW)
+        result = append_new(uow.pg, [credit_item(w, 7_000_000)], received_at=NOW)
+        apply_balances(uow.pg, result.balance_deltas)
         # no commit: the unit of work rolls back by default
     assert balance(app_engine, wallet_account(w)) is None
 

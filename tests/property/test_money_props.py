@@ -1,4 +1,7 @@
-"""Properties of money: charges telescope to the floor of the total, whatever the readings."""
+"""Properties of money: parsing, formatting and cents conversions read back what they wrote.
+
+(That charges telescope to the floor of the total, whatever the readings, is a property of the
+rules: tests/property/test_rules_props.py.)"""
 
 from __future__ import annotations
 
@@ -8,71 +11,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ledger.events import (
-    MAX_COMPUTE_MS,
-    MAX_PRICE_PER_HOUR_MICROS,
-    MAX_PRICE_PER_SECOND_MICROS,
-    MAX_UPTIME_SECONDS,
-)
 from ledger.money import (
     MoneyParseError,
     cents_to_micros,
     format_usd,
     micros_to_cents_exact,
     parse_usd_micros,
-    rental_charge_micros,
-    serverless_charge_micros,
-    serverless_exact_millimicros,
 )
 
 pytestmark = pytest.mark.property
 
 MAX_PARSE_MICROS = 10**18
-
-prices_per_hour = st.integers(0, MAX_PRICE_PER_HOUR_MICROS) | st.sampled_from([1, 3599, 3601, 510_000])
-readings = st.integers(0, MAX_UPTIME_SECONDS) | st.integers(0, 7200)
-
-
-@settings(max_examples=300)
-@given(
-    readings=st.lists(readings, min_size=1, max_size=60).flatmap(
-        # Duplicates on purpose (a redelivered reading), then any order (an out-of-order delivery).
-        lambda values: st.permutations(values + values[: len(values) // 3])
-    ),
-    price_per_hour_micros=prices_per_hour,
-)
-def test_rental_charges_sum_to_floor_of_highest_reading(readings: list[int], price_per_hour_micros: int) -> None:
-    charged_seconds = 0  # the highest reading charged so far
-    total_micros = 0
-    for seconds in readings:
-        charge_micros = rental_charge_micros(charged_seconds, seconds, price_per_hour_micros)
-        assert charge_micros >= 0
-        total_micros += charge_micros
-        charged_seconds = max(charged_seconds, seconds)
-    # Written out, not via rental_cost_micros, so the property does not test the code with itself.
-    assert total_micros == max(readings) * price_per_hour_micros // 3600
-
-
-@settings(max_examples=300)
-@given(
-    jobs=st.lists(
-        st.tuples(
-            st.integers(0, MAX_COMPUTE_MS) | st.integers(0, 5000),
-            st.integers(0, MAX_PRICE_PER_SECOND_MICROS) | st.integers(0, 1000),
-        ),
-        max_size=60,
-    )
-)
-def test_serverless_charges_sum_to_floor_of_exact_total(jobs: list[tuple[int, int]]) -> None:
-    exact_total = 0
-    total_micros = 0
-    for compute_ms, price_per_second_micros in jobs:
-        job_exact = serverless_exact_millimicros(compute_ms, price_per_second_micros)
-        charge_micros = serverless_charge_micros(exact_total, job_exact)
-        assert charge_micros >= 0
-        total_micros += charge_micros
-        exact_total += job_exact
-    assert total_micros == sum(ms * price for ms, price in jobs) // 1000
 
 
 @settings(max_examples=300)

@@ -18,9 +18,7 @@ from ledger.money import (
     format_usd,
     micros_to_cents_exact,
     parse_usd_micros,
-    rental_charge_micros,
     rental_cost_micros,
-    serverless_charge_micros,
     serverless_cost_micros,
     serverless_exact_millimicros,
 )
@@ -43,49 +41,18 @@ def test_rental_cost_is_floor_of_exact_cost() -> None:
     assert rental_cost_micros(10, 0) == 0
 
 
-def test_design_example_3600_one_second_readings_cost_exactly_the_hour() -> None:
-    # DESIGN section 1: 3,600 one-second readings of a $0.51/h pod cost exactly $0.510000.
-    price_per_hour_micros = 510_000
-    total_micros = 0
-    for seconds in range(1, 3601):
-        total_micros += rental_charge_micros(seconds - 1, seconds, price_per_hour_micros)
-    assert total_micros == 510_000
-    assert format_usd(total_micros) == "0.510000"
-
-
-def test_rental_charge_of_repeated_or_older_reading_is_zero() -> None:
-    assert rental_charge_micros(100, 100, 3_600_000) == 0
-    assert rental_charge_micros(100, 50, 3_600_000) == 0
-    assert rental_charge_micros(0, 0, 3_600_000) == 0
-    assert rental_charge_micros(100, 160, 3_600_000) == 60_000
-
-
-def test_rental_charge_skipping_a_lost_reading_charges_the_same_total() -> None:
-    price = 2_990_000
-    with_all = rental_charge_micros(0, 60, price) + rental_charge_micros(60, 120, price)
-    with_lost = rental_charge_micros(0, 120, price)
-    assert with_all == with_lost == rental_cost_micros(120, price)
-
-
 def test_design_example_serverless_fractions_carry() -> None:
     # DESIGN section 1: ten 1.5 s jobs at 333 micros/s cost 4,995 micros, not 10 x 499.
-    exact_total = 0
-    charged_micros = 0
-    for _ in range(10):
-        job_exact = serverless_exact_millimicros(1500, 333)
-        assert job_exact == 499_500
-        charged_micros += serverless_charge_micros(exact_total, job_exact)
-        exact_total += job_exact
-    assert charged_micros == 4995
-    assert serverless_cost_micros(exact_total) == 4995
+    job_exact = serverless_exact_millimicros(1500, 333)
+    assert job_exact == 499_500
+    assert serverless_cost_micros(job_exact) == 499
+    assert serverless_cost_micros(10 * job_exact) == 4995
 
 
 def test_serverless_cost_floors() -> None:
     assert serverless_cost_micros(0) == 0
     assert serverless_cost_micros(999) == 0
     assert serverless_cost_micros(1000) == 1
-    assert serverless_charge_micros(999, 1) == 1
-    assert serverless_charge_micros(0, 0) == 0
 
 
 @pytest.mark.parametrize(
@@ -93,13 +60,9 @@ def test_serverless_cost_floors() -> None:
     [
         (rental_cost_micros, (-1, 100)),
         (rental_cost_micros, (1, -100)),
-        (rental_charge_micros, (-1, 5, 100)),
-        (rental_charge_micros, (0, -5, 100)),
         (serverless_exact_millimicros, (-1, 10)),
         (serverless_exact_millimicros, (1, -10)),
         (serverless_cost_micros, (-1,)),
-        (serverless_charge_micros, (-1, 10)),
-        (serverless_charge_micros, (0, -10)),
     ],
 )
 def test_negative_inputs_are_invariant_violations(call, args) -> None:

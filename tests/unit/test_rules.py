@@ -29,10 +29,8 @@ from projections.rules import (
     available_micros,
     burn_micros_per_hour,
     check_topup,
-    decide,
     due_stops,
     empty_wallet,
-    evolve,
     holds_micros,
     mark_stops_issued,
     next_wakeup,
@@ -156,7 +154,7 @@ def revenue(decisions: list[Decision]) -> Counter[str]:
 
 
 def funded(w: str, amount: int) -> WalletState:
-    return evolve(empty_wallet(w), credit(w, amount), T0)
+    return apply(empty_wallet(w), credit(w, amount), T0)[0]
 
 
 # ------------------------------------------------------------------------------------ section 1
@@ -174,16 +172,16 @@ def test_section1_hour_of_one_second_readings_costs_exactly_the_hourly_price() -
 def test_section1_older_and_repeated_readings_charge_nothing() -> None:
     state, _ = run([credit("w", 1_000_000), start("w", "p", 1_000_003), reading("w", "p", 120)])
     for seconds in (120, 60, 0):
-        d = decide(state, reading("w", "p", seconds), T0)
+        d = apply(state, reading("w", "p", seconds), T0)[1]
         assert d.outcome == "noop"
         assert d.txns == ()
-        assert evolve(state, reading("w", "p", seconds), T0) == state
+        assert apply(state, reading("w", "p", seconds), T0)[0] == state
 
 
 def test_section1_charge_is_cumulative_cost_minus_charged() -> None:
     state, _ = run([credit("w", 1_000_000), start("w", "p", 1_000_003), reading("w", "p", 1)])
     assert state.rentals["p"].charged_micros == 277  # floor(1_000_003 / 3600)
-    d = decide(state, reading("w", "p", 2), T0)
+    d = apply(state, reading("w", "p", 2), T0)[1]
     assert [t.postings[1].amount_micros for t in d.txns] == [rental_cost_micros(2, 1_000_003) - 277]
 
 
@@ -326,7 +324,7 @@ def test_R3_hold_ends_on_started_with_its_admission_id_or_after_120_s() -> None:
 
 def test_R3_hold_without_admission_id_ends_by_resource() -> None:
     _, state = admit_rental(funded("w", 5_000_000), "p", 1_000_000, "a1", T0)
-    after = evolve(state, start("w", "p", 1_000_000, T0 + sec(1)), T0 + sec(1))
+    after = apply(state, start("w", "p", 1_000_000, T0 + sec(1)), T0 + sec(1))[0]
     assert after.holds == ()
 
 
@@ -423,7 +421,7 @@ def test_R4_stop_is_reissued_with_backoff_until_paused() -> None:
 
 def test_R4_stop_decided_in_the_same_decision_as_the_charge_that_exhausts() -> None:
     state, _ = run([credit("w", 5_000_000), start("w", "p", 5_000_000), start("w", "q", 1_000)])
-    d = decide(state, reading("w", "p", 3600, T0 + sec(3600)), T0 + sec(3600))
+    d = apply(state, reading("w", "p", 3600, T0 + sec(3600)), T0 + sec(3600))[1]
     assert [c.resource_id for c in d.commands] == ["p", "q"]
     assert [n.kind for n in d.notices] == ["exhausted"]
 
@@ -456,7 +454,7 @@ def test_R4_replenished_wallet_cancels_outstanding_stop() -> None:
     state, _ = run([credit("w", 1_000_000), start("w", "p", 3_600_000)])
     state, d = tick(state, T0 + sec(1000))
     assert len(d.commands) == 1
-    state = evolve(state, credit("w", 10_000_000, T0 + sec(1001)), T0 + sec(1001))
+    state = apply(state, credit("w", 10_000_000, T0 + sec(1001)), T0 + sec(1001))[0]
     assert state.rentals["p"].stop_attempts == 0
     assert tick(state, T0 + sec(1010))[1].commands == ()
     # Running dry again starts a new episode with a new command id.
@@ -477,7 +475,7 @@ def test_R4_next_wakeup_and_burn() -> None:
 def test_R4_mark_stops_issued_refuses_a_command_for_a_paused_rental() -> None:
     state, _ = run([credit("w", 1), start("w", "p", 3_600_000)])
     commands = due_stops(state, T0 + sec(1))
-    paused = evolve(state, pause("w", "p", 0), T0)
+    paused = apply(state, pause("w", "p", 0), T0)[0]
     with pytest.raises(InvariantViolation):
         mark_stops_issued(paused, commands)
 
@@ -543,7 +541,7 @@ def test_R6_products() -> None:
     assert product_for("marketplace", "spot") == "marketplace"
     assert product_for("cluster", "spot") == "cluster"
     state, _ = run([credit("w", 5_000_000), start("w", "m", 3600, kind="marketplace", tier="spot")])
-    d = decide(state, reading("w", "m", 10), T0)
+    d = apply(state, reading("w", "m", 10), T0)[1]
     assert d.txns[0].product == "marketplace"
     assert "tier=spot" in d.txns[0].memo
 
@@ -593,14 +591,14 @@ def test_R8_end_settles_with_total_seconds_and_cost() -> None:
 def test_R8_after_settlement_lower_reading_is_noop_higher_is_rejected() -> None:
     state, _ = run([credit("w", 5_000_000), start("w", "p", 1_000_000), end("w", "p", 400)])
     for e in (reading("w", "p", 400), reading("w", "p", 10), pause("w", "p", 400), end("w", "p", 300)):
-        assert decide(state, e, T0).outcome == "noop"
-    d = decide(state, reading("w", "p", 401), T0)
+        assert apply(state, e, T0)[1].outcome == "noop"
+    d = apply(state, reading("w", "p", 401), T0)[1]
     assert d.outcome == "rejected"
     assert d.rejection is not None
     assert d.rejection[0] == RejectReason.reading_after_settlement
     assert d.txns == ()
-    assert evolve(state, reading("w", "p", 401), T0) == state
-    assert decide(state, end("w", "p", 500), T0).rejection is not None
+    assert apply(state, reading("w", "p", 401), T0)[0] == state
+    assert apply(state, end("w", "p", 500), T0)[1].rejection is not None
 
 
 def test_R8_end_below_highest_reading_keeps_the_highest() -> None:
@@ -617,28 +615,28 @@ def test_R8_end_below_highest_reading_keeps_the_highest() -> None:
 def test_reading_for_unknown_resource_is_not_started() -> None:
     state = funded("w", 1_000_000)
     for e in (reading("w", "x", 10), pause("w", "x", 10), resume("w", "x"), end("w", "x", 10)):
-        d = decide(state, e, T0)
+        d = apply(state, e, T0)[1]
         assert d.outcome == "not_started"
         assert d.rejection is None
         assert d.txns == ()
-        assert evolve(state, e, T0) == state
+        assert apply(state, e, T0)[0] == state
 
 
 def test_second_start_is_rejected_already_started_even_after_end() -> None:
     state, _ = run([credit("w", 5_000_000), start("w", "p", 1_000)])
-    d = decide(state, start("w", "p", 1_000), T0)
+    d = apply(state, start("w", "p", 1_000), T0)[1]
     assert d.outcome == "rejected"
     assert d.rejection is not None
     assert d.rejection[0] == RejectReason.already_started
-    ended = evolve(state, end("w", "p", 10), T0)
-    assert decide(ended, start("w", "p", 1_000), T0).rejection is not None
+    ended = apply(state, end("w", "p", 10), T0)[0]
+    assert apply(ended, start("w", "p", 1_000), T0)[1].rejection is not None
 
 
 def test_resume_transitions() -> None:
     state, _ = run([credit("w", 5_000_000), start("w", "p", 1_000)])
-    assert decide(state, resume("w", "p"), T0).outcome == "noop"  # already running
-    ended = evolve(state, end("w", "p", 10), T0)
-    d = decide(ended, resume("w", "p"), T0)
+    assert apply(state, resume("w", "p"), T0)[1].outcome == "noop"  # already running
+    ended = apply(state, end("w", "p", 10), T0)[0]
+    d = apply(ended, resume("w", "p"), T0)[1]
     assert d.rejection is not None
     assert d.rejection[0] == RejectReason.invalid_transition
 
@@ -646,7 +644,7 @@ def test_resume_transitions() -> None:
 def test_paused_rental_does_not_accrue_and_late_reading_is_still_charged() -> None:
     state, _ = run([credit("w", 5_000_000), start("w", "p", 3_600_000), pause("w", "p", 100, T0 + sec(100))])
     assert accrued_unmetered_micros(state, T0 + sec(5000)) == 0
-    assert decide(state, pause("w", "p", 100), T0).outcome == "noop"
+    assert apply(state, pause("w", "p", 100), T0)[1].outcome == "noop"
     state, d = apply(state, reading("w", "p", 120, T0 + sec(120)), T0 + sec(120))
     assert d.txns[0].postings[1].amount_micros == 20_000
     assert state.rentals["p"].status == "paused"
@@ -655,12 +653,12 @@ def test_paused_rental_does_not_accrue_and_late_reading_is_still_charged() -> No
 def test_stale_pause_or_resume_does_not_flip_a_rental_that_moved_on() -> None:
     state, _ = run([credit("w", 5_000_000), start("w", "p", 3_600_000), reading("w", "p", 200, T0 + sec(200))])
     # A pause older than the reading the state holds (lower counter) does not pause.
-    assert decide(state, pause("w", "p", 100, T0 + sec(100)), T0 + sec(300)).outcome == "noop"
-    paused = evolve(state, pause("w", "p", 250, T0 + sec(250)), T0 + sec(300))
+    assert apply(state, pause("w", "p", 100, T0 + sec(100)), T0 + sec(300))[1].outcome == "noop"
+    paused = apply(state, pause("w", "p", 250, T0 + sec(250)), T0 + sec(300))[0]
     assert paused.rentals["p"].status == "paused"
     # A resume older than that pause does not resume.
-    assert decide(paused, resume("w", "p", T0 + sec(240)), T0 + sec(300)).outcome == "noop"
-    assert evolve(paused, resume("w", "p", T0 + sec(250)), T0 + sec(300)).rentals["p"].status == "running"
+    assert apply(paused, resume("w", "p", T0 + sec(240)), T0 + sec(300))[1].outcome == "noop"
+    assert apply(paused, resume("w", "p", T0 + sec(250)), T0 + sec(300))[0].rentals["p"].status == "running"
 
 
 def test_R4_projected_zero_at_is_none_past_the_year_9999() -> None:
@@ -669,14 +667,11 @@ def test_R4_projected_zero_at_is_none_past_the_year_9999() -> None:
     assert projected_low_at(state, T0) is None
 
 
-def test_decide_and_evolve_agree_with_apply_and_do_not_mutate() -> None:
+def test_apply_is_a_function_of_its_arguments_and_does_not_mutate() -> None:
     state, _ = run([credit("w", 5_000_000), start("w", "p", 3_600_000)])
     e = reading("w", "p", 100, T0 + sec(100))
     snapshot = replace(state)
-    assert apply(state, e, T0 + sec(200)) == (
-        evolve(state, e, T0 + sec(200)),
-        decide(state, e, T0 + sec(200)),
-    )
+    assert apply(state, e, T0 + sec(200)) == apply(state, e, T0 + sec(200))
     assert state == snapshot
 
 
