@@ -20,35 +20,28 @@ committed in the service process while its lane worker processes are still start
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
-from nats.aio.client import Client
-from nats.js import JetStreamContext
 from sqlalchemy import Engine
 
 from consumers.embedded import EmbeddedNats
 from consumers.intake import ConsumerSpec, IntakeConfig, ensure_consumer
 from consumers.lane_workers import LaneWorkers
-from consumers.names import NatsNames
 from consumers.partitions import TAKEOVER_ACK_WAIT_S, requeue_unacked
-from consumers.streams import ensure_streams, stream_specs
 from ledger.schema import APP_ROLE
 from tests.factories import adjusted
 from tests.integration.jetstream import (
     balance,
     drained,
     jetstream,
-    namespace_of,
     publish_events,
     query,
     running_intake,
@@ -127,21 +120,6 @@ def server_url(request: pytest.FixtureRequest, nats_url: str, tmp_path: Path) ->
         server.stop()
 
 
-@contextlib.asynccontextmanager
-async def _streams(url: str, unique: str) -> AsyncIterator[tuple[Client, JetStreamContext, NatsNames]]:
-    nc = await nats.connect(url)
-    js = nc.jetstream()
-    names = NatsNames(namespace_of(unique))
-    await ensure_streams(js, names, replicas=1)
-    try:
-        yield nc, js, names
-    finally:
-        for spec in stream_specs(names):
-            with contextlib.suppress(Exception):
-                await js.delete_stream(spec.name)
-        await nc.close()
-
-
 def _dead_owner(url: str, stream: str, durable: str) -> None:
     """Run the owner script until it has settled its batch, then kill -9 it."""
     proc = subprocess.Popen(
@@ -157,7 +135,7 @@ def _dead_owner(url: str, stream: str, durable: str) -> None:
 
 
 async def test_requeue_unacked_brings_back_only_the_dead_owners_messages_in_order(server_url: str, unique: str) -> None:
-    async with _streams(server_url, unique) as (nc, js, names):
+    async with jetstream(server_url, unique) as (nc, js, names):
         spec = ConsumerSpec.unpartitioned(names, CONFIG)
         await ensure_consumer(js, names, CONFIG, spec)
         for i in range(1, PULLED + 1):
@@ -196,7 +174,7 @@ async def test_requeue_unacked_brings_back_only_the_dead_owners_messages_in_orde
 
 
 async def test_an_ack_wait_left_short_is_replaced_by_the_configured_one(nats_url: str, unique: str) -> None:
-    async with _streams(nats_url, unique) as (_nc, js, names):
+    async with jetstream(nats_url, unique) as (_nc, js, names):
         spec = ConsumerSpec.unpartitioned(names, CONFIG)
         info = await ensure_consumer(js, names, CONFIG, spec)
         short = await js.add_consumer(names.in_stream, info.config.evolve(ack_wait=TAKEOVER_ACK_WAIT_S))
