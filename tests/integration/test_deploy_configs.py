@@ -830,6 +830,20 @@ class Client:
         await self.nc.close()
 
 
+async def fetch_once_led(sub: Any) -> list[Any]:
+    """``fetch(1)`` on a pull consumer just created on the 3-node cluster. Its replica group elects
+    a leader a moment after the create, and a pull before that is answered 503 (seen once in CI as
+    ServiceUnavailableError), as a new stream's publishes are: try again until it has one, bounded."""
+    deadline = asyncio.get_running_loop().time() + 15
+    while True:
+        try:
+            return list(await sub.fetch(1, timeout=NATS_OP_TIMEOUT_S))
+        except nats.js.errors.ServiceUnavailableError:
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+
+
 async def with_clients(
     cluster: Cluster, users: dict[str, tuple[str, int]], body: Callable[[dict[str, Client]], Awaitable[None]]
 ) -> None:
@@ -938,7 +952,7 @@ async def test_stop_commands_reach_the_compute_consumer(cluster: Cluster) -> Non
         sub = await compute.js.pull_subscribe(
             "compute.commands.stop", durable="compute-stop", stream="COMPUTE_COMMANDS"
         )
-        (msg,) = await sub.fetch(1, timeout=NATS_OP_TIMEOUT_S)
+        (msg,) = await fetch_once_led(sub)
         assert msg.data == command
         assert msg.subject == "compute.commands.stop"
         await msg.ack_sync(timeout=NATS_OP_TIMEOUT_S)
