@@ -52,7 +52,7 @@ def migrate(
     import psycopg
     from sqlalchemy.exc import DBAPIError, OperationalError
 
-    from consumers.up import check_database_url, probe_database, redacted_database_url
+    from consumers.preflight import check_database_url, probe_database, redacted_database_url
     from ledger.migrate import upgrade
 
     _logging()
@@ -80,7 +80,8 @@ def up() -> None:
 
     With BILLING_DATABASE_URL / BILLING_NATS_URL unset, starts embedded servers under
     BILLING_DATA_DIR (default .billing); one `billing up` per data dir."""
-    from consumers.up import load_settings, run_up
+    from consumers.preflight import load_settings
+    from consumers.up import run_up
 
     _logging()
     try:
@@ -105,8 +106,8 @@ def verify(
 
     Finds the database like every one-shot command: the URL given, else the running `billing up`
     of BILLING_DATA_DIR, else the embedded database of the data dir."""
+    from consumers.preflight import load_settings
     from consumers.runtime import client_services
-    from consumers.up import load_settings
     from projections.verify import verify_command
 
     settings = load_settings(**({"database_url": database_url} if database_url else {}))
@@ -119,7 +120,8 @@ def verify(
 def token() -> None:
     """Print the development token of the data dir (embedded mode, BILLING_API_TOKENS unset):
     `curl -H "Authorization: Bearer $(billing token)" ...`."""
-    from consumers.up import DEV_TOKEN_FILE, load_settings, read_dev_token
+    from consumers.preflight import load_settings
+    from consumers.up import DEV_TOKEN_FILE, read_dev_token
 
     settings = load_settings()
     found = read_dev_token(settings.data_dir)

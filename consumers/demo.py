@@ -75,7 +75,8 @@ from rich.text import Text
 from sqlalchemy import Engine, text
 
 from consumers.names import NatsNames
-from consumers.runtime import RUNTIME_FILE, ServiceUrls, running_service_urls
+from consumers.preflight import RUNTIME_FILE
+from consumers.runtime import ServiceUrls, running_service_urls
 from consumers.settings import Settings
 from ledger.money import display_usd
 

@@ -18,6 +18,15 @@ from pathlib import Path
 import psycopg
 from sqlalchemy.engine import make_url
 
+from consumers.preflight import (
+    RUNTIME_FILE,
+    check_database_url,
+    data_dir_lock,
+    lock_holder,
+    probe_database,
+    redacted_database_url,
+    redacted_nats_url,
+)
 from consumers.settings import Settings
 from consumers.user_errors import UserError
 
@@ -72,8 +81,6 @@ def services(settings: Settings, *, need_nats: bool = True) -> Iterator[ServiceU
 # Where a running `billing up` is, for the one-shot commands (report, dlq, demo, verify, status)
 # --------------------------------------------------------------------------------------------------
 
-RUNTIME_FILE = "runtime.json"
-
 
 def ensure_database(admin_url: str, name: str) -> str:
     return _ensure_database(admin_url, name)
@@ -100,8 +107,6 @@ def write_runtime_file(settings: Settings, database_url: str, nats_url: str, htt
     URLs a one-shot command reads its own ``BILLING_DATABASE_URL`` (which wins over this file).
     """
     from datetime import UTC, datetime
-
-    from consumers.up import redacted_database_url, redacted_nats_url
 
     path = settings.data_dir / RUNTIME_FILE
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -146,12 +151,9 @@ def read_runtime_file(settings: Settings) -> dict[str, object] | None:
         return None
     except PermissionError:
         pass
-    if body.get("embedded"):
-        # The lock tells a live owner from a reused pid after a kill -9.
-        from consumers.up import lock_holder
-
-        if lock_holder(settings.data_dir) is None:
-            return None
+    # The lock tells a live owner from a reused pid after a kill -9.
+    if body.get("embedded") and lock_holder(settings.data_dir) is None:
+        return None
     return body
 
 
@@ -174,7 +176,6 @@ def client_services(settings: Settings, *, need_nats: bool = True) -> Iterator[S
     lock is held meanwhile, so a ``billing up`` cannot start on it halfway).
 
     ``need_nats=False``: the command talks to the database only (verify); nats_url may then be ""."""
-    from consumers.up import check_database_url, data_dir_lock
 
     if settings.database_url:
         settings = settings.model_copy(update={"database_url": check_database_url(settings.database_url)})
@@ -196,7 +197,5 @@ def client_services(settings: Settings, *, need_nats: bool = True) -> Iterator[S
     embedded_nats = need_nats and not settings.nats_url
     lock = data_dir_lock(settings.data_dir, "this command") if embedded_db or embedded_nats else None
     with lock or contextlib.nullcontext(), services(settings, need_nats=need_nats) as urls:
-        from consumers.up import probe_database
-
         probe_database(urls.database_url)  # a wrong or unreachable URL as one line, not a traceback
         yield urls

@@ -15,7 +15,7 @@ from ledger.db import make_engine
 
 
 def _settings(settings: Settings | None) -> Settings:
-    from consumers.up import load_settings
+    from consumers.preflight import load_settings
 
     return settings or load_settings()  # a bad environment value as one line naming the variable
 

@@ -110,7 +110,7 @@ async def _nats_probe(url: str, namespace: str) -> tuple[str, int | str]:
 
 
 def print_status(output: str, settings: Settings | None = None) -> int:
-    from consumers.up import load_settings
+    from consumers.preflight import load_settings
 
     settings = settings or load_settings()
     status = collect_status(settings)

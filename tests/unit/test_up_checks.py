@@ -7,17 +7,16 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from consumers.settings import Settings
-from consumers.up import (
+from consumers.preflight import (
     check_database_url,
-    check_tokens,
     data_dir_lock,
-    dev_token,
     load_settings,
     lock_holder,
     redacted_database_url,
     redacted_nats_url,
 )
+from consumers.settings import Settings
+from consumers.up import check_tokens, dev_token
 from consumers.user_errors import UserError
 
 
