@@ -6,14 +6,14 @@ another, or two intakes in one test run) never collide on metric names in the gl
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
+from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
-
-from consumers import nats_safety
 
 __all__ = ["CONTENT_TYPE_LATEST", "Metrics"]
 
@@ -68,6 +68,27 @@ class Metrics:
         return generate_latest(self.registry)
 
 
+class ProcessCounter:
+    """A count shared by every thread of this process, for the code that has no registry at hand
+    (the nats-py patch of consumers.nats_safety counts unreadable messages here)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._value = 0
+
+    def add(self, n: int = 1) -> None:
+        with self._lock:
+            self._value += n
+
+    def value(self) -> int:
+        with self._lock:
+            return self._value
+
+
+# Messages this process's NATS connections could not read at all (dropped, logged).
+UNREADABLE_MESSAGES: Final = ProcessCounter()
+
+
 class _UnreadableMessages(Collector):
     """``billing_intake_unreadable_messages_total``: messages this process's NATS client could not
     read at all and dropped (consumers.nats_safety counts them process-wide, for every connection)."""
@@ -76,5 +97,5 @@ class _UnreadableMessages(Collector):
         yield CounterMetricFamily(
             "billing_intake_unreadable_messages",
             "NATS messages the client could not read (dropped and logged; a JetStream delivery is redelivered).",
-            value=nats_safety.unreadable_messages(),
+            value=UNREADABLE_MESSAGES.value(),
         )

@@ -38,6 +38,7 @@ from typing import Any, Final
 
 from nats.aio.client import Client
 
+from consumers.metrics import UNREADABLE_MESSAGES
 from ledger.text import printable
 
 log = logging.getLogger("billing.nats")
@@ -47,12 +48,6 @@ _PROCESS_PARAMS: Final = ("self", "sid", "subject", "reply", "data", "headers")
 
 _lock = threading.Lock()
 _installed = False
-_unreadable = 0
-
-
-def unreadable_messages() -> int:
-    """Messages this process's NATS connections could not read at all (dropped, logged)."""
-    return _unreadable
 
 
 def subject_bytes(subject: str) -> bytes:
@@ -92,8 +87,7 @@ def _guarded(original: Callable[..., Awaitable[None]]) -> Callable[..., Awaitabl
         try:
             await original(self, sid, subject, reply, data, headers)
         except Exception as exc:
-            global _unreadable
-            _unreadable += 1
+            UNREADABLE_MESSAGES.add()
             log.error(
                 "NATS message dropped: the client could not read it (%s: %s); subject %s, reply %s, "
                 "%d header bytes, %d body bytes (a JetStream delivery is redelivered until max_deliver)",
@@ -116,8 +110,7 @@ def _guarded_headers(original: Callable[..., Awaitable[Any]]) -> Callable[..., A
         except Exception as exc:
             # e.g. a header block of just "NATS/1.0" (IndexError in nats-py): the message is still
             # delivered, without headers, so that the intake records it like any other bad input.
-            global _unreadable
-            _unreadable += 1
+            UNREADABLE_MESSAGES.add()
             log.error(
                 "NATS message headers unreadable (%s: %s), the message is delivered without them: %s",
                 type(exc).__name__,
