@@ -17,13 +17,15 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import psycopg
-from sqlalchemy import Connection, create_engine, pool
+from sqlalchemy import Connection, Table, create_engine, pool
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import fresh_database, pg_server, plain
+from ledger import schema
 from projections import reports
 
 T0 = datetime(2026, 10, 1, tzinfo=UTC)
@@ -44,8 +46,6 @@ def generate(url: str, entries: int, wallets: int, seed: int = 11) -> dict[str, 
     balances = [0] * wallets
     kinds = {"topup": 0, "charge": 0, "refund": 0, "adjustment": 0}
     with psycopg.connect(plain(url)) as conn, conn.cursor() as cur:
-        ev_cols = "position, source, event_id, type, wallet_id, resource_id, event_time, received_at, payload"
-        tx_cols = "event_position, txn_no, kind, wallet_id, resource_id, product, gpu_type, memo, booked_at"
         rows_ev, rows_tx, rows_en = [], [], []
         for i in range(txns):
             pos = i + 1
@@ -80,24 +80,7 @@ def generate(url: str, entries: int, wallets: int, seed: int = 11) -> dict[str, 
             rows_tx.append((pos, 0, kind, wid, res, product, gpu, "", at))
             rows_en.append((pos, 0, 0, debit, -amount, at, kind, wid, res, product, gpu))
             rows_en.append((pos, 0, 1, credit, amount, at, kind, wid, res, product, gpu))
-        cur.execute("SET session_replication_role = replica")  # bulk load: skip FK checks, not the data
-        with cur.copy(f"COPY events ({ev_cols}) FROM STDIN") as cp:
-            for row in rows_ev:
-                cp.write_row(row)
-        with cur.copy(f"COPY journal_transactions ({tx_cols}) FROM STDIN") as cp:
-            for row in rows_tx:
-                cp.write_row(row)
-        with cur.copy(
-            "COPY journal_entries (event_position, txn_no, entry_no, account, amount_micros, booked_at, kind,"
-            " wallet_id, resource_id, product, gpu_type) FROM STDIN"
-        ) as cp:
-            for row in rows_en:
-                cp.write_row(row)
-        cur.execute("SET session_replication_role = origin")
-        cur.execute(
-            "INSERT INTO account_balances (account, balance_micros, last_position)"
-            " SELECT account, sum(amount_micros), max(event_position) FROM journal_entries GROUP BY account"
-        )
+        _load(cur, rows_ev, rows_tx, rows_en)
         cur.execute("SELECT setval('events_position_seq', %s)", (txns,))
         conn.commit()
         cur.execute("SELECT coalesce(sum(amount_micros), 0), count(*) FROM journal_entries")
@@ -107,6 +90,27 @@ def generate(url: str, entries: int, wallets: int, seed: int = 11) -> dict[str, 
         conn.autocommit = True
         cur.execute("VACUUM ANALYZE")
     return {"entries": n, **kinds, "debts": sum(1 for b in balances if b < 0)}
+
+
+def _columns(table: Table) -> str:
+    return ", ".join(c.name for c in table.columns)
+
+
+def _load(cur: psycopg.Cursor[Any], *rows: list[tuple[Any, ...]]) -> None:
+    """The rows (in each table's column order, ledger.schema's) by COPY, then the wallet balances."""
+    tables = (schema.events, schema.journal_transactions, schema.journal_entries)
+    cur.execute("SET session_replication_role = replica")  # bulk load: skip the check triggers, not the data
+    for table, table_rows in zip(tables, rows, strict=True):
+        with cur.copy(f"COPY {table.name} ({_columns(table)}) FROM STDIN") as cp:
+            for row in table_rows:
+                cp.write_row(row)
+    cur.execute("SET session_replication_role = origin")
+    # Wallet accounts only: the shared accounts' balances are derived on read (migration 0007).
+    cur.execute(
+        "INSERT INTO account_balances (account, balance_micros, last_position)"
+        " SELECT account, sum(amount_micros), max(event_position) FROM journal_entries"
+        " WHERE account LIKE 'wallet:%' GROUP BY account"
+    )
 
 
 def reconcile_against_copy(conn: Connection, start: datetime, end: datetime) -> reports.Report:

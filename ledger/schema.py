@@ -1,14 +1,23 @@
-"""Table definitions (SQLAlchemy Core) for queries. Migrations under ledger/migrations are the
-source of the DDL; tests/integration/test_schema.py checks that both agree.
+"""Table definitions (SQLAlchemy Core): the one place the code takes column lists from (queries,
+and the store's COPYs through :func:`copy_statement`). Migrations under ledger/migrations are the
+source of the DDL; ``test_migrations_match_the_table_definitions`` (tests/integration/
+test_ledger_store.py) checks that both agree.
 
 Append-only tables: events, journal_transactions, journal_entries (triggers refuse UPDATE, DELETE
 and TRUNCATE; the service role is granted only SELECT and INSERT). account_balances is an inline
-projection of the journal, rebuilt by `billing verify`.
+projection of the journal for wallet accounts only, rebuilt by `billing verify`; the balances of the
+shared accounts (revenue, clearing, ...) are derived on read (view ``ledger_account_balances``).
+
+What the write path pays for each index, constraint and trigger: bench/bench_store.py, and
+migration 0007 for what was cut and why. References between the journal's tables are checked by
+statement-level triggers (one query a COPY), not foreign keys (a query and a parent-row lock per
+inserted row).
 """
 
 from __future__ import annotations
 
-from typing import Final
+from dataclasses import dataclass
+from typing import Any, Final
 
 from sqlalchemy import (
     BigInteger,
@@ -16,7 +25,6 @@ from sqlalchemy import (
     CheckConstraint,
     Column,
     DateTime,
-    ForeignKeyConstraint,
     Index,
     Integer,
     LargeBinary,
@@ -58,7 +66,6 @@ events = Table(
     Column("received_at", DateTime(timezone=True), nullable=False),
     Column("payload", JSONB, nullable=False),
     UniqueConstraint("source", "event_id"),
-    Index("ix_events_wallet_id_position", "wallet_id", "position"),
     Index("ix_events_stripe_event_time", "event_time", postgresql_where=text("source = 'stripe'")),
 )
 
@@ -75,11 +82,11 @@ journal_transactions = Table(
     Column("product", Text, nullable=True),
     Column("gpu_type", Text, nullable=True),
     Column("memo", Text, nullable=False, server_default=""),
+    # booked_at is the event's time (the store writes it so): a query for a period of Stripe
+    # transactions finds them through ix_events_stripe_event_time.
     Column("booked_at", DateTime(timezone=True), nullable=False),
-    ForeignKeyConstraint(["event_position"], ["events.position"]),
+    # event_position references events.position: checked per statement (journal_transactions_checked).
     CheckConstraint("txn_no >= 0", name="txn_no_nonnegative"),
-    Index("ix_journal_transactions_wallet_id_booked_at", "wallet_id", "booked_at"),
-    Index("ix_journal_transactions_booked_at", "booked_at"),
 )
 
 journal_entries = Table(
@@ -97,10 +104,8 @@ journal_entries = Table(
     Column("resource_id", Text, nullable=True),
     Column("product", Text, nullable=True),
     Column("gpu_type", Text, nullable=True),
-    ForeignKeyConstraint(
-        ["event_position", "txn_no"],
-        ["journal_transactions.event_position", "journal_transactions.txn_no"],
-    ),
+    # (event_position, txn_no) references journal_transactions: checked per statement, with the
+    # sum to zero (journal_entries_balanced).
     CheckConstraint("amount_micros <> 0", name="amount_nonzero"),
     CheckConstraint("entry_no >= 0", name="entry_no_nonnegative"),
     Index("ix_journal_entries_account_event_position", "account", "event_position"),
@@ -112,6 +117,8 @@ account_balances = Table(
     Column("account", Text, primary_key=True),
     Column("balance_micros", BigInteger, nullable=False),
     Column("last_position", BigInteger, nullable=False),
+    # Shared accounts are not rows every writer would lock: derived on read (migration 0007).
+    CheckConstraint("account LIKE 'wallet:%'", name="wallet_only"),
 )
 
 rejected_inputs = Table(
@@ -250,3 +257,45 @@ intake_owners = Table(
     Column("changed_at", DateTime(timezone=True), nullable=False),
     CheckConstraint("state IN ('held', 'released')", name="state_known"),
 )
+
+
+# ------------------------------------------------------------------------------ column lists
+
+_PG_TYPE_NAMES: Final = {
+    BigInteger: "int8",
+    SmallInteger: "int2",
+    Integer: "int4",
+    Text: "text",
+    Boolean: "bool",
+    LargeBinary: "bytea",
+    JSONB: "jsonb",
+}
+
+
+def pg_type_name(column: Column[Any]) -> str:
+    """The PostgreSQL name of a column's type, as psycopg's binary COPY wants it (``set_types``)."""
+    if isinstance(column.type, DateTime):
+        return "timestamptz" if column.type.timezone else "timestamp"
+    for sa_type, name in _PG_TYPE_NAMES.items():
+        if type(column.type) is sa_type:
+            return name
+    raise TypeError(f"{column.table.name}.{column.name}: no COPY type for {column.type!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class CopyStatement:
+    """A binary COPY into every column of a table, in the table's order: the column list and the
+    types come from the table definition above, never from a hand-written list."""
+
+    sql: str
+    types: tuple[str, ...]
+    columns: tuple[str, ...]
+
+
+def copy_statement(table: Table) -> CopyStatement:
+    columns = tuple(c.name for c in table.columns)
+    return CopyStatement(
+        sql=f"COPY {table.name} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)",
+        types=tuple(pg_type_name(c) for c in table.columns),
+        columns=columns,
+    )

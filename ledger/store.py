@@ -1,10 +1,10 @@
 """The append-only store: events and their journal transactions, one database transaction a batch.
 
 Built for throughput: a batch of any size is three binary COPYs (events, transactions, entries),
-never a round trip per event (:func:`append_new`). The store does not deduplicate: the caller
-establishes that the events are new (the processor, under its wallet locks); should it not hold,
-the unique index on ``(source, id)`` refuses the COPY and the transaction writes nothing. The
-account balances are booked last by :func:`apply_balances`.
+never a round trip per event (:func:`append_new`), their column lists from :mod:`ledger.schema`.
+The store does not deduplicate: the caller establishes that the events are new (the processor,
+under its wallet locks); should it not hold, the unique index on ``(source, id)`` refuses the COPY
+and the transaction writes nothing. The wallet balances are booked last by :func:`apply_balances`.
 """
 
 from __future__ import annotations
@@ -17,9 +17,11 @@ from typing import Any, Final
 import psycopg
 from psycopg.types.json import Jsonb
 
+from ledger import schema
 from ledger.events import LogEvent, event_to_json
 from ledger.invariants import fail, require, require_int
-from ledger.journal import MAX_TXNS_PER_EVENT, JournalTxn
+from ledger.journal import MAX_TXNS_PER_EVENT, JournalTxn, wallet_account
+from ledger.schema import copy_statement
 
 EventKey = tuple[str, str]
 
@@ -81,8 +83,6 @@ class AppendResult:
     """Account -> (sum of the new postings, highest position), for :func:`apply_balances`."""
 
 
-_EVENT_COLS: Final = "position, source, event_id, type, wallet_id, resource_id, event_time, received_at, payload"
-
 _APPLY_BALANCES_SQL: Final = """
 INSERT INTO account_balances AS b (account, balance_micros, last_position)
 SELECT a, amt, pos FROM unnest(%b::text[], %b::int8[], %b::int8[]) AS x(a, amt, pos) ORDER BY a
@@ -91,31 +91,11 @@ ON CONFLICT (account) DO UPDATE
        last_position = greatest(b.last_position, EXCLUDED.last_position)
 """
 
-
-_COPY_EVENTS: Final = f"COPY events ({_EVENT_COLS}) FROM STDIN (FORMAT BINARY)"
-_COPY_EVENT_TYPES: Final = ("int8", "text", "text", "text", "text", "text", "timestamptz", "timestamptz", "jsonb")
-_COPY_TXNS: Final = (
-    "COPY journal_transactions (event_position, txn_no, kind, wallet_id, resource_id, product, gpu_type, memo,"
-    " booked_at) FROM STDIN (FORMAT BINARY)"
-)
-_COPY_TXN_TYPES: Final = ("int8", "int2", "text", "text", "text", "text", "text", "text", "timestamptz")
-_COPY_ENTRIES: Final = (
-    "COPY journal_entries (event_position, txn_no, entry_no, account, amount_micros, booked_at, kind, wallet_id,"
-    " resource_id, product, gpu_type) FROM STDIN (FORMAT BINARY)"
-)
-_COPY_ENTRY_TYPES: Final = (
-    "int8",
-    "int2",
-    "int2",
-    "text",
-    "int8",
-    "timestamptz",
-    "text",
-    "text",
-    "text",
-    "text",
-    "text",
-)
+# Column lists and types from ledger.schema; each row below is written in the table's column order.
+_COPY_EVENTS: Final = copy_statement(schema.events)
+_COPY_TXNS: Final = copy_statement(schema.journal_transactions)
+_COPY_ENTRIES: Final = copy_statement(schema.journal_entries)
+_WALLET_PREFIX: Final = wallet_account("")
 
 
 def _already_json(text: Any) -> str:
@@ -152,102 +132,93 @@ def append_new(conn: psycopg.Connection[Any], items: Sequence[AppendItem], *, re
     if len(keys) != len(items):
         fail("append_new: a key repeats within the batch")
     with conn.cursor() as cur:
-        wanted = sum(1 for item in items if item.position is None)
-        reserved: list[int] = []
-        if wanted:
-            # Positions in batch order: a rebuild must apply a start before its readings.
-            cur.execute("SELECT nextval('events_position_seq') FROM generate_series(1, %s)", (wanted,))
-            reserved = [row[0] for row in cur.fetchall()]
-        fresh = iter(reserved)
-        positions: dict[EventKey, int] = {}
-        placed: list[tuple[int, AppendItem]] = []
-        for item in items:
-            position = item.position if item.position is not None else next(fresh)
-            positions[item.record.key] = position
-            placed.append((position, item))
-        with cur.copy(_COPY_EVENTS) as cp:
-            cp.set_types(_COPY_EVENT_TYPES)
-            for position, item in placed:
-                r = item.record
-                cp.write_row(
-                    (
-                        position,
-                        r.source,
-                        r.event_id,
-                        r.type,
-                        r.wallet_id,
-                        r.resource_id,
-                        r.event_time,
-                        item.received_at or received_at,
-                        as_jsonb(r.payload_json),
-                    )
-                )
-        deltas: dict[str, tuple[int, int]] = {}
-        batch_sum = 0
-        with cur.copy(_COPY_TXNS) as cp:
-            cp.set_types(_COPY_TXN_TYPES)
-            for position, item in placed:
-                if not (len(item.txns) <= MAX_TXNS_PER_EVENT):
-                    fail(f"{item.record.key}: {len(item.txns)} transactions")
-                for txn_no, txn in enumerate(item.txns):
-                    cp.write_row(
-                        (
-                            position,
-                            txn_no,
-                            txn.kind,
-                            txn.wallet_id,
-                            txn.resource_id,
-                            txn.product,
-                            txn.gpu_type,
-                            txn.memo,
-                            item.record.event_time,
-                        )
-                    )
-        with cur.copy(_COPY_ENTRIES) as cp:
-            cp.set_types(_COPY_ENTRY_TYPES)
-            for position, item in placed:
-                event_time = item.record.event_time
-                for txn_no, txn in enumerate(item.txns):
-                    txn_sum = 0
-                    for entry_no, posting in enumerate(txn.postings):
-                        amount = require_int(posting.amount_micros, "amount_micros")
-                        txn_sum += amount
-                        total, last = deltas.get(posting.account, (0, position))
-                        deltas[posting.account] = (total + amount, max(last, position))
-                        cp.write_row(
-                            (
-                                position,
-                                txn_no,
-                                entry_no,
-                                posting.account,
-                                amount,
-                                event_time,
-                                txn.kind,
-                                txn.wallet_id,
-                                txn.resource_id,
-                                txn.product,
-                                txn.gpu_type,
-                            )
-                        )
-                    if txn_sum != 0:
-                        fail(f"{item.record.key} txn {txn_no} ({txn.kind}) sums to {txn_sum}")
-                    batch_sum += txn_sum
-    if batch_sum != 0 or sum(total for total, _ in deltas.values()) != 0:
+        placed = _place(cur, items)
+        _copy_events(cur, placed, received_at)
+        _copy_transactions(cur, placed)
+        deltas = _copy_entries(cur, placed)
+    # Each transaction was checked on its own; the batch is checked whole, as the deltas sum.
+    if sum(total for total, _ in deltas.values()) != 0:
         fail("the postings of a batch do not sum to zero")
+    positions = {item.record.key: position for position, item in placed}
     return AppendResult(positions=positions, duplicates=(), balance_deltas=deltas)
 
 
-def apply_balances(conn: psycopg.Connection[Any], deltas: Mapping[str, tuple[int, int]]) -> None:
-    """Book ``AppendResult.balance_deltas`` (account -> (delta, highest position)) into
-    ``account_balances``, rows locked in account order (no deadlock between concurrent writers).
+def _place(cur: psycopg.Cursor[Any], items: Sequence[AppendItem]) -> list[tuple[int, AppendItem]]:
+    """Each item with its position: a rebuild's own, else one reserved now, in batch order (a
+    rebuild must apply a start before its readings)."""
+    wanted = sum(1 for item in items if item.position is None)
+    reserved: list[int] = []
+    if wanted:
+        cur.execute("SELECT nextval('events_position_seq') FROM generate_series(1, %s)", (wanted,))
+        reserved = [row[0] for row in cur.fetchall()]
+    fresh = iter(reserved)
+    return [(item.position if item.position is not None else next(fresh), item) for item in items]
 
-    Call it as the LAST statement before the commit. Why: a few accounts (``revenue:<product>``,
-    ``stripe:clearing``) are in nearly every batch, and the first writer to update such a row holds
-    it until its commit. Updated earlier, they would serialise concurrent writers (the partitions'
-    intakes) from there to their commits; updated last, only for the commit itself."""
-    if not deltas:
+
+def _copy_events(cur: psycopg.Cursor[Any], placed: Sequence[tuple[int, AppendItem]], received_at: datetime) -> None:
+    with cur.copy(_COPY_EVENTS.sql) as cp:
+        cp.set_types(_COPY_EVENTS.types)
+        for position, item in placed:
+            r = item.record
+            cp.write_row(
+                (
+                    *(position, r.source, r.event_id, r.type, r.wallet_id, r.resource_id, r.event_time),
+                    *(item.received_at or received_at, as_jsonb(r.payload_json)),
+                )
+            )
+
+
+def _copy_transactions(cur: psycopg.Cursor[Any], placed: Sequence[tuple[int, AppendItem]]) -> None:
+    with cur.copy(_COPY_TXNS.sql) as cp:
+        cp.set_types(_COPY_TXNS.types)
+        for position, item in placed:
+            if not (len(item.txns) <= MAX_TXNS_PER_EVENT):
+                fail(f"{item.record.key}: {len(item.txns)} transactions")
+            booked_at = item.record.event_time
+            for txn_no, t in enumerate(item.txns):
+                cp.write_row(
+                    (position, txn_no, t.kind, t.wallet_id, t.resource_id, t.product, t.gpu_type, t.memo, booked_at)
+                )
+
+
+def _copy_entries(cur: psycopg.Cursor[Any], placed: Sequence[tuple[int, AppendItem]]) -> dict[str, tuple[int, int]]:
+    """The entries, each transaction checked to sum to zero before its rows leave; returns the
+    balance deltas (account -> (sum of its new postings, highest position))."""
+    deltas: dict[str, tuple[int, int]] = {}
+    with cur.copy(_COPY_ENTRIES.sql) as cp:
+        cp.set_types(_COPY_ENTRIES.types)
+        for position, item in placed:
+            booked_at = item.record.event_time
+            for txn_no, t in enumerate(item.txns):
+                txn_sum = 0
+                for entry_no, posting in enumerate(t.postings):
+                    amount = require_int(posting.amount_micros, "amount_micros")
+                    txn_sum += amount
+                    total, last = deltas.get(posting.account, (0, position))
+                    deltas[posting.account] = (total + amount, max(last, position))
+                    cp.write_row(
+                        (
+                            *(position, txn_no, entry_no, posting.account, amount, booked_at, t.kind),
+                            *(t.wallet_id, t.resource_id, t.product, t.gpu_type),
+                        )
+                    )
+                if txn_sum != 0:
+                    fail(f"{item.record.key} txn {txn_no} ({t.kind}) sums to {txn_sum}")
+    return deltas
+
+
+def apply_balances(conn: psycopg.Connection[Any], deltas: Mapping[str, tuple[int, int]]) -> None:
+    """Book the wallet accounts of ``AppendResult.balance_deltas`` (account -> (delta, highest
+    position)) into ``account_balances``, rows locked in account order (no deadlock between
+    concurrent writers). The shared accounts (``revenue:<product>``, ``stripe:clearing``, ...) are
+    not booked: their balances are derived on read (view ``ledger_account_balances``), so that no
+    row is in every batch, locked by each writer until its commit (migration 0007).
+
+    Call it as the LAST statement before the commit: a wallet's row, once updated, is held until
+    the commit; updated last, only for the commit itself."""
+    accounts = sorted(a for a in deltas if a.startswith(_WALLET_PREFIX))
+    if not accounts:
         return
-    accounts = sorted(deltas)
     with conn.cursor() as cur:
         cur.execute(
             _APPLY_BALANCES_SQL,

@@ -51,6 +51,9 @@ SELECT 'exceeds_payment' AS kind, t.booked_at, t.wallet_id, e.payload->'data'->>
   FROM journal_transactions t JOIN events e ON e.position = t.event_position
  WHERE e.source = 'stripe' AND t.kind IN ('refund', 'dispute_hold', 'dispute_lost')
    AND t.memo LIKE :flag AND t.booked_at >= :s AND t.booked_at < :e
+   -- The same period on the event (a transaction is booked at its event's time): the Stripe events'
+   -- partial index finds the rows; journal_transactions has no index on booked_at (migration 0007).
+   AND e.event_time >= :s AND e.event_time < :e
 UNION ALL
 SELECT 'event_time', e.event_time, e.wallet_id, e.payload->'data'->>'paymentIntentId', e.event_id, e.type,
        (e.payload->'data'->>'amountMicros')::bigint, (e.payload->'data'->>'stripeCreated')::bigint, '',

@@ -331,7 +331,7 @@ def test_a_wrong_balance_is_reported_as_exactly_that(vdb: str, vowner: Engine, l
         assert diff.changed_columns == ("balance_micros",)
         assert (diff.live or {})["balance_micros"] == before + 1
         assert (diff.rebuilt or {})["balance_micros"] == before
-        assert broken(result) == [("live", "each account balance equals the sum of its entries", 1)]
+        assert broken(result) == [("live", "each wallet balance equals the sum of its entries", 1)]
         assert result.replay_problems == ()
         report = result.report()
         assert f"balance_micros: live {before + 1}  rebuilt {before}" in report
@@ -393,9 +393,9 @@ def test_an_edited_journal_entry_is_reported_with_the_invariants_it_breaks(
         assert broken(result) == [
             ("live", "every journal transaction sums to zero", 1),
             ("live", "all entries sum to zero", 1),
-            ("live", "each account balance equals the sum of its entries", 1),
+            ("live", "each wallet balance equals the sum of its entries", 1),
         ]
-        bad = next(i for i in result.invariants if not i.ok and "each account" in i.name)
+        bad = next(i for i in result.invariants if not i.ok and "each wallet" in i.name)
         assert bad.samples[0]["account"] == account
     finally:
         tamper(vowner, (stmt, {"v": amount, **key}))

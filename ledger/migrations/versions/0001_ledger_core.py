@@ -20,7 +20,8 @@ APP_ROLE = "billing_app"
 APPEND_ONLY = ("events", "journal_transactions", "journal_entries")
 
 
-def upgrade() -> None:
+def _service_role() -> None:
+    """The role the service runs as."""
     # The service role. Roles are cluster-wide: create it if missing (needs CREATEROLE; on a managed
     # server where the migrator lacks it, an operator creates the role once, see README).
     op.execute(
@@ -42,6 +43,9 @@ def upgrade() -> None:
         """
     )
 
+
+def _event_log() -> None:
+    """The log: every accepted event, with its position."""
     op.create_table(
         "events",
         sa.Column("position", sa.BigInteger, sa.Identity(always=False), primary_key=True),
@@ -58,6 +62,9 @@ def upgrade() -> None:
     )
     op.create_index("ix_events_wallet_id_position", "events", ["wallet_id", "position"])
 
+
+def _journal() -> None:
+    """The double-entry journal: transactions and their entries."""
     op.create_table(
         "journal_transactions",
         sa.Column("event_position", sa.BigInteger, nullable=False),
@@ -104,6 +111,9 @@ def upgrade() -> None:
     )
     op.create_index("ix_journal_entries_account_event_position", "journal_entries", ["account", "event_position"])
 
+
+def _balances_and_rejections() -> None:
+    """Balances (a projection of the journal) and refused inputs."""
     op.create_table(
         "account_balances",
         sa.Column("account", sa.Text, nullable=False),
@@ -129,6 +139,9 @@ def upgrade() -> None:
     )
     op.create_index("ix_rejected_inputs_reason_received_at", "rejected_inputs", ["reason", "received_at"])
 
+
+def _append_only() -> None:
+    """Triggers that refuse UPDATE, DELETE and TRUNCATE of the log and the journal."""
     # Append-only, enforced by the database: row triggers refuse UPDATE and DELETE, a statement
     # trigger refuses TRUNCATE. They hold even for the owner (who could drop them: only the owner
     # can, and the service never runs as the owner).
@@ -152,6 +165,9 @@ def upgrade() -> None:
             f"FOR EACH STATEMENT EXECUTE FUNCTION ledger_refuse_change()"
         )
 
+
+def _double_entry() -> None:
+    """The statement trigger that checks each transaction sums to zero."""
     # Double entry, enforced by the database: the entries each statement inserts must sum to zero
     # per transaction. A statement trigger with a transition table checks a whole batch in one
     # query (a row trigger would cost a query per entry). Since every statement's part of a
@@ -179,6 +195,9 @@ def upgrade() -> None:
         "REFERENCING NEW TABLE AS new_entries FOR EACH STATEMENT EXECUTE FUNCTION ledger_check_balanced()"
     )
 
+
+def _privileges() -> None:
+    """What the service role may do: read and append, never rewrite."""
     # Privileges: the service role may read and append, never rewrite.
     tables = (*APPEND_ONLY, "account_balances", "rejected_inputs")
     for table in tables:
@@ -191,6 +210,16 @@ def upgrade() -> None:
     # `billing up` checks the revision as the service's login.
     op.execute(f"GRANT SELECT ON alembic_version TO {APP_ROLE}")
     op.execute("REVOKE EXECUTE ON FUNCTION ledger_refuse_change(), ledger_check_balanced() FROM PUBLIC")
+
+
+def upgrade() -> None:
+    _service_role()
+    _event_log()
+    _journal()
+    _balances_and_rejections()
+    _append_only()
+    _double_entry()
+    _privileges()
 
 
 def downgrade() -> None:

@@ -19,7 +19,8 @@ depends_on = None
 APP_ROLE = "billing_app"
 
 
-def upgrade() -> None:
+def _wallets_and_rentals() -> None:
+    """Wallets and rentals: inline projections of the log."""
     op.create_table(
         "wallets",
         sa.Column("wallet_id", sa.Text, nullable=False),
@@ -74,6 +75,9 @@ def upgrade() -> None:
         postgresql_where=sa.text("status <> 'ended'"),
     )
 
+
+def _serverless() -> None:
+    """Serverless endpoints and the jobs already charged."""
     op.create_table(
         "serverless_endpoints",
         sa.Column("wallet_id", sa.Text, nullable=False),
@@ -96,6 +100,9 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("wallet_id", "endpoint_id", "job_id", name="pk_serverless_jobs"),
     )
 
+
+def _outbox_and_rejections() -> None:
+    """The outbox, and one rejected input per (source, id, reason)."""
     op.create_table(
         "outbox",
         sa.Column("id", sa.BigInteger, sa.Identity(always=False), nullable=False),
@@ -117,6 +124,9 @@ def upgrade() -> None:
         postgresql_where=sa.text("source IS NOT NULL AND event_id IS NOT NULL"),
     )
 
+
+def _privileges() -> None:
+    """What the service role may do with the projections and the outbox."""
     for table in ("wallets", "rentals", "serverless_endpoints"):
         op.execute(f"REVOKE ALL ON {table} FROM PUBLIC")
         op.execute(f"GRANT SELECT, INSERT, UPDATE ON {table} TO {APP_ROLE}")
@@ -126,6 +136,13 @@ def upgrade() -> None:
     # DELETE: old published rows may be pruned; the log and the journal keep the facts.
     op.execute(f"GRANT SELECT, INSERT, UPDATE, DELETE ON outbox TO {APP_ROLE}")
     op.execute(f"GRANT USAGE ON SEQUENCE outbox_id_seq TO {APP_ROLE}")
+
+
+def upgrade() -> None:
+    _wallets_and_rentals()
+    _serverless()
+    _outbox_and_rejections()
+    _privileges()
 
 
 def downgrade() -> None:
