@@ -2068,7 +2068,10 @@ SIDE_ROWS: Final = (
 def print_side_by_side(columns: Sequence[Mapping[str, Any]]) -> None:
     """One column per (shape, configuration), one row per figure; medians over the runs."""
     width = 24
-    heads = [f"{c['shape']}, {c['configuration'].replace('billing up, ', '')}"[:width] for c in columns]
+    heads = [
+        f"{c['shape']}, {c['instances']} inst" + (f" x {c['partitions']} part" if c["partitions"] else "")
+        for c in columns
+    ]
     print(
         f"{'median of ' + '/'.join(str(c['runs']) for c in columns) + ' runs':<46}"
         + "".join(f"{h:>{width + 2}}" for h in heads)
