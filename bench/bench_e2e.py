@@ -1,9 +1,16 @@
 """End to end: the real `billing up` consuming realistic CloudEvents from JetStream into PostgreSQL,
 beside raw baselines measured in the same run on the same servers (issue #4 item 8).
 
-    python bench/bench_e2e.py [--wallets 10000] [--events 60000] [--runs 3] [--profile]
+    python bench/bench_e2e.py [--shape both|mix|rentals] [--wallets 10000] [--events 60000]
+                              [--rentals-events 100000] [--runs 3] [--pin-drain] [--profile]
     python bench/bench_e2e.py --instances 2 --partitions 8 [--nats-sync always|default] [--runs 3]
+    python bench/bench_e2e.py --rss-check [--rss-events 100000 1000000]   (peak RSS, drains only)
     ... [--service-env BILLING_INTAKE_WORKERS=2 ...]   (extra environment of every instance)
+    ... [--json-out FILE]   (the side-by-side figures, for bench/bench_summary.py)
+
+Each shape of workload (``--shape both``: the mix, then the held-out shape of issue 15, each with its
+own baselines) is measured ``--runs`` times; the report gives each shape's details and then the
+shapes side by side. What each figure means: bench/README.md.
 
 The service is measured twice per run, each time on its own fresh database and namespace:
 
@@ -60,7 +67,8 @@ Two configurations, each measured with its own baselines on its own servers:
   far the stream's backlog grew in the burst: on 2 cores the bench's own publisher competes with the
   instances and PostgreSQL, and may be what bounds the burst's figure.
 
-The workload (bench/e2e_workload.py): a credit per wallet, rentals (pods on demand and spot,
+The mix (bench/e2e_workload.py ``build``; the held-out shape is ``build_rentals``: per wallet a
+credit, a start, 30 minute readings and an end): a credit per wallet, rentals (pods on demand and spot,
 marketplace, a few clusters) with per-minute readings, pauses/resumes, ends and spot preemptions,
 many serverless jobs, a few producer retries past the duplicate window and a few bad inputs; a few
 wallets arranged to run dry during the run.
@@ -69,11 +77,15 @@ Each run measures, in an order that alternates between runs:
 
 * A:  a bare nats-py consumer of the same messages (stored in a bare stream first as the drain's
       are, durable pull consumer, ``fetch(1000)``, ack each), and A': the raw ``$JS.API.CONSUMER.MSG.NEXT`` pull loop;
-* B:  a bare binary COPY of the rows the service writes for these events (events,
-      journal_transactions, journal_entries; ``bench_store.run_copy``), a transaction per 1000 events;
+* B:  a bare binary COPY of as many plain rows as the same run's drain wrote (counted from its
+      database, bench/e2e_copy.py) into a table without indexes, the rows of 1000 events a
+      transaction (after the drain in every run); and B-own: a binary COPY of the rows the service
+      writes (events, journal_transactions, journal_entries; ``bench_store.run_copy``) into our own
+      tables, a transaction per 1000 events;
 * the drain (above): the same messages (the dry wallets credited for an hour) stored first, then
-  consumed;
-  also its CPU, peak RSS, batches, ownership and the journal check;
+  consumed; also its CPU, peak RSS, batches, ownership, the rows it wrote per table and the journal
+  check; `billing verify` on the last run's database; with ``--pin-drain`` once more with each
+  instance pinned to one core (``taskset``);
 * the burst: `billing up` as a subprocess (or N of them) on a fresh migrated database and a unique
   NATS namespace; every message published to ``<ns>.billing.in.<walletId>`` (``publish_async`` in
   windows of 1000); events/s from the first publish until every message is accounted for: accepted

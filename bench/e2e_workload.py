@@ -1,5 +1,7 @@
-"""The workload of bench/bench_e2e.py: an hour of platform traffic for >= 10k wallets, compressed
-into one burst of CloudEvents, plus the rows the service writes for it (for the raw COPY baseline).
+"""The workloads of bench/bench_e2e.py, plus the rows the service writes for them (for the COPY
+baseline B-own). Two shapes: the mix (:func:`build`), an hour of platform traffic for >= 10k wallets
+compressed into one burst of CloudEvents; and the held-out shape of issue 15 (:func:`build_rentals`):
+per wallet a credit, a start, 30 minute readings and an end.
 
 Every message is built as a dict, validated by ``EVENT_ADAPTER.validate_json`` into the service's own
 event model and serialised back with ``event_to_json``: exactly the bytes a conforming producer
