@@ -16,7 +16,7 @@ BILLING_TEST_DATABASE_URL ?= $(LOCAL_PG)
 BILLING_TEST_NATS_URL ?= $(LOCAL_NATS)
 export BILLING_TEST_DATABASE_URL BILLING_TEST_NATS_URL
 
-.PHONY: install run test lint bench clean lock
+.PHONY: install run test lint bench bench-rss clean lock
 
 # The development install: the service and the test, lint and bench tools.
 install: $(STAMP)
@@ -52,23 +52,35 @@ lint: install
 	$(BIN)/mypy ledger projections consumers
 
 # Store throughput beside a raw COPY, then the whole service end to end (`billing up` on a fresh
-# database and a unique NATS namespace) beside raw NATS-consume and COPY baselines, same run: first
-# one instance unpartitioned on the machine's NATS, then the production topology (2 instances, 8
-# partitions) on the bench's own nats-server with the partition mapping. Each measures the service
-# draining the workload already stored in its stream (the headline, like for like with the NATS
-# baseline) and a live burst (published while it consumes). One run each (~5 minutes on the 2-core
-# machines here); `make bench BENCH_RUNS=3` for medians over 3 (~12 minutes). Extra environment for
-# the service: `make bench BENCH_E2E_ARGS="--service-env BILLING_INTAKE_WORKERS=2"`.
+# database and a unique NATS namespace) beside raw baselines measured in the same run: A (bare
+# pull-and-ack loops over the same stream), B (a bare binary COPY of as many plain rows as the
+# service wrote, into a table without indexes) and B-own (a COPY of the service's rows into our own
+# tables), on two shapes of workload side by side (the current mix, and the held-out shape: per
+# wallet a credit, a start, 30 minute readings and an end). First one instance unpartitioned on the
+# machine's NATS, then the production topology (2 instances, 8 partitions) on the bench's own
+# nats-server with the partition mapping; each also drains once a run with every instance pinned
+# to its own core (taskset); `billing verify` after the last drain of each shape; then both
+# configurations side by side with the scaling (bench/bench_summary.py). Medians of BENCH_RUNS
+# (3: ~40 minutes on the 2-core machines here; `make bench BENCH_RUNS=1` ~15). Extra environment
+# for the service: `make bench BENCH_E2E_ARGS="--service-env BILLING_INTAKE_WORKERS=2"`.
 # The two instances of the partitioned run share this machine's cores, so each gets one lane worker
 # process (BENCH_PARTITIONED_ENV), as a deploy sizes the workers to the cores an instance has; by
 # default each instance would start two, four processes on two cores.
-BENCH_RUNS ?= 1
+# `make bench-rss`: peak RSS of the service draining 100k, then 1M events of the held-out shape.
+BENCH_RUNS ?= 3
 BENCH_E2E_ARGS ?=
 BENCH_PARTITIONED_ENV ?= --service-env BILLING_INTAKE_WORKERS=1
+BENCH_OUT ?= .billing/bench
 bench: install
+	mkdir -p $(BENCH_OUT)
 	$(BIN)/python bench/bench_store.py --runs $(BENCH_RUNS)
-	$(BIN)/python bench/bench_e2e.py --runs $(BENCH_RUNS) $(BENCH_E2E_ARGS)
-	$(BIN)/python bench/bench_e2e.py --runs $(BENCH_RUNS) --instances 2 --partitions 8 $(BENCH_PARTITIONED_ENV) $(BENCH_E2E_ARGS)
+	$(BIN)/python bench/bench_e2e.py --runs $(BENCH_RUNS) --pin-drain --json-out $(BENCH_OUT)/one.json $(BENCH_E2E_ARGS)
+	$(BIN)/python bench/bench_e2e.py --runs $(BENCH_RUNS) --instances 2 --partitions 8 --pin-drain \
+		--json-out $(BENCH_OUT)/partitioned.json $(BENCH_PARTITIONED_ENV) $(BENCH_E2E_ARGS)
+	$(BIN)/python bench/bench_summary.py $(BENCH_OUT)/one.json $(BENCH_OUT)/partitioned.json
+
+bench-rss: install
+	$(BIN)/python bench/bench_e2e.py --rss-check --rss-events 100000 1000000 $(BENCH_E2E_ARGS)
 
 # Re-pin after changing dependencies in pyproject.toml.
 lock:

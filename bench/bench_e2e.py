@@ -1,9 +1,16 @@
 """End to end: the real `billing up` consuming realistic CloudEvents from JetStream into PostgreSQL,
 beside raw baselines measured in the same run on the same servers (issue #4 item 8).
 
-    python bench/bench_e2e.py [--wallets 10000] [--events 60000] [--runs 3] [--profile]
+    python bench/bench_e2e.py [--shape both|mix|rentals] [--wallets 10000] [--events 60000]
+                              [--rentals-events 100000] [--runs 3] [--pin-drain] [--profile]
     python bench/bench_e2e.py --instances 2 --partitions 8 [--nats-sync always|default] [--runs 3]
+    python bench/bench_e2e.py --rss-check [--rss-events 100000 1000000]   (peak RSS, drains only)
     ... [--service-env BILLING_INTAKE_WORKERS=2 ...]   (extra environment of every instance)
+    ... [--json-out FILE]   (the side-by-side figures, for bench/bench_summary.py)
+
+Each shape of workload (``--shape both``: the mix, then the held-out shape of issue 15, each with its
+own baselines) is measured ``--runs`` times; the report gives each shape's details and then the
+shapes side by side. What each figure means: bench/README.md.
 
 The service is measured twice per run, each time on its own fresh database and namespace:
 
@@ -60,7 +67,8 @@ Two configurations, each measured with its own baselines on its own servers:
   far the stream's backlog grew in the burst: on 2 cores the bench's own publisher competes with the
   instances and PostgreSQL, and may be what bounds the burst's figure.
 
-The workload (bench/e2e_workload.py): a credit per wallet, rentals (pods on demand and spot,
+The mix (bench/e2e_workload.py ``build``; the held-out shape is ``build_rentals``: per wallet a
+credit, a start, 30 minute readings and an end): a credit per wallet, rentals (pods on demand and spot,
 marketplace, a few clusters) with per-minute readings, pauses/resumes, ends and spot preemptions,
 many serverless jobs, a few producer retries past the duplicate window and a few bad inputs; a few
 wallets arranged to run dry during the run.
@@ -69,11 +77,15 @@ Each run measures, in an order that alternates between runs:
 
 * A:  a bare nats-py consumer of the same messages (stored in a bare stream first as the drain's
       are, durable pull consumer, ``fetch(1000)``, ack each), and A': the raw ``$JS.API.CONSUMER.MSG.NEXT`` pull loop;
-* B:  a bare binary COPY of the rows the service writes for these events (events,
-      journal_transactions, journal_entries; ``bench_store.run_copy``), a transaction per 1000 events;
+* B:  a bare binary COPY of as many plain rows as the same run's drain wrote (counted from its
+      database, bench/e2e_copy.py) into a table without indexes, the rows of 1000 events a
+      transaction (after the drain in every run); and B-own: a binary COPY of the rows the service
+      writes (events, journal_transactions, journal_entries; ``bench_store.run_copy``) into our own
+      tables, a transaction per 1000 events;
 * the drain (above): the same messages (the dry wallets credited for an hour) stored first, then
-  consumed;
-  also its CPU, peak RSS, batches, ownership and the journal check;
+  consumed; also its CPU, peak RSS, batches, ownership, the rows it wrote per table and the journal
+  check; `billing verify` on the last run's database; with ``--pin-drain`` once more with each
+  instance pinned to one core (``taskset``);
 * the burst: `billing up` as a subprocess (or N of them) on a fresh migrated database and a unique
   NATS namespace; every message published to ``<ns>.billing.in.<walletId>`` (``publish_async`` in
   windows of 1000); events/s from the first publish until every message is accounted for: accepted
@@ -136,6 +148,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench import e2e_workload as workload
 from bench.bench_store import run_copy
 from bench.common import fresh_database, pg_server, plain
+from bench.e2e_copy import bare_copy, rows_added, written_rows
 from bench.e2e_nats import (
     baseline_a,
     bench_nats_server,
@@ -242,8 +255,11 @@ class Service:
         index: int = 0,
         partitions: int = 0,
         extra_env: Mapping[str, str] | None = None,
+        cpu: int | None = None,
     ) -> None:
         self.port = free_port()
+        self.cpu = cpu
+        """The core this instance (and its child processes) is pinned to with ``taskset``; None: any."""
         self.workdir = workdir
         self.index = index
         suffix = f"-{index + 1}" if index else ""
@@ -267,9 +283,10 @@ class Service:
         exe = shutil.which("billing", path=str(Path(sys.executable).parent)) or shutil.which("billing")
         if exe is None:
             raise SystemExit("the `billing` console script is not installed (make install)")
+        pin = ["taskset", "-c", str(self.cpu)] if self.cpu is not None else []  # taskset execs: same pid
         with self.log_path.open("wb") as log:
             self.proc = subprocess.Popen(
-                [exe, "up"], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                [*pin, exe, "up"], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
             )
         atexit.register(self.stop)
 
@@ -363,11 +380,21 @@ class Services:
         namespace: str,
         workdir: Path,
         extra_env: Mapping[str, str] | None = None,
+        *,
+        pinned: bool = False,
     ) -> None:
         self.topo = topo
+        cores = os.cpu_count() or 1
         self.items = [
             Service(
-                database_url, nats_url, namespace, workdir, index=i, partitions=topo.partitions, extra_env=extra_env
+                database_url,
+                nats_url,
+                namespace,
+                workdir,
+                index=i,
+                partitions=topo.partitions,
+                extra_env=extra_env,
+                cpu=i % cores if pinned else None,
             )
             for i in range(topo.instances)
         ]
@@ -807,6 +834,16 @@ class DrainRun:
     """Ownership during the drain, pull starts per unit, the mapping as stored (partitioned)."""
     instances: list[InstanceFigures] = field(default_factory=list)
     children: list[collections.Counter[str]] = field(default_factory=list)
+    rows_added: dict[str, int] = field(default_factory=dict)
+    """Rows per table the service wrote in the drain (counted from the database, bench/e2e_copy.py)."""
+    events: int = 0
+    """Accepted events of the drain (rows of ``events``)."""
+    verify: str = ""
+    """`billing verify` on the drained database (when asked for)."""
+
+    @property
+    def rows_per_event(self) -> float:
+        return sum(self.rows_added.values()) / self.events if self.events else 0.0
 
 
 @dataclass
@@ -1176,6 +1213,9 @@ async def run_drain(
     wl: Workload,
     items: list[AppendItem],
     args: argparse.Namespace,
+    *,
+    pinned: bool = False,
+    verify: bool = False,
 ) -> DrainRun:
     """The whole workload stored in the service's in-stream before its intake pulls, then consumed:
     like for like with baseline A, which also consumes messages already stored. On a fresh database
@@ -1183,7 +1223,9 @@ async def run_drain(
     instances and waits until they stand by (ready, live, owning nothing; the streams declared by
     the service itself at start), loads the stream (:func:`load_stream`, not timed), then releases
     the locks. Timed from the first ``intake consuming`` log line (an intake's last step before its
-    first pull) to the last commit, with the burst's completion check."""
+    first pull) to the last commit, with the burst's completion check. ``pinned``: each instance
+    (with its child processes) on one core by ``taskset``; ``verify``: `billing verify` on the
+    drained database once the instances are stopped."""
     names = NatsNames(namespace)
     dry_msgs, _ = workload.dry_wallet_messages(wl.dry, datetime.now(UTC), [DRY_FAR_S] * len(wl.dry))
     messages = dry_msgs + wl.messages
@@ -1192,20 +1234,47 @@ async def run_drain(
         tempfile.TemporaryDirectory(prefix="billing-e2e-drain-") as tmp,
     ):
         dsn = plain(db_url)
-        svcs = Services(topo, db_url, nats.url, namespace, Path(tmp), args.service_env)
+        svcs = Services(topo, db_url, nats.url, namespace, Path(tmp), args.service_env, pinned=pinned)
         hold = IntakeHold(dsn, names, topo)
         try:
             hold.take()
             svcs.start()
             ready_s = await svcs.wait_standing_by()
             hold.check()
-            return await _drain(
+            result = await _drain(
                 svcs, hold, dsn, str(make_url(db_url).database), nats, names, wl, messages, items, args, ready_s
             )
         finally:
             hold.release()
             svcs.stop()
             await delete_streams(nats.url, [names.in_stream, names.dlq_stream, names.commands_stream, names.out_stream])
+        if verify:
+            result.verify = await asyncio.to_thread(run_verify, db_url)
+        return result
+
+
+VERIFY_TIMEOUT_S = 900.0
+
+
+def run_verify(db_url: str) -> str:
+    """`billing verify` (the console script, as an operator runs it) on a drained database: its exit
+    code, how long it took and its last line."""
+    exe = shutil.which("billing", path=str(Path(sys.executable).parent)) or "billing"
+    env = {**os.environ, "BILLING_DATABASE_URL": db_url}
+    t = time.perf_counter()
+    try:
+        done = subprocess.run(
+            [exe, "verify"], env=env, capture_output=True, text=True, timeout=VERIFY_TIMEOUT_S, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return f"billing verify: TIMED OUT after {VERIFY_TIMEOUT_S:.0f} s"
+    lines = (done.stdout + done.stderr).strip().splitlines()
+    last = lines[-1] if lines else ""
+    return (
+        f"billing verify on the drained database: exit {done.returncode}"
+        f"{' (clean)' if done.returncode == 0 else ' (DIFFERENCES or could not run)'}"
+        f" in {time.perf_counter() - t:.1f} s; last line: {last[:200]}"
+    )
 
 
 def _unit_label(durable: str) -> str:
@@ -1230,6 +1299,45 @@ async def _wait_pulls(
                 + "\n".join(s.log_tail(10) for s in svcs)
             )
         await asyncio.sleep(0.02)
+
+
+def _drain_notes(
+    topo: Topology,
+    metrics0: list[dict[str, float]],
+    per_metrics: list[dict[str, float]],
+    starts: dict[str, tuple[float, int]],
+    t_first: float,
+) -> list[str]:
+    """Ownership during the drain (each unit acquired once, nothing released or lost) and, with
+    several durables, when each started pulling."""
+    acquired = [
+        ownership_changes(m1, "acquired") - ownership_changes(m0, "acquired")
+        for m0, m1 in zip(metrics0, per_metrics, strict=True)
+    ]
+    others = sum(
+        ownership_changes(m1) - ownership_changes(m0) for m0, m1 in zip(metrics0, per_metrics, strict=True)
+    ) - sum(acquired)
+    units = max(topo.partitions, 1)
+    owned = [owned_partitions(m) for m in per_metrics]
+    notes = [
+        "ownership during the drain: "
+        + (
+            ("the unit" if units == 1 else f"each of the {units} units")
+            + " acquired once after the release, none released or lost"
+            f" (owned: {'; '.join(f'#{k + 1} ' + (','.join(map(str, o)) or 'none') for k, o in enumerate(owned))})"
+            if sum(acquired) == units and others == 0
+            else f"CHANGED: {sum(acquired):.0f} acquisitions, {others:.0f} releases or losses; owned now {owned}"
+        )
+    ]
+    if len(topo.durables) > 1:
+        notes.append(
+            "first pull per durable, s after the first (instance): "
+            + ", ".join(
+                f"{_unit_label(d)} +{starts[d][0] - t_first:.2f} (#{starts[d][1] + 1})"
+                for d in sorted(topo.durables, key=lambda d: starts[d][0])
+            )
+        )
+    return notes
 
 
 async def _drain(
@@ -1262,6 +1370,7 @@ async def _drain(
         cpu = CpuMeter(svcs.pids, dbname, nats.url, nats.pid)
         rss.start()
         cleanup.callback(rss.stop)
+        rows_before = await asyncio.to_thread(written_rows, dsn)
 
         hold.check()
         t_release = hold.release()
@@ -1285,37 +1394,10 @@ async def _drain(
         per_metrics = await asyncio.to_thread(svcs.metrics)
         rss.stop()
         figs = _intake_figures(svcs, per_metrics, cpu, rss, t_end - t_cpu)
-        acquired = [
-            ownership_changes(m1, "acquired") - ownership_changes(m0, "acquired")
-            for m0, m1 in zip(metrics0, per_metrics, strict=True)
-        ]
-        others = sum(
-            ownership_changes(m1) - ownership_changes(m0) for m0, m1 in zip(metrics0, per_metrics, strict=True)
-        ) - sum(acquired)
-        units = max(topo.partitions, 1)
-        owned = [owned_partitions(m) for m in per_metrics]
-        notes.insert(
-            0,
-            "ownership during the drain: "
-            + (
-                ("the unit" if units == 1 else f"each of the {units} units")
-                + " acquired once after the release, none released or lost"
-                f" (owned: {'; '.join(f'#{k + 1} ' + (','.join(map(str, o)) or 'none') for k, o in enumerate(owned))})"
-                if sum(acquired) == units and others == 0
-                else f"CHANGED: {sum(acquired):.0f} acquisitions, {others:.0f} releases or losses; owned now {owned}"
-            ),
-        )
+        notes[:0] = _drain_notes(topo, metrics0, per_metrics, starts, t_first)
         t_last = max(t for t, _ in starts.values())
-        if len(topo.durables) > 1:
-            notes.insert(
-                1,
-                "first pull per durable, s after the first (instance): "
-                + ", ".join(
-                    f"{_unit_label(d)} +{starts[d][0] - t_first:.2f} (#{starts[d][1] + 1})"
-                    for d in sorted(topo.durables, key=lambda d: starts[d][0])
-                ),
-            )
         journal_check, outbox = await _journal_check(dsn, items, figs.metrics, "the drain")
+        added = rows_added(rows_before, await asyncio.to_thread(written_rows, dsn))
         return DrainRun(
             rate=committed / drain_s,
             seconds=drain_s,
@@ -1334,6 +1416,8 @@ async def _drain(
             notes=notes,
             instances=figs.instances,
             children=rss.children,
+            rows_added=added,
+            events=accepted,
         )
 
 
@@ -1383,6 +1467,8 @@ async def _journal_check(dsn: str, items: list[AppendItem], metrics: dict[str, f
     rows = await _query(
         dsn, "SELECT (SELECT count(*) FROM journal_transactions), (SELECT count(*) FROM journal_entries)"
     )
+    if not items:  # --rss-check: no offline journal built
+        return f"journal rows written by the service: {int(rows[0][0]):,} transactions, {int(rows[0][1]):,} entries", ""
     want_tx = sum(len(it.txns) for it in items)
     want_en = sum(len(t.postings) for it in items for t in it.txns)
     got_tx, got_en = int(rows[0][0]), int(rows[0][1])
@@ -1632,175 +1718,191 @@ def intake_settings(topo: Topology, extra: Mapping[str, str]) -> str:
     )
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--wallets", type=int, default=10_000)
-    ap.add_argument("--events", type=int, default=60_000, help="messages in the burst (about)")
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--instances", type=int, default=1, help="instances of billing up (more than 1: --partitions)")
-    ap.add_argument(
-        "--partitions", type=int, default=0, help="BILLING_INTAKE_PARTITIONS (0: unpartitioned; else own NATS)"
-    )
-    ap.add_argument(
-        "--own-nats", action="store_true", help="the bench's own nats-server also unpartitioned (implied by N > 0)"
-    )
-    ap.add_argument(
-        "--nats-sync",
-        choices=("default", "always"),
-        default="default",
-        help="sync_interval of the bench's own nats-server (deploy/nats/*.conf: always)",
-    )
-    ap.add_argument("--dry-wallets", type=int, default=12, help="wallets arranged to run dry during the run")
-    ap.add_argument("--dry-first", type=float, default=8.0, help="s after the first publish the first runs dry")
-    ap.add_argument("--dry-last", type=float, default=30.0, help="s after the first publish the last runs dry")
-    ap.add_argument("--sample-every", type=int, default=100, help="latency sample: every Nth accepted event")
-    ap.add_argument("--paced-rate", type=float, default=200.0, help="events/s of the paced probe after the burst")
-    ap.add_argument("--paced-seconds", type=float, default=5.0)
-    ap.add_argument("--timeout", type=float, default=300.0, help="bound on one run's drain or burst, seconds")
-    ap.add_argument(
-        "--service-env",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="extra environment of every billing up instance (repeatable), e.g. BILLING_INTAKE_WORKERS=2",
-    )
-    ap.add_argument("--profile", action="store_true", help="py-spy the service during the first run's burst")
-    ap.add_argument("--profile-dir", type=Path, default=Path(tempfile.gettempdir()) / "billing-bench-e2e")
-    args = ap.parse_args()
-    if args.instances < 1 or not 0 <= args.partitions <= 256:
-        ap.error("--instances must be at least 1 and --partitions 0..256")
-    if args.instances > 1 and args.partitions == 0:
-        ap.error("--instances > 1 needs --partitions N: unpartitioned, the instances would share one durable")
-    if args.own_nats is False and args.nats_sync == "always" and args.partitions == 0:
-        ap.error("--nats-sync is the bench's own server's: add --own-nats (or --partitions N)")
-    topo = Topology(
-        instances=args.instances,
-        partitions=args.partitions,
-        own_nats=args.own_nats or args.partitions > 0,
-        sync_always=args.nats_sync == "always",
-    )
-    args.service_env = parse_service_env(ap, args.service_env)
-    try:
-        settings_line = intake_settings(topo, args.service_env)
-    except ValueError as exc:
-        ap.error(f"billing up would refuse this environment: {exc}")
-    load_before = _loadavg()
-    # SIGTERM like Ctrl-C: the context managers and finally blocks stop the services and the servers,
-    # drop the databases and remove the temp dirs.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+SHAPES: Final = ("mix", "rentals")
+SHAPE_TITLES: Final = {
+    "mix": "the current mix (bench/e2e_workload.py build)",
+    "rentals": "held-out shape: per wallet a credit, a start, 30 minute readings, an end",
+}
 
+
+@dataclass
+class Shape:
+    """One workload of the run: the messages A consumes and the drain is loaded with, and the rows
+    the service writes for them (B-own)."""
+
+    name: str
+    wl: Workload
+    messages: list[Message]
+    items: list[AppendItem]
+
+
+def build_shape(name: str, args: argparse.Namespace) -> Shape:
     t = time.perf_counter()
-    wl = workload.build(args.wallets, args.events, dry=args.dry_wallets)
+    if name == "mix":
+        wl = workload.build(args.wallets, args.events, dry=args.dry_wallets)
+    else:
+        wl = workload.build_rentals(workload.rentals_wallets(args.rentals_events), dry=args.dry_wallets)
     dry_proto, _ = workload.dry_wallet_messages(wl.dry, datetime.now(UTC), [60.0] * len(wl.dry))
     all_msgs: list[Message] = dry_proto + wl.messages
-    items = workload.append_items(all_msgs)
+    items = workload.append_items(all_msgs) if not args.rss_check else []
     accepted, rejected, duplicate = wl.expected(len(dry_proto))
+    wallets = len(wl.live) + len(wl.dry)
     print(
-        f"workload: {len(all_msgs):,} messages for {args.wallets:,} wallets "
+        f"workload {name} ({SHAPE_TITLES[name]}): {len(all_msgs):,} messages for {wallets:,} wallets "
         f"({accepted:,} events to accept, {duplicate:,} producer retries, {rejected:,} bad inputs), "
         f"avg {sum(len(m.data) for m in all_msgs) / len(all_msgs):.0f} bytes; "
         f"{sum(len(i.txns) for i in items):,} journal transactions; "
         f"built in {time.perf_counter() - t:.1f} s (not timed)"
     )
     print("  " + ", ".join(f"{k} {v:,}" for k, v in wl.counts.items()) + f", dry wallets {len(wl.dry)} (x2 events)")
-    print(f"  machine: {os.cpu_count()} CPUs, load average before: {load_before}")
-    print(f"  configuration: {topo.describe()}")
-    print(f"  service: {settings_line}")
+    return Shape(name, wl, all_msgs, items)
 
-    a_fetch: list[float] = []
-    a_raw: list[float] = []
-    b_copy: list[float] = []
-    runs: list[ServiceRun] = []
-    drains: list[DrainRun] = []
-    namespaces = [(f"bench{secrets.token_hex(4)}", f"bench{secrets.token_hex(4)}") for _ in range(args.runs)]
-    with pg_server() as server, nats_for(topo, [ns for pair in namespaces for ns in pair]) as nats:
-        print(f"  servers: PostgreSQL {plain(server).split('@')[-1]}, NATS {nats.url} ({nats.description})")
-        for run in range(args.runs):
-            profile_dir = None
-            if args.profile and run == 0:
-                profile_dir = args.profile_dir
-                profile_dir.mkdir(parents=True, exist_ok=True)
-            order = ("A", "B", "drain", "burst") if run % 2 == 0 else ("burst", "drain", "B", "A")
-            for what in order:
-                if what == "A":
-                    res = asyncio.run(baseline_a(nats.url, f"benchraw{secrets.token_hex(4)}", all_msgs))
-                    a_fetch.append(res["fetch"])
-                    a_raw.append(res["raw"])
-                elif what == "B":
-                    b_copy.append(run_baseline_b(server, items))
-                elif what == "drain":
-                    drains.append(asyncio.run(run_drain(server, nats, topo, namespaces[run][0], wl, items, args)))
-                else:
-                    runs.append(
-                        asyncio.run(run_service(server, nats, topo, namespaces[run][1], wl, items, args, profile_dir))
-                    )
-            r, d = runs[-1], drains[-1]
-            print(
-                f"  run {run + 1}{' (py-spy attached to the burst)' if profile_dir else ''}: "
-                f"A fetch {a_fetch[-1]:,.0f}/s, A' raw {a_raw[-1]:,.0f}/s, B COPY {b_copy[-1]:,.0f}/s, "
-                f"drain {d.rate:,.0f}/s ({d.messages:,} in {d.seconds:.1f} s{', TIMED OUT' if d.timed_out else ''}), "
-                f"burst {r.rate:,.0f}/s ({r.messages:,} in {r.seconds:.1f} s{', TIMED OUT' if r.timed_out else ''}); "
-                f"load avg {_loadavg()}",
-                flush=True,
-            )
 
-    drain = [d.rate for d in drains]
-    burst = [r.rate for r in runs]
+@dataclass
+class ShapeResult:
+    """Every measurement of one shape, one entry per run."""
+
+    shape: Shape
+    a_fetch: list[float] = field(default_factory=list)
+    a_raw: list[float] = field(default_factory=list)
+    b_bare: list[float] = field(default_factory=list)
+    """Plain rows/s (bench/e2e_copy.py), as many rows as the same run's drain wrote."""
+    b_own: list[float] = field(default_factory=list)
+    """Events/s of the binary COPY of the service's rows into our own tables (bench_store.run_copy)."""
+    drains: list[DrainRun] = field(default_factory=list)
+    pinned: list[DrainRun] = field(default_factory=list)
+    bursts: list[ServiceRun] = field(default_factory=list)
+
+    @property
+    def b_bare_events(self) -> list[float]:
+        """B in events/s: plain rows/s / the rows the service wrote per event (same run)."""
+        return [b / d.rows_per_event for b, d in zip(self.b_bare, self.drains, strict=True)]
+
+    @property
+    def ceiling(self) -> list[float]:
+        """Per run, the headline's denominator: min(A' raw pull, B bare / rows per event)."""
+        return [min(a, b) for a, b in zip(self.a_raw, self.b_bare_events, strict=True)]
+
+
+PHASES_EVEN: Final = ("drain", "B", "A", "burst", "pinned")
+PHASES_ODD: Final = ("pinned", "burst", "A", "drain", "B")
+"""B comes after the drain in every run: its row count is the drain's."""
+
+
+def measure_shape(
+    shape: Shape,
+    topo: Topology,
+    args: argparse.Namespace,
+    server: str,
+    nats: NatsSide,
+    namespaces: list[tuple[str, str, str]],
+) -> ShapeResult:
+    res = ShapeResult(shape)
+    wl, items = shape.wl, shape.items
+    for run in range(args.runs):
+        profile_dir = None
+        if args.profile and run == 0:
+            profile_dir = args.profile_dir
+            profile_dir.mkdir(parents=True, exist_ok=True)
+        ns_drain, ns_burst, ns_pinned = namespaces[run]
+        for what in PHASES_EVEN if run % 2 == 0 else PHASES_ODD:
+            if what == "A":
+                got = asyncio.run(baseline_a(nats.url, f"benchraw{secrets.token_hex(4)}", shape.messages))
+                res.a_fetch.append(got["fetch"])
+                res.a_raw.append(got["raw"])
+            elif what == "B":
+                d = res.drains[-1]
+                rows = round(d.rows_per_event * len(items))
+                res.b_bare.append(bare_copy(server, rows, max(1, round(d.rows_per_event * 1000))))
+                res.b_own.append(run_baseline_b(server, items))
+            elif what == "drain":
+                verify = args.verify and run == args.runs - 1
+                res.drains.append(asyncio.run(run_drain(server, nats, topo, ns_drain, wl, items, args, verify=verify)))
+            elif what == "pinned" and args.pin_drain:
+                res.pinned.append(asyncio.run(run_drain(server, nats, topo, ns_pinned, wl, items, args, pinned=True)))
+            elif what == "burst":
+                res.bursts.append(asyncio.run(run_service(server, nats, topo, ns_burst, wl, items, args, profile_dir)))
+        _print_run_line(res, run, profile_dir is not None)
+    return res
+
+
+def _print_run_line(res: ShapeResult, run: int, profiled: bool) -> None:
+    r, d = res.bursts[-1], res.drains[-1]
+    pinned = f", drain pinned {res.pinned[-1].rate:,.0f}/s" if res.pinned else ""
+    print(
+        f"  {res.shape.name} run {run + 1}{' (py-spy attached to the burst)' if profiled else ''}: "
+        f"A fetch {res.a_fetch[-1]:,.0f}/s, A' raw {res.a_raw[-1]:,.0f}/s, "
+        f"B bare {res.b_bare[-1]:,.0f} rows/s ({d.rows_per_event:.2f} rows/event:"
+        f" {res.b_bare_events[-1]:,.0f} events/s),"
+        f" B-own {res.b_own[-1]:,.0f}/s, "
+        f"drain {d.rate:,.0f}/s ({d.messages:,} in {d.seconds:.1f} s{', TIMED OUT' if d.timed_out else ''}){pinned}, "
+        f"burst {r.rate:,.0f}/s ({r.messages:,} in {r.seconds:.1f} s{', TIMED OUT' if r.timed_out else ''}); "
+        f"load avg {_loadavg()}",
+        flush=True,
+    )
+
+
+def _ratio_line(name: str, figures: list[float], base: list[float]) -> str:
+    per_run = [s / b for s, b in zip(figures, base, strict=True)]
+    return f"  {name}: {statistics.median(per_run):.2f} (per run: {', '.join(f'{x:.2f}' for x in per_run)})"
+
+
+def print_paths(res: ShapeResult, topo: Topology) -> None:
+    """The table of paths and the headline ratios of one shape."""
     what_done = "committed + projected" if topo.instances == 1 and not topo.partitioned else "committed"
-    print()
-    print(f"configuration: {topo.short()}; NATS {'the bench' if topo.own_nats else 'the machine'}'s", end="")
-    print(f" (sync_interval {'always' if topo.sync_always else 'default'})" if topo.own_nats else "")
-    print(f"service: {settings_line}")
-    print(f"load average (1, 5, 15 min): {load_before} before, {_loadavg()} at the end ({os.cpu_count()} CPUs)")
-    print(f"{'path':<68} {'events/s median (min-max)':>28}")
-    print(f"{'A   nats-py durable pull, fetch(1000), ack each (bare stream)':<68} {summary(a_fetch):>28}")
-    print(f"{'A`  raw $JS.API.CONSUMER.MSG.NEXT pull loop, ack each':<68} {summary(a_raw):>28}")
-    print(f"{'B   binary COPY of the same rows (events + journal), txn per 1000':<68} {summary(b_copy):>28}")
-    print(f"{f'DRAIN service: backlog already stored -> {what_done}':<68} {summary(drain):>28}")
-    print(f"{'BURST service: live, publishing while it consumes (from 1st publish)':<68} {summary(burst):>28}")
-    producer = summary([r.publish_rate for r in runs])
-    print(f"{'    (burst producer: publish_async windows of 1000, service stream)':<68} {producer:>28}")
-    print()
+    rpe = [d.rows_per_event for d in res.drains]
+    print(f"{'path':<72} {'median (min-max)':>28}")
+    print(f"{'A   nats-py durable pull, fetch(1000), ack each (bare stream), msgs/s':<72} {summary(res.a_fetch):>28}")
+    print(f"{'A`  raw $JS.API.CONSUMER.MSG.NEXT pull loop, ack each, msgs/s':<72} {summary(res.a_raw):>28}")
+    print(f"{'B   bare binary COPY, plain rows into a table without indexes, rows/s':<72} {summary(res.b_bare):>28}")
+    print(f"{'      rows the service wrote per event (counted after the drain)':<72} {statistics.median(rpe):>18.2f}")
+    print(f"{'      B / rows per event, events/s':<72} {summary(res.b_bare_events):>28}")
+    print(f"{'B-own binary COPY of the same rows into our own tables, events/s':<72} {summary(res.b_own):>28}")
+    print(
+        f"{f'DRAIN service: backlog already stored -> {what_done}, events/s':<72}"
+        f" {summary([d.rate for d in res.drains]):>28}"
+    )
+    if res.pinned:
+        label = "DRAIN pinned: the same, each instance on one core (taskset)"
+        print(f"{label:<72} {summary([d.rate for d in res.pinned]):>28}")
+    print(
+        f"{'BURST service: live, publishing while it consumes (from 1st publish)':<72}"
+        f" {summary([r.rate for r in res.bursts]):>28}"
+    )
+    producer = summary([r.publish_rate for r in res.bursts])
+    print(f"{'    (burst producer: publish_async windows of 1000, service stream)':<72} {producer:>28}")
+    d = res.drains[-1]
+    print(
+        "  rows the service wrote in the drain (last run, per table): "
+        + ", ".join(f"{t} {n:,}" for t, n in sorted(d.rows_added.items(), key=lambda kv: -kv[1]))
+        + f" for {d.events:,} events (inserted rows net of the fresh schema; updates of a row not counted)"
+    )
+    drain = [d.rate for d in res.drains]
+    ceiling = statistics.median(res.ceiling)
+    ratio = statistics.median([x / c for x, c in zip(drain, res.ceiling, strict=True)])
+    print(
+        "headline, DRAIN / min(A` raw pull, B bare / rows per event), each run over its own baselines"
+        f" ({topo.short()}):"
+    )
+    print(_ratio_line("drain / min(A`, B/rows) ", drain, res.ceiling))
+    print(_ratio_line("drain / A` (raw pull)   ", drain, res.a_raw))
+    print(_ratio_line("drain / B / rows per event", drain, res.b_bare_events))
+    print(_ratio_line("drain / A  (nats-py fetch)", drain, res.a_fetch))
+    print(_ratio_line("drain / B-own (our tables)", drain, res.b_own))
+    print(_ratio_line("B-own / (B / rows per event): the schema's cost", res.b_own, res.b_bare_events))
+    print(
+        f"goal: drain >= 0.5 x min(A`, B / rows per event), median of the runs' ratios: {ratio:.2f}:"
+        f" {'MET' if ratio >= 0.5 else 'NOT MET'} (medians: drain {statistics.median(drain):,.0f} events/s,"
+        f" min(A`, B / rows per event) {ceiling:,.0f})"
+    )
+    burst = [r.rate for r in res.bursts]
+    print(_ratio_line("burst / min(A`, B/rows) (bounded by the bench's publisher when slower)", burst, res.ceiling))
 
-    def ratio_line(name: str, figures: list[float], base: list[float]) -> str:
-        per_run = [s / b for s, b in zip(figures, base, strict=True)]
-        return f"  {name}: {statistics.median(per_run):.2f} (per run: {', '.join(f'{x:.2f}' for x in per_run)})"
 
-    floor = min(statistics.median(a_fetch), statistics.median(b_copy))
-    floor2 = min(statistics.median(a_raw), statistics.median(b_copy))
-    print(
-        "ratios, DRAIN (the headline: like for like with A, which also consumes messages already stored;"
-        f" each run's figure over the same run's baseline; {topo.short()}):"
-    )
-    print(ratio_line("drain / A  (nats-py fetch)", drain, a_fetch))
-    print(ratio_line("drain / A` (raw pull)     ", drain, a_raw))
-    print(ratio_line("drain / B  (binary COPY)  ", drain, b_copy))
-    med = statistics.median(drain)
-    print(
-        f"goal: drain >= 0.5 x min(baselines A, B) = 0.5 x {floor:,.0f} = {0.5 * floor:,.0f} events/s: "
-        f"{'MET' if med >= 0.5 * floor else 'NOT MET'} (drain median {med:,.0f}, {med / floor:.2f} x min)"
-    )
-    print(
-        f"      (against the raw-pull ceiling A` instead of A: 0.5 x {floor2:,.0f} = {0.5 * floor2:,.0f}: "
-        f"{'met' if med >= 0.5 * floor2 else 'not met'})"
-    )
-    bmed = statistics.median(burst)
-    print(
-        "ratios, BURST (the live case: from the first publish, so bounded by the bench's own publisher"
-        " when that is the slower; see the producer line):"
-    )
-    print(ratio_line("burst / A  (nats-py fetch)", burst, a_fetch))
-    print(ratio_line("burst / A` (raw pull)     ", burst, a_raw))
-    print(ratio_line("burst / B  (binary COPY)  ", burst, b_copy))
-    print(
-        f"  burst against the same goal line ({0.5 * floor:,.0f} events/s): "
-        f"{'met' if bmed >= 0.5 * floor else 'not met'} (burst median {bmed:,.0f}, {bmed / floor:.2f} x min)"
-    )
-
+def print_drain_details(res: ShapeResult, topo: Topology) -> None:
+    drains, dl = res.drains, res.drains[-1]
     several = topo.instances > 1
-    print()
-    print(f"drain details ({topo.short()}; median over runs unless said):")
-    dl = drains[-1]
+    print(f"drain details ({res.shape.name}, {topo.short()}; median over runs unless said):")
     print(
         "  held: the bench held the intake's "
         + (f"{topo.partitions} unit locks" if topo.partitioned else "unit lock")
@@ -1833,37 +1935,37 @@ def main() -> None:
         + _children(dl.children)
     )
     _print_cpu_and_batches("the drain", drains, topo, "")
+    if res.pinned:
+        _print_cpu_and_batches("the pinned drain (taskset, one core per instance)", res.pinned, topo, "")
     for note in dl.notes:
         print(f"  {note} (last run)")
     print(f"  {dl.journal_check}")
     print(f"  {dl.outbox} (last run)")
-    print()
-    print(f"burst details ({topo.short()}; median over runs unless said):")
-    recv = [x for r in runs for x in r.lat_recv]
+    if dl.verify:
+        print(f"  {dl.verify} (last run)")
+
+
+def print_burst_details(res: ShapeResult, topo: Topology, args: argparse.Namespace) -> None:
+    runs, last = res.bursts, res.bursts[-1]
+    several = topo.instances > 1
+    print(f"burst details ({res.shape.name}, {topo.short()}; median over runs unless said):")
     commit = [x for r in runs for x in r.lat_commit]
-    how = "25 ms poll of the sampled rows"
+    recv = [x for r in runs for x in r.lat_recv]
     print(
         f"  burst latency, {len(commit):,} sampled events (every {args.sample_every}th accepted, all runs), "
-        f"publish call -> commit visible ({how}): p50 {ms(commit, 50)}, p99 {ms(commit, 99)}, "
-        f"max {ms(commit, 100)}"
-    )
-    print(
-        f"      publish call -> events.received_at (the batch's `now`, read when the intake starts the batch,"
-        f" before parse and transaction): p50 {ms(recv, 50)}, p99 {ms(recv, 99)}"
-    )
-    print(
-        "      (the whole burst is published at once, faster than it is consumed: these are mostly queueing"
-        " in the stream, i.e. backlog / throughput)"
+        f"publish call -> commit visible (25 ms poll of the sampled rows): p50 {ms(commit, 50)}, p99 {ms(commit, 99)}, "
+        f"max {ms(commit, 100)}; publish call -> events.received_at p50 {ms(recv, 50)}, p99 {ms(recv, 99)}"
+        " (the burst is published faster than consumed: mostly queueing in the stream)"
     )
     precv = [x for r in runs for x in r.paced_recv]
     pcommit = [x for r in runs for x in r.paced_commit]
     if pcommit:
         print(
-            f"  paced latency after the burst ({args.paced_rate:.0f} events/s for {args.paced_seconds:.0f} s, every"
-            f" event, {len(pcommit):,} in all): publish -> commit visible p50 {ms(pcommit, 50)}, p99 {ms(pcommit, 99)};"
-            f" publish -> received_at p50 {ms(precv, 50)}, p99 {ms(precv, 99)}"
+            f"  PACED latency after the burst ({args.paced_rate:.0f} events/s for {args.paced_seconds:.0f} s, every"
+            f" event, {len(pcommit):,} in all runs): publish -> commit visible p50 {ms(pcommit, 50)},"
+            f" p99 {ms(pcommit, 99)} (goal <= 100 ms: {'met' if pct(pcommit, 99) <= 0.1 else 'NOT MET'}),"
+            f" max {ms(pcommit, 100)}; publish -> received_at p50 {ms(precv, 50)}, p99 {ms(precv, 99)}"
         )
-    last = runs[-1]
     print(
         f"  peak RSS of {f'the {topo.instances} billing up instances together' if several else 'billing up'}: "
         f"{statistics.median([r.peak_rss for r in runs]) / 2**20:,.0f} MiB "
@@ -1883,15 +1985,18 @@ def main() -> None:
     print(
         "  producer or service bound? publishing took "
         + ", ".join(f"{r.publish_s:.1f} s of the burst's {r.seconds:.1f} s" for r in runs)
-        + "; messages published but not yet handled by the intake (committed and counted): at most "
+        + "; published but not yet handled by the intake: at most "
         + ", ".join(f"{r.backlog_max:,.0f}" for r in runs)
         + ", when the last publish was acked "
         + ", ".join(f"{r.backlog_after_publish:,.0f}" for r in runs)
-        + " (per run; a backlog near 0 means the service kept up and the producer on the same"
-        " machine bounds the figure)"
+        + " (per run; near 0: the service kept up and the producer bounds the figure)"
     )
     print(f"  {last.journal_check}")
     print(f"  {last.outbox} (last run)")
+    _print_stops(runs)
+
+
+def _print_stops(runs: list[ServiceRun]) -> None:
     arr = [x[1] for r in runs for x in r.stops]
     iss = [x[2] for r in runs for x in r.stops]
     relay = [x[1] - x[2] for r in runs for x in r.stops]
@@ -1899,15 +2004,16 @@ def main() -> None:
     missing = sum(r.stops_missing for r in runs)
     if arr:
         print(
-            f"  zero -> stop command arriving on <ns>.compute.commands.stop: p50 {ms(arr, 50)}, max {ms(arr, 100)}"
+            f"  ZERO -> STOP command arriving on <ns>.compute.commands.stop: p50 {ms(arr, 50)}, p99 {ms(arr, 99)}"
+            f" (goal <= 1 s: {'met' if pct(arr, 99) <= 1.0 and not missing else 'NOT MET'}), max {ms(arr, 100)}"
             f" ({len(arr)} dry wallets over all runs, {during} ran dry during the burst"
             + (f"; {missing} stop commands MISSING" if missing else "")
             + ")"
         )
         print(
             f"      predicted zero from rules.projected_zero_at; zero -> issuedAt (the scheduler's tick) p50"
-            f" {ms(iss, 50)}, max {ms(iss, 100)}; issuedAt -> arrival (commit, outbox relay, JetStream) p50"
-            f" {ms(relay, 50)}, max {ms(relay, 100)}"
+            f" {ms(iss, 50)}, p99 {ms(iss, 99)}; issuedAt -> arrival (commit, outbox relay, JetStream) p50"
+            f" {ms(relay, 50)}, p99 {ms(relay, 99)}"
         )
     checked = sum(r.wakeup_checked for r in runs)
     mism = sum(r.wakeup_mismatch for r in runs)
@@ -1919,6 +2025,231 @@ def main() -> None:
         if r.profile:
             print()
             print("\n".join(r.profile))
+
+
+def figures(res: ShapeResult, topo: Topology) -> dict[str, Any]:
+    """The side-by-side figures of one shape (medians; JSON for bench/bench_summary.py)."""
+    drains, bursts = res.drains, res.bursts
+    commit = [x for r in bursts for x in r.paced_commit]
+    stops = [x[1] for r in bursts for x in r.stops]
+    cores = statistics.median([d.cpu["service"] for d in drains])
+    out: dict[str, Any] = {
+        "shape": res.shape.name,
+        "configuration": topo.short(),
+        "instances": topo.instances,
+        "partitions": topo.partitions,
+        "runs": len(drains),
+        "a_fetch": statistics.median(res.a_fetch),
+        "a_raw": statistics.median(res.a_raw),
+        "b_bare_rows": statistics.median(res.b_bare),
+        "rows_per_event": statistics.median([d.rows_per_event for d in drains]),
+        "b_bare_events": statistics.median(res.b_bare_events),
+        "b_own": statistics.median(res.b_own),
+        "drain": statistics.median([d.rate for d in drains]),
+        "drain_runs": [d.rate for d in drains],
+        "headline": statistics.median([d.rate / c for d, c in zip(drains, res.ceiling, strict=True)]),
+        "drain_service_cores": cores,
+        "drain_postgres_cores": statistics.median([d.cpu["postgres (this database's backends)"] for d in drains]),
+        "drain_events_per_service_core_s": statistics.median([d.rate / d.cpu["service"] for d in drains]),
+        "drain_peak_rss_mib": statistics.median([d.peak_rss for d in drains]) / 2**20,
+        "burst": statistics.median([r.rate for r in bursts]),
+        "paced_p99_ms": pct(commit, 99) * 1000 if commit else None,
+        "stop_p99_ms": pct(stops, 99) * 1000 if stops else None,
+        "stops_missing": sum(r.stops_missing for r in bursts),
+        "burst_peak_rss_mib": statistics.median([r.peak_rss for r in bursts]) / 2**20,
+        "verify": drains[-1].verify,
+    }
+    if res.pinned:
+        out["drain_pinned"] = statistics.median([d.rate for d in res.pinned])
+        out["drain_pinned_service_cores"] = statistics.median([d.cpu["service"] for d in res.pinned])
+    return out
+
+
+def _f(v: Any, fmt: str) -> str:
+    return "n/a" if v is None else format(v, fmt)
+
+
+SIDE_ROWS: Final = (
+    ("A` raw pull-and-ack, msgs/s", "a_raw", ",.0f"),
+    ("A  nats-py fetch, msgs/s", "a_fetch", ",.0f"),
+    ("B  bare COPY, no indexes, rows/s", "b_bare_rows", ",.0f"),
+    ("   rows written per event (counted)", "rows_per_event", ".2f"),
+    ("   B / rows per event, events/s", "b_bare_events", ",.0f"),
+    ("B-own COPY into our tables, events/s", "b_own", ",.0f"),
+    ("DRAIN, events/s", "drain", ",.0f"),
+    ("HEADLINE drain / min(A`, B/rows) (goal 0.5)", "headline", ".2f"),
+    ("DRAIN pinned (taskset 1 core/instance)", "drain_pinned", ",.0f"),
+    ("drain: service cores busy", "drain_service_cores", ".2f"),
+    ("drain: PostgreSQL cores busy", "drain_postgres_cores", ".2f"),
+    ("drain: events per service core-second", "drain_events_per_service_core_s", ",.0f"),
+    ("drain: peak RSS, MiB", "drain_peak_rss_mib", ",.0f"),
+    ("BURST, events/s", "burst", ",.0f"),
+    ("paced publish->commit p99, ms (goal 100)", "paced_p99_ms", ",.0f"),
+    ("zero->stop command p99, ms (goal 1000)", "stop_p99_ms", ",.0f"),
+    ("burst: peak RSS, MiB", "burst_peak_rss_mib", ",.0f"),
+)
+
+
+def print_side_by_side(columns: Sequence[Mapping[str, Any]]) -> None:
+    """One column per (shape, configuration), one row per figure; medians over the runs."""
+    width = 24
+    heads = [
+        f"{c['shape']}, {c['instances']} inst" + (f" x {c['partitions']} part" if c["partitions"] else "")
+        for c in columns
+    ]
+    print(
+        f"{'median of ' + '/'.join(str(c['runs']) for c in columns) + ' runs':<46}"
+        + "".join(f"{h:>{width + 2}}" for h in heads)
+    )
+    for label, key, fmt in SIDE_ROWS:
+        if all(c.get(key) is None for c in columns):
+            continue
+        print(f"{label:<46}" + "".join(f"{_f(c.get(key), fmt):>{width + 2}}" for c in columns))
+    for c in columns:
+        if c.get("verify"):
+            print(f"  {c['shape']}, {c['configuration']}: {c['verify']}")
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", choices=("both", *SHAPES), default="both", help="which workload(s), side by side")
+    ap.add_argument("--wallets", type=int, default=10_000, help="wallets of the mix")
+    ap.add_argument("--events", type=int, default=60_000, help="messages of the mix (about)")
+    ap.add_argument("--rentals-events", type=int, default=100_000, help="events of the held-out shape (about)")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--instances", type=int, default=1, help="instances of billing up (more than 1: --partitions)")
+    ap.add_argument(
+        "--partitions", type=int, default=0, help="BILLING_INTAKE_PARTITIONS (0: unpartitioned; else own NATS)"
+    )
+    ap.add_argument(
+        "--own-nats", action="store_true", help="the bench's own nats-server also unpartitioned (implied by N > 0)"
+    )
+    ap.add_argument(
+        "--nats-sync",
+        choices=("default", "always"),
+        default="default",
+        help="sync_interval of the bench's own nats-server (deploy/nats/*.conf: always)",
+    )
+    ap.add_argument("--dry-wallets", type=int, default=12, help="wallets arranged to run dry during the run")
+    ap.add_argument("--dry-first", type=float, default=8.0, help="s after the first publish the first runs dry")
+    ap.add_argument("--dry-last", type=float, default=30.0, help="s after the first publish the last runs dry")
+    ap.add_argument("--sample-every", type=int, default=100, help="latency sample: every Nth accepted event")
+    ap.add_argument("--paced-rate", type=float, default=200.0, help="events/s of the paced probe after the burst")
+    ap.add_argument("--paced-seconds", type=float, default=5.0)
+    ap.add_argument("--timeout", type=float, default=300.0, help="bound on one run's drain or burst, seconds")
+    ap.add_argument(
+        "--service-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="extra environment of every billing up instance (repeatable), e.g. BILLING_INTAKE_WORKERS=2",
+    )
+    ap.add_argument("--pin-drain", action="store_true", help="also a drain per run with each instance on one core")
+    ap.add_argument("--no-verify", dest="verify", action="store_false", help="skip `billing verify` after the drains")
+    ap.add_argument("--json-out", type=Path, help="write the side-by-side figures here (bench/bench_summary.py)")
+    ap.add_argument(
+        "--rss-check", action="store_true", help="drain --rss-events of the held-out shape each; peak RSS of each"
+    )
+    ap.add_argument("--rss-events", type=int, nargs="+", default=[100_000, 1_000_000])
+    ap.add_argument("--profile", action="store_true", help="py-spy the service during the first run's burst")
+    ap.add_argument("--profile-dir", type=Path, default=Path(tempfile.gettempdir()) / "billing-bench-e2e")
+    args = ap.parse_args()
+    if args.instances < 1 or not 0 <= args.partitions <= 256:
+        ap.error("--instances must be at least 1 and --partitions 0..256")
+    if args.instances > 1 and args.partitions == 0:
+        ap.error("--instances > 1 needs --partitions N: unpartitioned, the instances would share one durable")
+    if args.own_nats is False and args.nats_sync == "always" and args.partitions == 0:
+        ap.error("--nats-sync is the bench's own server's: add --own-nats (or --partitions N)")
+    args.service_env = parse_service_env(ap, args.service_env)
+    args.topo = Topology(
+        instances=args.instances,
+        partitions=args.partitions,
+        own_nats=args.own_nats or args.partitions > 0,
+        sync_always=args.nats_sync == "always",
+    )
+    try:
+        args.settings_line = intake_settings(args.topo, args.service_env)
+    except ValueError as exc:
+        ap.error(f"billing up would refuse this environment: {exc}")
+    return args
+
+
+def rss_check(args: argparse.Namespace) -> None:
+    """Drains of the held-out shape at each of ``--rss-events`` (fresh database and stream each):
+    the service's peak RSS of each, and the ratio of the last to the first (flat: about 1)."""
+    topo = args.topo
+    args.timeout = max(args.timeout, 1800.0)
+    sizes = list(args.rss_events)
+    namespaces = [f"bench{secrets.token_hex(4)}" for _ in sizes]
+    peaks: list[tuple[int, DrainRun]] = []
+    with pg_server() as server, nats_for(topo, namespaces) as nats:
+        print(f"  servers: PostgreSQL {plain(server).split('@')[-1]}, NATS {nats.url} ({nats.description})")
+        for n, ns in zip(sizes, namespaces, strict=True):
+            args.rentals_events = n
+            shape = build_shape("rentals", args)
+            d = asyncio.run(run_drain(server, nats, topo, ns, shape.wl, [], args))
+            peaks.append((len(shape.messages), d))
+            print(
+                f"  {len(shape.messages):,} events: drain {d.rate:,.0f}/s in {d.seconds:.1f} s"
+                f"{', TIMED OUT' if d.timed_out else ''}; peak RSS {d.peak_rss / 2**20:,.0f} MiB"
+                f" (child processes: {_children(d.children)}); {d.journal_check}",
+                flush=True,
+            )
+            del shape
+    print()
+    print(f"peak RSS of the service draining the held-out shape ({topo.short()}, sampled every 0.5 s):")
+    for n, d in peaks:
+        print(f"  {n:>12,} events: {d.peak_rss / 2**20:>8,.0f} MiB   drain {d.rate:,.0f}/s")
+    (n0, d0), (n1, d1) = peaks[0], peaks[-1]
+    print(
+        f"  ratio {n1:,} / {n0:,} events ({n1 / n0:.0f}x the events): peak RSS x {d1.peak_rss / d0.peak_rss:.2f}"
+        f" (flat: about 1.0)"
+    )
+
+
+def main() -> None:
+    args = parse_args()
+    topo: Topology = args.topo
+    load_before = _loadavg()
+    # SIGTERM like Ctrl-C: the context managers and finally blocks stop the services and the servers,
+    # drop the databases and remove the temp dirs.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    print(f"machine: {os.cpu_count()} CPUs, load average before: {load_before}")
+    print(f"configuration: {topo.describe()}")
+    print(f"service: {args.settings_line}")
+    if args.rss_check:
+        rss_check(args)
+        return
+    shapes = [build_shape(name, args) for name in (SHAPES if args.shape == "both" else (args.shape,))]
+    namespaces = {
+        s.name: [tuple(f"bench{secrets.token_hex(4)}" for _ in range(3)) for _ in range(args.runs)] for s in shapes
+    }
+    every_ns = [ns for runs in namespaces.values() for triple in runs for ns in triple]
+    results: list[ShapeResult] = []
+    with pg_server() as server, nats_for(topo, every_ns) as nats:
+        print(f"  servers: PostgreSQL {plain(server).split('@')[-1]}, NATS {nats.url} ({nats.description})")
+        for shape in shapes:
+            results.append(measure_shape(shape, topo, args, server, nats, namespaces[shape.name]))  # type: ignore[arg-type]
+    print()
+    print(f"configuration: {topo.short()}; NATS {'the bench' if topo.own_nats else 'the machine'}'s", end="")
+    print(f" (sync_interval {'always' if topo.sync_always else 'default'})" if topo.own_nats else "")
+    print(f"service: {args.settings_line}")
+    print(f"load average (1, 5, 15 min): {load_before} before, {_loadavg()} at the end ({os.cpu_count()} CPUs)")
+    for res in results:
+        print()
+        print(f"==== {res.shape.name}: {SHAPE_TITLES[res.shape.name]} ====")
+        print_paths(res, topo)
+        print()
+        print_drain_details(res, topo)
+        print()
+        print_burst_details(res, topo, args)
+    columns = [figures(res, topo) for res in results]
+    print()
+    print(f"side by side ({topo.short()}):")
+    print_side_by_side(columns)
+    if args.json_out is not None:
+        args.json_out.parent.mkdir(parents=True, exist_ok=True)
+        args.json_out.write_text(json.dumps(columns, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
-"""The workload of bench/bench_e2e.py: an hour of platform traffic for >= 10k wallets, compressed
-into one burst of CloudEvents, plus the rows the service writes for it (for the raw COPY baseline).
+"""The workloads of bench/bench_e2e.py, plus the rows the service writes for them (for the COPY
+baseline B-own). Two shapes: the mix (:func:`build`), an hour of platform traffic for >= 10k wallets
+compressed into one burst of CloudEvents; and the held-out shape of issue 15 (:func:`build_rentals`):
+per wallet a credit, a start, 30 minute readings and an end.
 
 Every message is built as a dict, validated by ``EVENT_ADAPTER.validate_json`` into the service's own
 event model and serialised back with ``event_to_json``: exactly the bytes a conforming producer
@@ -304,6 +306,82 @@ def build(wallets: int, events: int, *, dry: int = 20, seed: int = 2026, now: da
         counts[ev.type] = counts.get(ev.type, 0) + 1
     counts["duplicate (retry past the dedup window)"] = sum(1 for m in messages if m.kind == "duplicate")
     counts["rejected (future time, negative counter)"] = sum(1 for m in messages if m.kind == "rejected")
+    return Workload(messages=messages, dry=dry_specs, live=live, counts=counts)
+
+
+RENTAL_READINGS = 30
+EVENTS_PER_RENTAL_WALLET = RENTAL_READINGS + 3  # a credit, a start, the readings and an end
+
+
+def rentals_wallets(events: int) -> int:
+    """Wallets of the held-out shape for about ``events`` events: 100k -> 3,125 (as issue 15's check)."""
+    return max(1, round(events / 32))
+
+
+def build_rentals(wallets: int, *, dry: int = 20, seed: int = 2026, now: datetime | None = None) -> Workload:
+    """The held-out shape of issue 15: per wallet a credit, one pod's start, ``RENTAL_READINGS``
+    per-minute readings and an end (``EVENTS_PER_RENTAL_WALLET`` events), published in event-time
+    order (credits first), so each batch holds readings of many wallets. No retries or bad inputs.
+    ``dry`` of the wallets are the burst's dry wallets (:func:`dry_wallet_messages`), not rentals."""
+    if wallets < dry + 10:
+        raise ValueError(f"{wallets} wallets: need at least {dry + 10}")
+    rnd = random.Random(seed)
+    now = now or datetime.now(UTC)
+    ids = [f"w{i:05d}" for i in range(wallets)]
+    dry_ids, live = ids[:dry], ids[dry:]
+    b = _Builder()
+    span_s = (RENTAL_READINGS + 2) * 60
+    credits = []
+    for i, w in enumerate(live):
+        gpu = rnd.choice(list(GPU_PRICES))
+        gpus = rnd.choice([1, 1, 2, 4, 8])
+        price = GPU_PRICES[gpu] * gpus
+        start = now - timedelta(seconds=span_s + rnd.randrange(0, 600))
+        rid, source = f"pod{i:07d}", f"compute/host{i % 211}"
+        data: dict[str, object] = {"walletId": w, "resourceId": rid}
+        b.add(
+            source,
+            f"{rid}-00000",
+            "gpu.rental.started",
+            start,
+            {
+                **data,
+                "resourceKind": "pod",
+                "gpuType": gpu,
+                "gpuCount": gpus,
+                "tier": "on_demand",
+                "pricePerHourMicros": price,
+            },
+        )
+        for k in range(1, RENTAL_READINGS + 1):
+            at = start + timedelta(seconds=60 * k)
+            b.add(source, f"{rid}-{k:05d}", "gpu.rental.metered", at, {**data, "uptimeSecondsTotal": 60 * k})
+        end_s = 60 * RENTAL_READINGS + rnd.randint(5, 55)
+        b.add(
+            source,
+            f"{rid}-{RENTAL_READINGS + 1:05d}",
+            "gpu.rental.ended",
+            start + timedelta(seconds=end_s),
+            {**data, "uptimeSecondsTotal": end_s, "reason": "stopped"},
+        )
+        credits.append(
+            _event(
+                "finance/console",
+                f"adj-{i:06d}",
+                "wallet.adjusted",
+                start - timedelta(minutes=1),
+                {"walletId": w, "amountMicros": 4 * price, "reason": "bench credit", "operator": "bench"},
+            )
+        )
+    b.timed.sort(key=lambda x: (x[0], x[1]))
+    ordered = credits + [ev for _, _, ev in b.timed]
+    messages = [
+        Message(ev.wallet_id, event_to_json(ev), ev.key, f"{ev.source}/{ev.id}", "accepted", ev) for ev in ordered
+    ]
+    counts: dict[str, int] = {}
+    for ev in ordered:
+        counts[ev.type] = counts.get(ev.type, 0) + 1
+    dry_specs = [(w, rnd.choice([2_990_000, 7_960_000, 23_920_000])) for w in dry_ids]
     return Workload(messages=messages, dry=dry_specs, live=live, counts=counts)
 
 
