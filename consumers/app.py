@@ -8,7 +8,7 @@
 * the outbox relay (``consumers.relay``): stop commands, notices and settlements out;
 * the auto-stop scheduler (``consumers.scheduler``): predicted zero instants into stop commands;
 * the admission replies (``consumers.admission``): NATS request-reply;
-* HTTP (FastAPI on uvicorn, ``settings.http_port``): the API of ``consumers.http_api`` (wallet,
+* HTTP (FastAPI on uvicorn, ``settings.http_port``): the API of ``consumers.http`` (wallet,
   Stripe, reads), and ``GET /healthz`` (liveness), ``GET /readyz`` (PostgreSQL answers ``SELECT 1``,
   NATS is connected, the intake and admission are running; 503 otherwise) and ``GET /metrics``
   (Prometheus).
@@ -52,8 +52,9 @@ from sqlalchemy.engine import make_url
 
 from consumers import intake
 from consumers.admission import run_admission
-from consumers.http_api import API_DESCRIPTION, API_TITLE, API_VERSION, install_api
-from consumers.http_limits import uvicorn_config
+from consumers.http.app import install_api
+from consumers.http.docs import API_DESCRIPTION, API_TITLE, API_VERSION
+from consumers.http.limits import uvicorn_config
 from consumers.lane_workers import LaneWorkers
 from consumers.metrics import CONTENT_TYPE_LATEST, Metrics
 from consumers.names import NatsNames
@@ -108,7 +109,7 @@ def build_http(
     readiness: Readiness,
 ) -> FastAPI:
     """The operational endpoints; ``run_service`` adds the API's router to the same app."""
-    # /openapi.json and /docs (consumers.http_api.install_docs) describe the API routers only: the
+    # /openapi.json and /docs (consumers.http.docs.install_docs) describe the API routers only: the
     # same document as openapi.json; the operational endpoints stay out of it.
     api = FastAPI(
         title=API_TITLE,
@@ -253,11 +254,11 @@ async def run_service(
         readiness = Readiness({"intake": asyncio.Event(), "admission": asyncio.Event()})
         relay_kick, scheduler_kick = asyncio.Event(), asyncio.Event()
         api = build_http(engine, lambda: nc, registry, readiness)
-        # The wallet, Stripe and finance routes (consumers.http_api) on the same app and port.
+        # The wallet, Stripe and finance routes (consumers.http) on the same app and port.
         # With the guard (token and body size before the body), the served docs (/, /docs).
         install_api(api, engine, settings, clock=clock, registry=registry)
         http = _HttpServer(
-            # The bounds on slow and hostile clients (consumers/http_limits.py, the http_* settings).
+            # The bounds on slow and hostile clients (consumers/http/limits.py, the http_* settings).
             uvicorn_config(
                 api,
                 host=settings.http_host,
