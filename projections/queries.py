@@ -44,3 +44,9 @@ def known_wallet_statement(conn: Connection, wallet_id: str, start: datetime, en
     if not reports.wallet_known(conn, wallet_id):
         raise UnknownWallet(wallet_id)
     return reports.statement(conn, wallet_id, start, end)
+
+
+def ping(engine: Engine) -> None:
+    """The database answers a statement (readiness); raises what the driver raises when not."""
+    with engine.connect() as conn:
+        conn.execute(text("SELECT 1"))

@@ -1,7 +1,8 @@
 """The FastAPI app of the HTTP API, from its routers (DESIGN section 6); nothing else lives here.
 
-Wiring (the runtime owns its app, ``/healthz``, ``/readyz`` and ``/metrics``)::
+Wiring (``billing up``: :func:`create_service_app`, the operational endpoints)::
 
+    app = create_service_app(engine, connection, registry, readiness)
     install_api(app, engine, settings, clock=..., registry=...)
 
 :func:`create_app` does the same on a new app for tests and for the OpenAPI export
@@ -10,17 +11,21 @@ Wiring (the runtime owns its app, ``/healthz``, ``/readyz`` and ``/metrics``)::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import stripe
 from fastapi import APIRouter, FastAPI
+from nats.aio.client import Client
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 
-from consumers.http import finance, stripe_webhook, topups, wallets
+from consumers.http import finance, operations, stripe_webhook, topups, wallets
 from consumers.http.auth import ROUTE_SCOPES, TokenAuthenticator, authorization_refusal
 from consumers.http.context import Clock, HttpContext, create_context
 from consumers.http.docs import API_DESCRIPTION, API_TITLE, API_VERSION, install_docs
 from consumers.http.errors import install_error_handlers
 from consumers.http.limits import GuardMiddleware
+from consumers.http.operations import Readiness
 from consumers.settings import Settings
 from consumers.stripe_facts import MAX_WEBHOOK_BYTES
 
@@ -63,6 +68,30 @@ def install_api(
     install_guard(app, ctx.auth, settings)
 
 
+def _api_app() -> FastAPI:
+    return FastAPI(
+        title=API_TITLE,
+        version=API_VERSION,
+        description=API_DESCRIPTION,
+        docs_url=None,  # ours, with local assets: install_docs
+        redoc_url=None,
+    )
+
+
+def create_service_app(
+    engine: Engine,
+    connection: Callable[[], Client | None],
+    registry: CollectorRegistry,
+    readiness: Readiness,
+) -> FastAPI:
+    """The operational endpoints (``consumers.http.operations``); ``run_service`` adds the API
+    with :func:`install_api`. /openapi.json and /docs describe the API routers only: the same
+    document as openapi.json; the operational endpoints stay out of it."""
+    app = _api_app()
+    app.include_router(operations.build(engine, connection, registry, readiness))
+    return app
+
+
 def create_app(
     engine: Engine,
     settings: Settings,
@@ -72,13 +101,7 @@ def create_app(
     registry: CollectorRegistry | None = None,
 ) -> FastAPI:
     """An app with the whole API (tests, the OpenAPI export); ``billing up`` serves the same on its
-    operational app (consumers.app.build_http)."""
-    app = FastAPI(
-        title=API_TITLE,
-        version=API_VERSION,
-        description=API_DESCRIPTION,
-        docs_url=None,  # ours, with local assets: install_docs
-        redoc_url=None,
-    )
+    operational app (create_service_app)."""
+    app = _api_app()
     install_api(app, engine, settings, stripe_client=stripe_client, clock=clock, registry=registry)
     return app

@@ -20,6 +20,7 @@ from projections import rules
 from projections.read_models import read_rental, read_snapshot, read_wallet
 
 routes = APIRouter(route_class=BillingRoute, tags=["wallet"])
+_READ_ERRORS = error_responses(401, 403, 404, 422, 503)
 
 
 def build(ctx: HttpContext) -> APIRouter:
@@ -33,7 +34,7 @@ def _utc(value: datetime | None) -> datetime | None:
 @routes.get(
     "/wallets/{walletId}",
     summary="A wallet's balance, available funds, burn and projected zero, live",
-    responses=error_responses(401, 403, 404, 422, 503),
+    responses=_READ_ERRORS,
 )
 def get_wallet(
     ctx: Ctx,
@@ -64,7 +65,7 @@ def get_wallet(
 @routes.get(
     "/rentals/{resourceId}",
     summary="A rental's state, billable seconds and cost so far",
-    responses=error_responses(401, 403, 404, 422, 503),
+    responses=_READ_ERRORS,
 )
 def get_rental(
     ctx: Ctx,
