@@ -8,7 +8,7 @@
 * the outbox relay (``consumers.relay``): stop commands, notices and settlements out;
 * the auto-stop scheduler (``consumers.scheduler``): predicted zero instants into stop commands;
 * the admission replies (``consumers.admission``): NATS request-reply;
-* HTTP (FastAPI on uvicorn, ``settings.http_port``): the API of ``consumers.http_api`` (wallet,
+* HTTP (FastAPI on uvicorn, ``settings.http_port``): the API of ``consumers.http`` (wallet,
   Stripe, reads), and ``GET /healthz`` (liveness), ``GET /readyz`` (PostgreSQL answers ``SELECT 1``,
   NATS is connected, the intake and admission are running; 503 otherwise) and ``GET /metrics``
   (Prometheus).
@@ -33,29 +33,25 @@ import logging
 import signal
 from collections.abc import Callable, Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Final, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 import nats.errors
 import uvicorn
-from fastapi import FastAPI, Response
-from fastapi.responses import JSONResponse
 from faststream.nats import NatsBroker
-from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import ServiceUnavailableError
 from prometheus_client import CollectorRegistry
-from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
 from consumers import intake
 from consumers.admission import run_admission
-from consumers.http_api import API_DESCRIPTION, API_TITLE, API_VERSION, install_api
-from consumers.http_limits import uvicorn_config
+from consumers.http.app import create_service_app, install_api
+from consumers.http.limits import uvicorn_config
+from consumers.http.operations import Readiness
 from consumers.lane_workers import LaneWorkers
-from consumers.metrics import CONTENT_TYPE_LATEST, Metrics
+from consumers.metrics import Metrics
 from consumers.names import NatsNames
 from consumers.partitions import run_owned
 from consumers.relay import run_relay
@@ -69,7 +65,6 @@ from ledger.db import make_engine
 log = logging.getLogger("billing")
 
 # /readyz: how long the database may take to answer SELECT 1 before the service is "not ready".
-READY_DB_TIMEOUT_S: Final = 2.0
 # Connections of the service: the intake, the relay, the scheduler, up to 4 admissions, readiness;
 # partitioned, one more per partition the instance may own (each runs its own batches).
 ENGINE_POOL_SIZE: Final = 8
@@ -91,75 +86,6 @@ CANCEL_GRACE_S: Final = 5.0
 READY_POLL_S: Final = 0.05
 
 T = TypeVar("T")
-
-
-@dataclass
-class Readiness:
-    """What /readyz checks besides the database and the NATS connection."""
-
-    components: dict[str, asyncio.Event] = field(default_factory=dict)
-    stopping: bool = False
-
-
-def build_http(
-    engine: Engine,
-    connection: Callable[[], Client | None],
-    registry: CollectorRegistry,
-    readiness: Readiness,
-) -> FastAPI:
-    """The operational endpoints; ``run_service`` adds the API's router to the same app."""
-    # /openapi.json and /docs (consumers.http_api.install_docs) describe the API routers only: the
-    # same document as openapi.json; the operational endpoints stay out of it.
-    api = FastAPI(
-        title=API_TITLE,
-        version=API_VERSION,
-        description=API_DESCRIPTION,
-        docs_url=None,
-        redoc_url=None,
-        openapi_url="/openapi.json",
-    )
-
-    @api.get("/healthz", include_in_schema=False)
-    async def healthz() -> dict[str, str]:
-        """Liveness: the process serves HTTP."""
-        return {"status": "ok"}
-
-    @api.get("/readyz", include_in_schema=False)
-    async def readyz() -> JSONResponse:
-        """Readiness: PostgreSQL answers, NATS is connected, the consumers run."""
-        checks: dict[str, str] = {}
-        checks["database"] = await _check_database(engine)
-        nc = connection()
-        checks["nats"] = "ok" if nc is not None and nc.is_connected else "not connected"
-        for name, ready in readiness.components.items():
-            checks[name] = "ok" if ready.is_set() else "starting"
-        if readiness.stopping:
-            checks["service"] = "stopping"
-        ok = all(v == "ok" for v in checks.values())
-        body = {"status": "ready" if ok else "not ready", "checks": checks}
-        return JSONResponse(body, status_code=200 if ok else 503)
-
-    @api.get("/metrics", include_in_schema=False)
-    async def metrics() -> Response:
-        from prometheus_client import generate_latest
-
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
-
-    return api
-
-
-async def _check_database(engine: Engine) -> str:
-    def select_one() -> None:
-        with engine.connect() as conn:
-            conn.execute(text("SELECT 1"))
-
-    try:
-        await asyncio.wait_for(asyncio.to_thread(select_one), timeout=READY_DB_TIMEOUT_S)
-    except TimeoutError:
-        return f"no answer within {READY_DB_TIMEOUT_S} s"
-    except Exception as exc:
-        return f"unavailable: {type(exc).__name__}"
-    return "ok"
 
 
 class _HttpServer(uvicorn.Server):
@@ -252,12 +178,12 @@ async def run_service(
         registry = CollectorRegistry()
         readiness = Readiness({"intake": asyncio.Event(), "admission": asyncio.Event()})
         relay_kick, scheduler_kick = asyncio.Event(), asyncio.Event()
-        api = build_http(engine, lambda: nc, registry, readiness)
-        # The wallet, Stripe and finance routes (consumers.http_api) on the same app and port.
+        api = create_service_app(engine, lambda: nc, registry, readiness)
+        # The wallet, Stripe and finance routes (consumers.http) on the same app and port.
         # With the guard (token and body size before the body), the served docs (/, /docs).
         install_api(api, engine, settings, clock=clock, registry=registry)
         http = _HttpServer(
-            # The bounds on slow and hostile clients (consumers/http_limits.py, the http_* settings).
+            # The bounds on slow and hostile clients (consumers/http/limits.py, the http_* settings).
             uvicorn_config(
                 api,
                 host=settings.http_host,

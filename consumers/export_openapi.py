@@ -15,7 +15,7 @@ from pydantic import SecretStr
 from sqlalchemy import create_engine
 
 from consumers import generated_docs
-from consumers.http_api import create_app
+from consumers.http.app import create_app
 from consumers.settings import Settings
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "openapi.json"

@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     # it is taken, a free port is used instead (logged, and written to runtime.json).
     embedded_nats_port: int = Field(default=14222, ge=1, le=65535)
 
-    # --- HTTP: bounds on slow and hostile clients (consumers/http_limits.py) ----------------------------
+    # --- HTTP: bounds on slow and hostile clients (consumers/http/limits.py) ----------------------------
     # The request line and headers must arrive within this of their first byte (or of the connect);
     # the body within http_body_timeout_s of the headers. Absolute deadlines: a trickle of bytes
     # (slowloris) does not extend them. On expiry the connection is closed (408 if nothing was answered).

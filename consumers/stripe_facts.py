@@ -53,7 +53,7 @@ import psycopg
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import Engine
 
-from consumers.api_errors import ApiError
+from consumers.http.errors import ApiError
 from consumers.stripe_gateway import (
     WEBHOOK_TOLERANCE_SECONDS,
     ChargeView,

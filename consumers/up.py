@@ -77,7 +77,7 @@ class Stopped(Exception):
 
 def check_tokens(settings: Settings, *, embedded_database: bool) -> None:
     """BILLING_API_TOKENS well formed; outside embedded mode, every token at least 16 characters."""
-    from consumers.http_api import parse_api_tokens
+    from consumers.http.auth import parse_api_tokens
 
     spec = settings.api_tokens.get_secret_value()
     try:

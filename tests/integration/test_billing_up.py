@@ -22,7 +22,8 @@ import httpx
 import pytest
 from sqlalchemy import Engine, create_engine
 
-from consumers.app import Readiness, build_http
+from consumers.http.app import create_service_app
+from consumers.http.operations import Readiness
 from consumers.intake import IntakeConfig
 from consumers.metrics import Metrics
 from ledger.events import event_to_json
@@ -341,7 +342,7 @@ async def test_readyz_is_503_when_the_database_is_unreachable() -> None:
     engine = create_engine("postgresql+psycopg://nobody@127.0.0.1:1/none", connect_args={"connect_timeout": 1})
     ready = asyncio.Event()
     ready.set()
-    app = build_http(engine, lambda: None, Metrics().registry, Readiness({"intake": ready}))
+    app = create_service_app(engine, lambda: None, Metrics().registry, Readiness({"intake": ready}))
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://billing") as client:
         response = await client.get("/readyz")
         assert response.status_code == 503

@@ -11,7 +11,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
-from consumers.http_api import create_app
+from consumers.http.app import create_app
 from ledger.db import unit_of_work
 from ledger.events import LOG_EVENT_ADAPTER, event_to_json
 from projections.processor import Incoming, process_batch

@@ -17,7 +17,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
-from consumers.http_api import create_app, parse_api_tokens
+from consumers.http.app import create_app
+from consumers.http.auth import parse_api_tokens
 from ledger.db import unit_of_work
 from ledger.events import event_to_json
 from ledger.journal import DISPUTES, REFUNDS, STRIPE_CLEARING
@@ -859,10 +860,11 @@ def test_nul_anywhere_in_a_signed_webhook_is_never_a_5xx_and_books_nothing_wrong
 
 def test_the_router_keeps_its_error_shape_in_any_app(app_engine: Engine, fake_stripe: FakeStripe) -> None:
     """The runtime includes the router in its own app, maybe without install_error_handlers."""
-    from consumers.http_api import build_api
+    from consumers.http.app import build_api
+    from consumers.http.context import create_context
 
     bare = FastAPI()
-    bare.include_router(build_api(app_engine, make_settings(), stripe_client=fake_stripe.client()))
+    bare.include_router(build_api(create_context(app_engine, make_settings(), stripe_client=fake_stripe.client())))
     with TestClient(bare) as c:
         r = c.post("/wallet/create-intent", json={"walletId": "w"})
         assert r.status_code == 401

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
 from consumers.export_openapi import DEFAULT_PATH, openapi_document
-from consumers.http_api import create_app
+from consumers.http.app import create_app
 from tests.integration.http_support import live_server, make_settings
 
 pytestmark = pytest.mark.integration

@@ -28,7 +28,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from sqlalchemy import Engine
 
-from consumers.http_api import create_app
+from consumers.http.app import create_app
 from tests.fake_stripe import FakeStripe
 from tests.integration.http_support import BOTH_TOKEN, Clock, ledger_total, make_settings, signed
 

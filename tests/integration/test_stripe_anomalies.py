@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy import Engine, text
 
-from consumers.http_api import create_app
+from consumers.http.app import create_app
 from projections.verify import verify
 from tests.fake_stripe import FakeStripe
 from tests.integration.http_support import FINANCE_TOKEN, Clock, make_settings, signed, wallet_balance

@@ -61,7 +61,7 @@ def test_check_mode_reports_stale_files(tmp_path, capsys) -> None:
 def test_every_operation_with_a_token_is_guarded_before_its_body() -> None:
     """GuardMiddleware checks the token by path prefix (ROUTE_SCOPES) before the body is read: every
     operation that needs a token must fall under a prefix, with the scope the operation needs."""
-    from consumers.http_api import ROUTE_SCOPES
+    from consumers.http.auth import ROUTE_SCOPES
 
     doc = json.loads(DEFAULT_PATH.read_text())
     for path, item in doc["paths"].items():

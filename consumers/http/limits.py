@@ -12,7 +12,7 @@ there: it runs only once the request head is parsed. So the deadlines live in th
   ``http_body_timeout_s`` of the head. Absolute, not idle: a trickle of bytes does not extend them.
   On expiry the connection is closed (a 408 first when no response has begun).
 - :class:`GuardMiddleware` answers before the app reads a byte of the body: the bearer token and its
-  scope are checked first (401/403 in the API's error shape, ``consumers.api_errors``), then the
+  scope are checked first (401/403 in the API's error shape, ``consumers.http.errors``), then the
   body's size: a ``Content-Length`` over the limit is a 413 at once, and a chunked body is counted
   as it streams, so at most the limit is ever held in memory. The routes' own token dependency
   still runs (it documents the security scheme in OpenAPI); this only moves the refusal earlier.
@@ -29,7 +29,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from consumers.api_errors import ApiError
+from consumers.http.errors import ApiError
 
 log = logging.getLogger("billing.http")
 
