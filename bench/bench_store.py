@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import Final
 
 import psycopg
+from alembic import command
+from sqlalchemy import create_engine, pool
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -36,6 +38,7 @@ from bench.common import fresh_database, pg_server, plain, summary
 from ledger.db import make_engine, unit_of_work
 from ledger.events import EVENT_ADAPTER
 from ledger.journal import revenue_account, transfer, wallet_account
+from ledger.migrate import alembic_config
 from ledger.money import rental_cost_micros
 from ledger.schema import APP_ROLE
 from ledger.store import AppendItem, EventRecord, append_new, apply_balances
@@ -144,6 +147,8 @@ class Variant:
     label: str
     ddl: tuple[str, ...]
     balances: bool = True
+    downgrade_to: str | None = None
+    """Run on the schema of this revision (alembic downgrade first): the schema before a change."""
 
 
 def _drop_index(name: str) -> str:
@@ -180,6 +185,7 @@ _JOURNAL_PKS: Final = (
 
 VARIANTS: Final = (
     Variant("store: append_new + apply_balances (the intake's path)", ()),
+    Variant("  on the schema before 0007 (alembic downgrade 0006)", (), downgrade_to="0006"),
     Variant("  without the foreign keys", _FKS),
     Variant("  without the zero-sum / reference check triggers", _CHECK_TRIGGERS),
     Variant("  without events' secondary indexes (wallet, stripe time)", _EVENT_INDEXES),
@@ -194,7 +200,18 @@ VARIANTS: Final = (
 )
 
 
+def _downgrade(url: str, revision: str) -> None:
+    engine = create_engine(url, poolclass=pool.NullPool)
+    cfg = alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.downgrade(cfg, revision)
+    engine.dispose()
+
+
 def run_variant(url: str, items: list[AppendItem], batch: int, variant: Variant) -> float:
+    if variant.downgrade_to is not None:
+        _downgrade(url, variant.downgrade_to)
     with psycopg.connect(plain(url), autocommit=True) as conn:
         for statement in variant.ddl:
             conn.execute(statement)
@@ -210,12 +227,12 @@ def _print_table(runs: dict[str, list[float]], events: int) -> None:
         ("bare", f"bare binary COPY, {BARE_ROWS_PER_EVENT} plain rows an event, no index"),
         ("copy", "  without apply_balances (raw COPY of the store's rows, bench_e2e's B)"),
     ]
-    for key, label in [*rows, *((v.label, v.label) for v in VARIANTS)]:
+    for key, label in [*rows, *((v.label, v.label) for v in VARIANTS if v.label in runs)]:
         med = statistics.median(runs[key])
         print(f"{label:<64} {summary(runs[key]):>28} {med / store:>8.2f} {med / bare:>7.2f}")
     print()
     print("cost of an object = 1/(its variant's events/s) - 1/(store's), in microseconds an event:")
-    for key, label in [(rows[1][0], rows[1][1]), *((v.label, v.label) for v in VARIANTS[1:])]:
+    for key, label in [(rows[1][0], rows[1][1]), *((v.label, v.label) for v in VARIANTS[1:] if v.label in runs)]:
         med = statistics.median(runs[key])
         print(f"  {label.strip():<62} {1e6 / store - 1e6 / med:>7.1f} us/event")
     print(f"  {'the whole store path beside the bare COPY':<62} {1e6 / store - 1e6 / bare:>7.1f} us/event")
@@ -227,7 +244,9 @@ def main() -> None:
     ap.add_argument("--events", type=int, default=200_000)
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--only-store", action="store_true", help="the store, raw COPY and bare COPY; no variants")
+    ap.add_argument(
+        "--only-store", action="store_true", help="the store (on this schema and on 0006's), raw COPY and bare COPY"
+    )
     args = ap.parse_args()
 
     t = time.perf_counter()
@@ -237,7 +256,7 @@ def main() -> None:
         f"{args.events:,} events (1 event + 1 transaction + 2 entries each), batches of {args.batch}; "
         f"built in {prep_s:.1f} s (not timed)"
     )
-    variants = VARIANTS[:1] if args.only_store else VARIANTS
+    variants = VARIANTS[:2] if args.only_store else VARIANTS
     paths: dict[str, Callable[[str], float]] = {
         "bare": lambda url: run_bare(url, items, args.batch),
         "copy": lambda url: run_copy(url, items, args.batch),
