@@ -54,7 +54,6 @@ from consumers import intake
 from consumers.admission import run_admission
 from consumers.http_api import API_DESCRIPTION, API_TITLE, API_VERSION, install_api
 from consumers.http_limits import uvicorn_config
-from consumers.lane_workers import LaneWorkers
 from consumers.metrics import CONTENT_TYPE_LATEST, Metrics
 from consumers.names import NatsNames
 from consumers.partitions import run_owned
@@ -212,10 +211,9 @@ async def run_service(
         stop = asyncio.Event()
         install_stop_signals(stop)
     partitions = settings.intake_partitions
-    processes = settings.effective_intake_workers()
-    # Transactions the intake may run at once in this process: one per lane of each intake
-    # (partitioned: each partition the instance may own); none with lane worker processes.
-    intake_transactions = 0 if processes else max(partitions, 1) * settings.effective_intake_lanes()
+    # Transactions the intake may run at once in this process: one per intake it may own (each
+    # owned partition is one writer; unpartitioned, one).
+    intake_transactions = max(partitions, 1)
     # Every component runs its database work in worker threads: room for all of them at once.
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(WORKER_THREADS + intake_transactions, "billing-db")
@@ -235,10 +233,6 @@ async def run_service(
         drain_timeout=NATS_DRAIN_TIMEOUT_S,
         logger=logging.getLogger("billing.nats"),
     )
-    workers = LaneWorkers(urls.database_url, settings.database_role or None, processes) if processes else None
-    # In the background: spawning the workers and importing the service's modules into them takes
-    # seconds on a busy machine; the lanes wait for it, nothing else does.
-    workers_started = asyncio.create_task(workers.start(), name="billing-lane-workers") if workers else None
     try:
         try:
             await _until_stop(broker.start(), stop, connect_timeout_s, "BILLING_NATS_URL: NATS", servers)
@@ -289,7 +283,6 @@ async def run_service(
             scheduler_kick=scheduler_kick,
             ready=readiness.components["intake"],
             role=settings.database_role or None,
-            workers=workers,
         )
         components: dict[str, Coroutine[Any, Any, None]] = {
             "intake": intake_run,
@@ -310,7 +303,7 @@ async def run_service(
             "http": _serve_http(http),
         }
         tasks = {name: asyncio.create_task(coro, name=f"billing-{name}") for name, coro in components.items()}
-        _log_started(settings, urls, servers, names, streams, intake_config, processes)
+        _log_started(settings, urls, servers, names, streams, intake_config)
         announcer = asyncio.create_task(_announce_ready(readiness, http, stop, on_ready), name="billing-ready")
         try:
             return await _supervise(tasks, stop, http, readiness, settings.shutdown_timeout_s)
@@ -319,12 +312,6 @@ async def run_service(
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(broker.stop(), timeout=NATS_DRAIN_TIMEOUT_S + 1)
-        if workers is not None:  # the intake has stopped: no lane in flight
-            if workers_started is not None:
-                workers_started.cancel()  # no-op when it is done
-                with contextlib.suppress(asyncio.CancelledError):
-                    await workers_started
-            await asyncio.to_thread(workers.shutdown)
         engine.dispose()
         log.info("billing stopped")
 
@@ -377,7 +364,6 @@ def _log_started(
     names: NatsNames,
     streams: list[str],
     config: intake.IntakeConfig,
-    processes: int,
 ) -> None:
     """What runs where, in a few short lines (one long line is unreadable in a terminal)."""
     partitions = settings.intake_partitions
@@ -389,13 +375,13 @@ def _log_started(
     namespace = f" (namespace {names.namespace})" if names.namespace else ""
     log.info("NATS %s%s; streams %s", ", ".join(_redacted(u) for u in servers), namespace, ", ".join(streams))
     log.info(
-        "intake %s/%s, batch %d, lanes in %s; admission on %s",
+        "intake %s/%s, batch %d, one writer per owned consumer, %d wallets in memory each; admission on %s",
         names.in_stream,
         f"{config.durable}-<p> ({partitions} partitions)"
         if partitions
         else f"{config.durable} (one instance at a time)",
         config.batch_size,
-        f"{processes} worker processes" if processes else f"{settings.effective_intake_lanes()} threads",
+        config.cache_wallets,
         names.admission_rental.rsplit(".", 1)[0] + ".*",
     )
     embedded = f"; embedded: {', '.join(urls.embedded)} in {settings.data_dir}" if urls.embedded else ""
