@@ -245,63 +245,9 @@ async def run_service(
 
         registry = CollectorRegistry()
         readiness = Readiness({"intake": asyncio.Event(), "admission": asyncio.Event()})
-        relay_kick, scheduler_kick = asyncio.Event(), asyncio.Event()
-        api = build_http(engine, lambda: nc, registry, readiness)
-        # The wallet, Stripe and finance routes (consumers.http_api) on the same app and port.
-        # With the guard (token and body size before the body), the served docs (/, /docs).
-        install_api(api, engine, settings, clock=clock, registry=registry)
-        http = _HttpServer(
-            # The bounds on slow and hostile clients (consumers/http_limits.py, the http_* settings).
-            uvicorn_config(
-                api,
-                host=settings.http_host,
-                port=settings.http_port,
-                header_timeout_s=settings.http_header_timeout_s,
-                body_timeout_s=settings.http_body_timeout_s,
-                keepalive_timeout_s=settings.http_keepalive_timeout_s,
-                max_connections=settings.http_max_connections,
-                log_level="warning",
-                access_log=False,
-                lifespan="off",
-                timeout_graceful_shutdown=HTTP_GRACEFUL_S,
-            )
-        )
+        http = _http_server(engine, nc, settings, registry, readiness, clock)
         intake_config = intake.IntakeConfig.from_settings(settings)
-        # Both modes through the ownership of consumers.partitions: two instances pulling one durable
-        # would apply a wallet's events out of stream order.
-        intake_run = run_owned(
-            nc,
-            engine,
-            names,
-            intake_config,
-            partitions,
-            stop,
-            rebalance_s=settings.intake_rebalance_s,
-            metrics=Metrics(registry),
-            clock=clock,
-            relay_kick=relay_kick,
-            scheduler_kick=scheduler_kick,
-            ready=readiness.components["intake"],
-            role=settings.database_role or None,
-        )
-        components: dict[str, Coroutine[Any, Any, None]] = {
-            "intake": intake_run,
-            "relay": run_relay(engine, js, names, stop, kick=relay_kick, registry=registry),
-            "scheduler": run_scheduler(
-                engine, nc, names, stop, kick=scheduler_kick, relay_kick=relay_kick, registry=registry
-            ),
-            "admission": run_admission(
-                engine,
-                nc,
-                names,
-                stop,
-                relay_kick=relay_kick,
-                scheduler_kick=scheduler_kick,
-                ready=readiness.components["admission"],
-                registry=registry,
-            ),
-            "http": _serve_http(http),
-        }
+        components = _components(engine, nc, js, names, settings, intake_config, stop, registry, readiness, http, clock)
         tasks = {name: asyncio.create_task(coro, name=f"billing-{name}") for name, coro in components.items()}
         _log_started(settings, urls, servers, names, streams, intake_config)
         announcer = asyncio.create_task(_announce_ready(readiness, http, stop, on_ready), name="billing-ready")
@@ -314,6 +260,88 @@ async def run_service(
             await asyncio.wait_for(broker.stop(), timeout=NATS_DRAIN_TIMEOUT_S + 1)
         engine.dispose()
         log.info("billing stopped")
+
+
+def _http_server(
+    engine: Engine,
+    nc: Client,
+    settings: Settings,
+    registry: CollectorRegistry,
+    readiness: Readiness,
+    clock: Callable[[], datetime] | None,
+) -> _HttpServer:
+    api = build_http(engine, lambda: nc, registry, readiness)
+    # The wallet, Stripe and finance routes (consumers.http_api) on the same app and port.
+    # With the guard (token and body size before the body), the served docs (/, /docs).
+    install_api(api, engine, settings, clock=clock, registry=registry)
+    return _HttpServer(
+        # The bounds on slow and hostile clients (consumers/http_limits.py, the http_* settings).
+        uvicorn_config(
+            api,
+            host=settings.http_host,
+            port=settings.http_port,
+            header_timeout_s=settings.http_header_timeout_s,
+            body_timeout_s=settings.http_body_timeout_s,
+            keepalive_timeout_s=settings.http_keepalive_timeout_s,
+            max_connections=settings.http_max_connections,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=HTTP_GRACEFUL_S,
+        )
+    )
+
+
+def _components(
+    engine: Engine,
+    nc: Client,
+    js: JetStreamContext,
+    names: NatsNames,
+    settings: Settings,
+    intake_config: intake.IntakeConfig,
+    stop: asyncio.Event,
+    registry: CollectorRegistry,
+    readiness: Readiness,
+    http: _HttpServer,
+    clock: Callable[[], datetime] | None,
+) -> dict[str, Coroutine[Any, Any, None]]:
+    """The service's components, each a coroutine the supervisor runs as a task."""
+    relay_kick, scheduler_kick = asyncio.Event(), asyncio.Event()
+    # Both modes through the ownership of consumers.partitions: two instances pulling one durable
+    # would apply a wallet's events out of stream order.
+    intake_run = run_owned(
+        nc,
+        engine,
+        names,
+        intake_config,
+        settings.intake_partitions,
+        stop,
+        rebalance_s=settings.intake_rebalance_s,
+        metrics=Metrics(registry),
+        clock=clock,
+        relay_kick=relay_kick,
+        scheduler_kick=scheduler_kick,
+        ready=readiness.components["intake"],
+        role=settings.database_role or None,
+    )
+    return {
+        "intake": intake_run,
+        "relay": run_relay(engine, js, names, stop, kick=relay_kick, registry=registry),
+        "scheduler": run_scheduler(
+            engine, nc, names, stop, kick=scheduler_kick, relay_kick=relay_kick, registry=registry
+        ),
+        "admission": run_admission(
+            engine,
+            nc,
+            names,
+            stop,
+            relay_kick=relay_kick,
+            scheduler_kick=scheduler_kick,
+            ready=readiness.components["admission"],
+            registry=registry,
+        ),
+        "http": _serve_http(http),
+    }
 
 
 class _StoppedDuringStart(Exception):
