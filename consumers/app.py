@@ -40,9 +40,11 @@ from urllib.parse import urlsplit, urlunsplit
 import nats.errors
 import uvicorn
 from faststream.nats import NatsBroker
+from nats.aio.client import Client
 from nats.js import JetStreamContext
 from nats.js.errors import ServiceUnavailableError
 from prometheus_client import CollectorRegistry
+from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
 from consumers import intake
@@ -50,7 +52,6 @@ from consumers.admission import run_admission
 from consumers.http.app import create_service_app, install_api
 from consumers.http.limits import uvicorn_config
 from consumers.http.operations import Readiness
-from consumers.lane_workers import LaneWorkers
 from consumers.metrics import Metrics
 from consumers.names import NatsNames
 from consumers.partitions import run_owned
@@ -138,10 +139,9 @@ async def run_service(
         stop = asyncio.Event()
         install_stop_signals(stop)
     partitions = settings.intake_partitions
-    processes = settings.effective_intake_workers()
-    # Transactions the intake may run at once in this process: one per lane of each intake
-    # (partitioned: each partition the instance may own); none with lane worker processes.
-    intake_transactions = 0 if processes else max(partitions, 1) * settings.effective_intake_lanes()
+    # Transactions the intake may run at once in this process: one per intake it may own (each
+    # owned partition is one writer; unpartitioned, one).
+    intake_transactions = max(partitions, 1)
     # Every component runs its database work in worker threads: room for all of them at once.
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(WORKER_THREADS + intake_transactions, "billing-db")
@@ -161,10 +161,6 @@ async def run_service(
         drain_timeout=NATS_DRAIN_TIMEOUT_S,
         logger=logging.getLogger("billing.nats"),
     )
-    workers = LaneWorkers(urls.database_url, settings.database_role or None, processes) if processes else None
-    # In the background: spawning the workers and importing the service's modules into them takes
-    # seconds on a busy machine; the lanes wait for it, nothing else does.
-    workers_started = asyncio.create_task(workers.start(), name="billing-lane-workers") if workers else None
     try:
         try:
             await _until_stop(broker.start(), stop, connect_timeout_s, "BILLING_NATS_URL: NATS", servers)
@@ -177,66 +173,11 @@ async def run_service(
 
         registry = CollectorRegistry()
         readiness = Readiness({"intake": asyncio.Event(), "admission": asyncio.Event()})
-        relay_kick, scheduler_kick = asyncio.Event(), asyncio.Event()
-        api = create_service_app(engine, lambda: nc, registry, readiness)
-        # The wallet, Stripe and finance routes (consumers.http) on the same app and port.
-        # With the guard (token and body size before the body), the served docs (/, /docs).
-        install_api(api, engine, settings, clock=clock, registry=registry)
-        http = _HttpServer(
-            # The bounds on slow and hostile clients (consumers/http/limits.py, the http_* settings).
-            uvicorn_config(
-                api,
-                host=settings.http_host,
-                port=settings.http_port,
-                header_timeout_s=settings.http_header_timeout_s,
-                body_timeout_s=settings.http_body_timeout_s,
-                keepalive_timeout_s=settings.http_keepalive_timeout_s,
-                max_connections=settings.http_max_connections,
-                log_level="warning",
-                access_log=False,
-                lifespan="off",
-                timeout_graceful_shutdown=HTTP_GRACEFUL_S,
-            )
-        )
+        http = _http_server(engine, nc, settings, registry, readiness, clock)
         intake_config = intake.IntakeConfig.from_settings(settings)
-        # Both modes through the ownership of consumers.partitions: two instances pulling one durable
-        # would apply a wallet's events out of stream order.
-        intake_run = run_owned(
-            nc,
-            engine,
-            names,
-            intake_config,
-            partitions,
-            stop,
-            rebalance_s=settings.intake_rebalance_s,
-            metrics=Metrics(registry),
-            clock=clock,
-            relay_kick=relay_kick,
-            scheduler_kick=scheduler_kick,
-            ready=readiness.components["intake"],
-            role=settings.database_role or None,
-            workers=workers,
-        )
-        components: dict[str, Coroutine[Any, Any, None]] = {
-            "intake": intake_run,
-            "relay": run_relay(engine, js, names, stop, kick=relay_kick, registry=registry),
-            "scheduler": run_scheduler(
-                engine, nc, names, stop, kick=scheduler_kick, relay_kick=relay_kick, registry=registry
-            ),
-            "admission": run_admission(
-                engine,
-                nc,
-                names,
-                stop,
-                relay_kick=relay_kick,
-                scheduler_kick=scheduler_kick,
-                ready=readiness.components["admission"],
-                registry=registry,
-            ),
-            "http": _serve_http(http),
-        }
+        components = _components(engine, nc, js, names, settings, intake_config, stop, registry, readiness, http, clock)
         tasks = {name: asyncio.create_task(coro, name=f"billing-{name}") for name, coro in components.items()}
-        _log_started(settings, urls, servers, names, streams, intake_config, processes)
+        _log_started(settings, urls, servers, names, streams, intake_config)
         announcer = asyncio.create_task(_announce_ready(readiness, http, stop, on_ready), name="billing-ready")
         try:
             return await _supervise(tasks, stop, http, readiness, settings.shutdown_timeout_s)
@@ -245,14 +186,90 @@ async def run_service(
     finally:
         with contextlib.suppress(Exception):
             await asyncio.wait_for(broker.stop(), timeout=NATS_DRAIN_TIMEOUT_S + 1)
-        if workers is not None:  # the intake has stopped: no lane in flight
-            if workers_started is not None:
-                workers_started.cancel()  # no-op when it is done
-                with contextlib.suppress(asyncio.CancelledError):
-                    await workers_started
-            await asyncio.to_thread(workers.shutdown)
         engine.dispose()
         log.info("billing stopped")
+
+
+def _http_server(
+    engine: Engine,
+    nc: Client,
+    settings: Settings,
+    registry: CollectorRegistry,
+    readiness: Readiness,
+    clock: Callable[[], datetime] | None,
+) -> _HttpServer:
+    api = create_service_app(engine, lambda: nc, registry, readiness)
+    # The wallet, Stripe and finance routes (consumers.http) on the same app and port.
+    # With the guard (token and body size before the body), the served docs (/, /docs).
+    install_api(api, engine, settings, clock=clock, registry=registry)
+    return _HttpServer(
+        # The bounds on slow and hostile clients (consumers/http/limits.py, the http_* settings).
+        uvicorn_config(
+            api,
+            host=settings.http_host,
+            port=settings.http_port,
+            header_timeout_s=settings.http_header_timeout_s,
+            body_timeout_s=settings.http_body_timeout_s,
+            keepalive_timeout_s=settings.http_keepalive_timeout_s,
+            max_connections=settings.http_max_connections,
+            log_level="warning",
+            access_log=False,
+            lifespan="off",
+            timeout_graceful_shutdown=HTTP_GRACEFUL_S,
+        )
+    )
+
+
+def _components(
+    engine: Engine,
+    nc: Client,
+    js: JetStreamContext,
+    names: NatsNames,
+    settings: Settings,
+    intake_config: intake.IntakeConfig,
+    stop: asyncio.Event,
+    registry: CollectorRegistry,
+    readiness: Readiness,
+    http: _HttpServer,
+    clock: Callable[[], datetime] | None,
+) -> dict[str, Coroutine[Any, Any, None]]:
+    """The service's components, each a coroutine the supervisor runs as a task."""
+    relay_kick, scheduler_kick = asyncio.Event(), asyncio.Event()
+    # Both modes through the ownership of consumers.partitions: two instances pulling one durable
+    # would apply a wallet's events out of stream order.
+    intake_run = run_owned(
+        nc,
+        engine,
+        names,
+        intake_config,
+        settings.intake_partitions,
+        stop,
+        rebalance_s=settings.intake_rebalance_s,
+        metrics=Metrics(registry),
+        clock=clock,
+        relay_kick=relay_kick,
+        scheduler_kick=scheduler_kick,
+        ready=readiness.components["intake"],
+        role=settings.database_role or None,
+    )
+    return {
+        "intake": intake_run,
+        "relay": run_relay(engine, js, names, stop, kick=relay_kick, registry=registry),
+        "scheduler": run_scheduler(
+            engine, nc, names, stop, kick=scheduler_kick, relay_kick=relay_kick, registry=registry
+        ),
+        "admission": run_admission(
+            engine,
+            nc,
+            names,
+            stop,
+            relay_kick=relay_kick,
+            scheduler_kick=scheduler_kick,
+            ready=readiness.components["admission"],
+            registry=registry,
+        ),
+        "http": _serve_http(http),
+    }
 
 
 class _StoppedDuringStart(Exception):
@@ -303,7 +320,6 @@ def _log_started(
     names: NatsNames,
     streams: list[str],
     config: intake.IntakeConfig,
-    processes: int,
 ) -> None:
     """What runs where, in a few short lines (one long line is unreadable in a terminal)."""
     partitions = settings.intake_partitions
@@ -315,13 +331,13 @@ def _log_started(
     namespace = f" (namespace {names.namespace})" if names.namespace else ""
     log.info("NATS %s%s; streams %s", ", ".join(_redacted(u) for u in servers), namespace, ", ".join(streams))
     log.info(
-        "intake %s/%s, batch %d, lanes in %s; admission on %s",
+        "intake %s/%s, batch %d, one writer per owned consumer, %d wallets in memory each; admission on %s",
         names.in_stream,
         f"{config.durable}-<p> ({partitions} partitions)"
         if partitions
         else f"{config.durable} (one instance at a time)",
         config.batch_size,
-        f"{processes} worker processes" if processes else f"{settings.effective_intake_lanes()} threads",
+        config.cache_wallets,
         names.admission_rental.rsplit(".", 1)[0] + ".*",
     )
     embedded = f"; embedded: {', '.join(urls.embedded)} in {settings.data_dir}" if urls.embedded else ""

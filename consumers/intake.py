@@ -97,10 +97,8 @@ import json
 import logging
 import re
 import time
-import zlib
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -116,7 +114,6 @@ from nats.js.errors import BadRequestError
 from sqlalchemy import Engine
 
 from consumers import nats_safety
-from consumers.lane_workers import LaneWorkers, WorkerTransientError
 from consumers.metrics import Metrics
 from consumers.names import NatsNames, partition_of
 from consumers.settings import Settings
@@ -125,6 +122,7 @@ from ledger.events import MAX_DETAIL_CHARS, MAX_EVENT_BYTES, Rejection, RejectRe
 from ledger.invariants import require
 from ledger.text import printable
 from projections.processor import BatchResult, Disposition, Incoming, RejectedInput, process_batch
+from projections.wallet_store import WalletCache
 
 log = logging.getLogger("billing.intake")
 
@@ -158,22 +156,10 @@ _MAX_BACKOFF_EXPONENT: Final = 30
 _HEADER_UNSAFE = re.compile(r"[\x00-\x1f\x7f]+")
 
 
-# Messages per lane at most, with lane worker processes (see Intake._lanes); and a bound on
-# the lanes of one batch.
-LANE_MESSAGES: Final = 1000
-MAX_LANES: Final = 16
-# Batches whose lanes may be in the database at once (see Intake._handle): with 2, a lane of the
-# next batch starts as soon as the lane of the same wallets in this one has committed, instead of
-# waiting for the slowest lane of the batch and for the next pull. One more may be settling.
-PIPELINE_DEPTH: Final = 2
-# Batches delivered and not yet acked at most: PIPELINE_DEPTH + 1 handed over, one prefetched.
-_BATCHES_UNACKED: Final = PIPELINE_DEPTH + 2
-
-
-def worker_lanes(messages: int, processes: int) -> int:
-    """Lanes of a batch of ``messages`` run by ``processes`` lane worker processes: one per process
-    at least, at most LANE_MESSAGES messages each (see ``Intake._lanes``), MAX_LANES at most."""
-    return min(max(processes, -(-messages // LANE_MESSAGES)), MAX_LANES)
+# Batches delivered and not yet acked at most: the one in hand and the one prefetched meanwhile.
+_BATCHES_UNACKED: Final = 2
+# Wallets an owner keeps in memory by default (projections.wallet_store.WalletCache): a few KB each.
+CACHE_WALLETS: Final = 50_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,20 +173,20 @@ class IntakeConfig:
     nak_delay_s: float = 1.0
     nak_delay_max_s: float = 60.0
     db_retry_max_s: float = 5.0
-    lanes: int = 1
-    """Transactions a batch is split into, by wallet, run side by side (see :func:`lane_of`)."""
+    cache_wallets: int = CACHE_WALLETS
+    """Wallet states the owner of the consumer keeps in memory at most (least recently used dropped)."""
     event_max_age_s: float | None = None
     """Events whose time is older than this are refused as too_old: the service sets it from
     BILLING_EVENT_MAX_AGE_S (default 7 days, :meth:`from_settings`); None (tools, and tests on fixed
     dates) is no lower bound."""
 
     def __post_init__(self) -> None:
-        if not 1 <= self.lanes <= 16:
-            raise ValueError(f"lanes {self.lanes} outside 1..16")
+        if not self.cache_wallets >= 5000:
+            raise ValueError(f"cache_wallets {self.cache_wallets} < 5000 (a batch's wallets must fit)")
         if not 1 <= self.batch_size <= 5000:
             raise ValueError(f"batch_size {self.batch_size} outside 1..5000")
         if self.max_ack_pending < _BATCHES_UNACKED * self.batch_size:
-            # The batches in the lanes and settling and the prefetched one must fit, or the server
+            # The batch in hand and the prefetched one must fit, or the server
             # stops delivering until one is settled.
             raise ValueError(
                 f"max_ack_pending {self.max_ack_pending} < {_BATCHES_UNACKED} x batch_size {self.batch_size}"
@@ -222,7 +208,7 @@ class IntakeConfig:
             nak_delay_s=s.intake_nak_delay_s,
             nak_delay_max_s=s.intake_nak_delay_max_s,
             db_retry_max_s=s.intake_db_retry_max_s,
-            lanes=s.effective_intake_lanes(),
+            cache_wallets=s.intake_cache_wallets,
             event_max_age_s=s.event_max_age_s,
         )
 
@@ -321,8 +307,6 @@ def is_transient(exc: BaseException) -> bool:
         seen.add(id(current))
         if isinstance(current, psycopg.OperationalError | psycopg.InterfaceError):
             return True
-        if isinstance(current, WorkerTransientError | BrokenProcessPool):
-            return True  # the database was unavailable in a lane worker, or a worker died
         if isinstance(current, sqlalchemy.exc.DBAPIError) and current.connection_invalidated:
             return True
         if isinstance(
@@ -357,22 +341,20 @@ class DeadLetter:
 
 @dataclass(frozen=True, slots=True)
 class _Item:
-    """One delivered message, parsed: an event for the processor, or already refused; or, with
-    lane worker processes (``consumers.lane_workers``), not parsed here: ``raw`` only."""
+    """One delivered message, parsed: an event for the processor, or already refused."""
 
     subject: str
     delivered: int
     stream_seq: int
     incoming: Incoming | None = None
     refused: RejectedInput | None = None
-    raw: bytes | None = None
     accept_old: int | None = None
     """The rejected_inputs id its Billing-Accept-Old header names (a replay), else None."""
 
 
 Delivery = tuple[str, bytes, int, int, int | None]
 """(subject, data, num_delivered, stream sequence, Billing-Accept-Old row id) of one JetStream
-delivery: what a lane worker process is sent (picklable, unlike nats-py's Msg)."""
+delivery, taken apart from nats-py's Msg (tests build them by hand)."""
 
 
 class _Action(enum.Enum):
@@ -441,26 +423,6 @@ def _mismatch_detail(subject: str, wallet_id: str, expected: str, names: NatsNam
     )
 
 
-def lane_key(subject: str) -> str:
-    """What decides a message's lane: the subject's last token, the walletId of
-    ``billing.in.<walletId>`` and of ``billing.in.<p>.<walletId>``. Known before parsing (so a lane
-    worker process can parse), and the same for every event of a wallet that is not refused: an
-    event on another wallet's subject is refused as ``subject_mismatch`` in any lane."""
-    return subject.rsplit(".", 1)[-1]
-
-
-def lane_of(wallet_id: str | None, lanes: int) -> int:
-    """The lane of a wallet's messages within a batch: every message of one wallet is in the same
-    lane, so a wallet's events are applied in stream order by one transaction; unreadable messages
-    (no wallet) go to lane 0. crc32, not the partitions' FNV-1a: within partition ``p`` every wallet
-    has ``FNV ≡ p (mod N)``, so ``FNV mod lanes`` would put a partition's wallets in one lane
-    whenever ``lanes`` divides ``N``."""
-    if lanes == 1 or wallet_id is None:
-        return 0
-    # surrogateescape: a subject that was not UTF-8 (consumers.nats_safety) has a lane too.
-    return zlib.crc32(wallet_id.encode("utf-8", "surrogateescape")) % lanes
-
-
 def prepare(
     msgs: Sequence[Msg],
     *,
@@ -506,7 +468,7 @@ def prepare_deliveries(
     partitions: int = 0,
     max_age_s: float | None = None,
 ) -> list[_Item]:
-    """:func:`prepare` of deliveries already taken apart (what a lane worker process receives).
+    """:func:`prepare` of deliveries already taken apart.
 
     A subject is recorded printable (ledger.text: NUL, control characters and bytes that are not
     UTF-8 escaped reversibly), so that the refusal of any input is stored on its first delivery."""
@@ -539,6 +501,12 @@ def prepare_deliveries(
         incoming = Incoming(parsed, raw, subject=subject, delivery_count=delivered, last_attempt=last)
         items.append(_Item(subject, delivered, seq, incoming=incoming, accept_old=claim))
     return items
+
+
+def parsed_items(incoming: Sequence[Incoming]) -> list[_Item]:
+    """Items of events parsed elsewhere (tests, tools), as :func:`prepare` makes them: for
+    :func:`transact`, the writer's unit of work."""
+    return [_Item(i.subject or "", i.delivery_count or 1, 0, incoming=i) for i in incoming]
 
 
 def verify_accept_old(conn: psycopg.Connection[Any], items: Sequence[_Item], *, max_age_s: float | None) -> list[_Item]:
@@ -586,19 +554,17 @@ def verify_accept_old(conn: psycopg.Connection[Any], items: Sequence[_Item], *, 
 
 
 @dataclass(frozen=True, slots=True)
-class LaneResult:
-    """What one lane's committed transaction decided, per message of the lane in order."""
+class BatchOutcome:
+    """What one committed transaction decided, per message of the batch in order."""
 
     outcomes: tuple[_Outcome, ...]
     outbox: int
     """Outbox rows written (the relay is woken when > 0)."""
     wakeups: bool
-    """Whether a wallet of the lane has a wake-up (the scheduler is woken)."""
+    """Whether a wallet of the batch has a wake-up (the scheduler is woken)."""
 
 
-# One shared (frozen) outcome per plain disposition: a lane worker's result is pickled back to the
-# service process, and pickle writes an object it has seen once as a reference (distinct outcomes
-# cost time to pickle and unpickle, the shared ones nothing: see bench/README.md).
+# One shared (frozen) outcome per plain disposition: no object per message for most messages.
 _PLAIN_OUTCOMES: Final = {
     Disposition.accepted: _Outcome(_Action.ack, Disposition.accepted.value),
     Disposition.duplicate: _Outcome(_Action.ack, Disposition.duplicate.value),
@@ -624,17 +590,35 @@ def outcomes_of(items: Sequence[_Item], result: BatchResult) -> tuple[_Outcome, 
     return tuple(outcomes)
 
 
-def transact(engine: Engine, items: Sequence[_Item], now: datetime, *, max_age_s: float | None = None) -> LaneResult:
-    """One lane's transaction: the processor on the parsed items, commit, and the outcomes
-    (``max_age_s``: the bound the items were parsed with, for the detail of a refused replay)."""
-    with unit_of_work(engine) as uow:
-        items = verify_accept_old(uow.pg, items, max_age_s=max_age_s)
-        incoming = [i.incoming for i in items if i.incoming is not None]
-        refused = [i.refused for i in items if i.refused is not None]
-        result = process_batch(uow.pg, incoming, now=now, rejected=refused)
-        uow.commit()
+def transact(
+    engine: Engine,
+    items: Sequence[_Item],
+    now: datetime,
+    *,
+    max_age_s: float | None = None,
+    cache: WalletCache | None = None,
+) -> BatchOutcome:
+    """One batch's transaction: the processor on the parsed items, commit, and the outcomes
+    (``max_age_s``: the bound the items were parsed with, for the detail of a refused replay).
+
+    ``cache``: the owner's wallets in memory. Written through only once the commit has returned;
+    if anything fails (the commit included: it may or may not have happened), the batch's wallets
+    are evicted, so the cache is never ahead of the database."""
+    try:
+        with unit_of_work(engine) as uow:
+            items = verify_accept_old(uow.pg, items, max_age_s=max_age_s)
+            incoming = [i.incoming for i in items if i.incoming is not None]
+            refused = [i.refused for i in items if i.refused is not None]
+            result = process_batch(uow.pg, incoming, now=now, rejected=refused, cache=cache)
+            uow.commit()
+    except BaseException:
+        if cache is not None:
+            cache.evict(i.incoming.event.wallet_id for i in items if i.incoming is not None)
+        raise
+    if cache is not None:
+        cache.keep(result.written)
     wakeups = any(w is not None for w in result.next_wakeups.values())
-    return LaneResult(outcomes_of(items, result), result.outbox, wakeups)
+    return BatchOutcome(outcomes_of(items, result), result.outbox, wakeups)
 
 
 def _header_value(value: str, limit: int = MAX_DETAIL_CHARS) -> str:
@@ -782,30 +766,6 @@ class _Puller:
 # ------------------------------------------------------------------------------------------ intake
 
 
-@dataclass(eq=False)
-class _Batch:
-    """A batch handed to the lanes: its messages until settled, its lanes, its settling."""
-
-    msgs: list[Msg]
-    since: float
-    """time.monotonic() when it was handed over (for in_progress)."""
-    lanes: asyncio.Future[list[dict[int, _Outcome]]]
-    """Every lane's outcomes, once all of them have committed (or given up)."""
-    task: asyncio.Task[None]
-    """Lanes, then the settling (acks, naks, dead letters), in batch order."""
-
-
-_Lane = asyncio.Future[dict[int, _Outcome]]
-"""One lane's transaction: the outcome of each of its messages, by index in the batch."""
-
-
-def _released(lane: _Lane) -> bool:
-    """Whether a finished lane left messages for redelivery (released, or failed outright)."""
-    if lane.cancelled() or lane.exception() is not None:
-        return True
-    return any(o.action is _Action.release for o in lane.result().values())
-
-
 class Intake:
     def __init__(
         self,
@@ -820,10 +780,8 @@ class Intake:
         scheduler_kick: asyncio.Event | None = None,
         ready: asyncio.Event | None = None,
         spec: ConsumerSpec | None = None,
-        workers: LaneWorkers | None = None,
     ) -> None:
         self._nc = nc
-        self._workers = workers
         self._spec = spec or ConsumerSpec.unpartitioned(names, config)
         self._relay_kick = relay_kick
         self._scheduler_kick = scheduler_kick
@@ -836,12 +794,12 @@ class Intake:
         self._clock = clock or (lambda: datetime.now(UTC))
         self._max_deliver = config.max_deliver
         self._puller = _Puller(nc, names.in_stream, self._spec.durable, buffer_limit=4 * config.batch_size + 1000)
-        self._pending: deque[_Batch] = deque()
-        """Batches handed to the lanes and not yet settled, oldest first (see :meth:`_handle`)."""
-        self._lane_tails: list[list[_Lane]] = []
-        """Per lane of the last batch: the lane transactions a lane of the next batch waits for."""
-        self._caught_up = True
-        """Whether the last batch was smaller than LANE_MESSAGES: no backlog, no pipelining."""
+        self._in_hand: list[Msg] = []
+        """The batch being processed and settled (for in-progress acks while it runs long)."""
+        self._in_hand_since = 0.0
+        self.cache = WalletCache(config.cache_wallets)
+        """This consumer's wallets in memory: kept while this loop runs (the owner owns the
+        consumer), dropped with the loop (a loss of ownership ends it)."""
         self._ack_failures = 0
         self.unsettled = False
         """Whether a delivery to this loop may be pending un-acked at the server: True from the first
@@ -867,23 +825,9 @@ class Intake:
             self._max_deliver,
         )
         flushed = False
-        # Lane worker processes still starting (spawning them and importing take seconds on a busy
-        # machine: after a restart they were up to 2-3 s after the first pull here) would hold the
-        # first commits back: the lanes run in this process until the workers are up.
-        starting = self._workers if self._workers is not None and not self._workers.pids else None
-        if starting is not None:
-            self._workers = None
         self.unsettled = True  # from the first pull on, until everything delivered is settled
         try:
             while not stop.is_set():
-                if starting is not None and starting.pids:
-                    await self._settled()  # nothing in flight while the lanes change process
-                    self._workers, starting = starting, None
-                    log.info("intake %s: lanes in the worker processes from now on", self._spec.durable)
-                if self._caught_up:
-                    # The last batch was small (no backlog): let it finish before pulling, so what
-                    # arrives meanwhile is one batch, not a transaction or two per message.
-                    await self._make_room(1)
                 batch = await self._next_batch(stop)
                 if batch:
                     await self._handle(batch, stop)
@@ -893,14 +837,9 @@ class Intake:
             flushed = await self._flush()
             self.unsettled = not (answered and flushed and self._ack_failures == 0)
         finally:
-            # Only on the way out of a failure: what is still pending is left for redelivery.
-            while self._pending:
-                left = self._pending.popleft()
-                left.lanes.cancel()  # a lane in a worker process runs on: its commit makes duplicates
-                left.task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await left.task
-            self._lane_tails = []
+            # On the way out of a failure what is still in hand is left for redelivery; and the
+            # wallets in memory go with the loop (whoever owns the consumer next loads them).
+            self.cache.clear()
             keepalive.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await keepalive
@@ -919,7 +858,6 @@ class Intake:
             await self._puller.wait(request, within=self._config.max_wait_s + 0.5)
         while self._puller.buffer:
             await self._handle(self._puller.take(self._config.batch_size), stop)
-        await self._settled()
         return request is None or request.done.is_set()
 
     async def _release_leftovers(self) -> None:
@@ -970,44 +908,27 @@ class Intake:
         interval = max(self._config.ack_wait_s / 3, 0.5)
         while True:
             await asyncio.sleep(interval)
-            pending = list(self._pending)
-            if not pending or time.monotonic() - pending[0].since < interval:
+            in_hand = self._in_hand
+            if not in_hand or time.monotonic() - self._in_hand_since < interval:
                 continue
-            for msg in [*(m for b in pending for m in b.msgs), *self._puller.buffer]:
+            for msg in [*in_hand, *self._puller.buffer]:
                 with contextlib.suppress(Exception):
                     await msg.in_progress()
 
     # --- one batch --------------------------------------------------------------------------------
 
     async def _handle(self, msgs: list[Msg], stop: asyncio.Event) -> None:
-        """Hand a batch to the lanes and return once there is room for the next one.
-
-        A batch is split into lanes by wallet (:meth:`_lanes`), each lane one transaction. Batches
-        are pipelined: a lane of this batch starts as soon as the lane of the previous batch that
-        holds the same wallets has committed (same lane count: the same lane; otherwise every lane
-        of the previous batch), so a wallet's events keep their stream order while the other lanes
-        go on. Then the batch is settled (acks, naks, dead letters) after the previous batch's
-        settling: a message is never acked before its own lane's commit. At most PIPELINE_DEPTH
-        batches have lanes running, and one more may be settling.
-
-        Only a batch of at least LANE_MESSAGES (a backlog) is pipelined. A smaller one (the stream
-        is caught up) waits until the batches in hand are done, and the next pull waits until it is
-        done (:meth:`run`): its messages would wait for the same lane processes anyway, and what
-        arrives meanwhile gathers into one batch instead of as many small transactions (pipelining
-        small batches sent each worker a transaction or two per message, and the paced latency went
-        up: see bench/README.md)."""
-        self._caught_up = len(msgs) < LANE_MESSAGES
-        await self._make_room(1 if self._caught_up else PIPELINE_DEPTH)
-        now = self._clock()
-        if self._workers is not None:
-            # The lane worker processes parse (see consumers.lane_workers).
-            items = [
-                _Item(subject, d, seq, raw=data, accept_old=old)
-                for subject, data, d, seq, old in map(delivery_of, msgs)
-            ]
-        else:
+        """One batch, in this process: parse, one transaction (the processor with this consumer's
+        wallets in memory), commit, then settle (dead letters, acks, naks, one flush). The next
+        batch is being pulled meanwhile (the prefetch of :meth:`_next_batch`), and is handled only
+        after this one is settled: one writer, batches in stream order, so a wallet's events are
+        applied in order by construction."""
+        started = time.perf_counter()
+        self._in_hand, self._in_hand_since = msgs, time.monotonic()
+        try:
+            now = self._clock()
             # Inline, not in a worker thread: a few ms a batch; in a thread it only fights the
-            # event loop for the GIL and the whole loop is slower (see bench/README.md).
+            # event loop for the GIL (see bench/README.md).
             items = prepare(
                 msgs,
                 now=now,
@@ -1016,54 +937,11 @@ class Intake:
                 partitions=self._spec.partitions,
                 max_age_s=self._config.event_max_age_s,
             )
-        lanes = self._lanes(items, now, stop)
-        previous = self._pending[-1].task if self._pending else None
-        all_lanes: asyncio.Future[list[dict[int, _Outcome]]] = asyncio.gather(*lanes)
-        task = asyncio.create_task(
-            self._finish(msgs, items, all_lanes, previous, time.perf_counter()),
-            name=f"intake-batch-{self._spec.durable}",
-        )
-        self._pending.append(_Batch(msgs, time.monotonic(), all_lanes, task))
-
-    async def _make_room(self, depth: int) -> None:
-        """Wait until fewer than ``depth`` batches have lanes running and at most ``depth`` are
-        unsettled; re-raise the failure of a batch that failed."""
-        require(1 <= depth <= PIPELINE_DEPTH, f"pipeline depth {depth}")
-        for _ in range(4 * PIPELINE_DEPTH + 4):  # each round retires a batch or a batch's lanes
-            while self._pending and self._pending[0].task.done():
-                self._pending.popleft().task.result()  # raises what made the batch fail
-            running = [b for b in self._pending if not b.lanes.done()]
-            if len(running) < depth and len(self._pending) <= depth:
-                return
-            oldest = running[0].lanes if running else self._pending[0].task
-            await asyncio.wait([oldest, self._pending[0].task], return_when=asyncio.FIRST_COMPLETED)
-        require(False, "intake pipeline: no room after waiting for every pending batch")
-
-    async def _settled(self) -> None:
-        """Wait until every batch handed over is settled (acks and naks flushed, dead letters out)."""
-        while self._pending:
-            await self._pending[0].task
-            self._pending.popleft()
-        self._lane_tails = []
-
-    async def _finish(
-        self,
-        msgs: list[Msg],
-        items: list[_Item],
-        lanes: asyncio.Future[list[dict[int, _Outcome]]],
-        previous: asyncio.Task[None] | None,
-        started: float,
-    ) -> None:
-        results = await lanes
-        outcomes: dict[int, _Outcome] = {}
-        for r in results:
-            outcomes.update(r)
-        require(len(outcomes) == len(items), f"{len(outcomes)} outcomes for {len(items)} messages")
-        if previous is not None:
-            # Settled in batch order (at most one settling at a time); a failed previous batch is
-            # reported by whoever retires it, this one is settled all the same.
-            await asyncio.wait([previous])
-        await self._settle(msgs, items, outcomes)
+            outcomes = await self._process(list(range(len(items))), items, now, stop)
+            require(len(outcomes) == len(items), f"{len(outcomes)} outcomes for {len(items)} messages")
+            await self._settle(msgs, items, outcomes)
+        finally:
+            self._in_hand = []
         elapsed = time.perf_counter() - started
         self._metrics.batch_size.observe(len(msgs))
         self._metrics.batch_seconds.observe(elapsed)
@@ -1072,74 +950,14 @@ class Intake:
             log.debug("batch of %d in %.1f ms: %s", len(msgs), elapsed * 1000, dict(sorted(counts.items())))
         self._metrics.consumer_lag.set(_metadata(msgs[-1])[2])
 
-    def _lanes(self, items: list[_Item], now: datetime, stop: asyncio.Event) -> list[_Lane]:
-        """The batch as transactions side by side, split by wallet (:func:`lane_of`), each chained
-        to the lanes of the previous batch that may hold the same wallets.
-
-        Why lanes: a transaction is about two thirds Python (the rules, parameters) and one third
-        waiting on PostgreSQL (the journal's insert); with lanes, one lane's wait overlaps another's
-        Python, and with worker processes each lane has a core. Lanes lock disjoint wallets, and the
-        accounts every batch touches are booked last (``ledger.store.apply_balances``), so they do
-        not wait on each other. Each lane commits on its own; a lane that fails is split and retried
-        alone (:meth:`_process`) without holding back what the others committed."""
-        # With worker processes: one lane per process at least, and lanes of about LANE_MESSAGES at
-        # most. A lane's transaction holds its wallets' row locks until it commits, and a scheduler
-        # tick or an admission of one of those wallets waits that out (a stop command is due within
-        # 1 s of the predicted zero). A large batch is then several lanes queued for the processes;
-        # a queued lane holds no lock, and a wallet is still in one lane of its batch.
-        workers = self._workers
-        count = worker_lanes(len(items), workers.processes) if workers is not None else self._config.lanes
-        groups: list[list[int]] = [[] for _ in range(count)]
-        for i, item in enumerate(items):
-            groups[lane_of(lane_key(item.subject), count)].append(i)
-        before = self._lane_tails
-        everything = [f for tail in before for f in tail]
-        tails: list[list[_Lane]] = []
-        lanes: list[_Lane] = []
-        for k, group in enumerate(groups):
-            # A wallet is in lane crc32 % count in both batches only if both have `count` lanes.
-            after = before[k] if len(before) == count else everything
-            if not group:
-                tails.append(after)  # nothing here: the next batch's lane k waits for the same
-                continue
-            lane = asyncio.ensure_future(self._lane(group, items, now, stop, after))
-            lanes.append(lane)
-            tails.append([lane])
-        self._lane_tails = tails
-        return lanes
-
-    async def _lane(
-        self,
-        idx: list[int],
-        items: list[_Item],
-        now: datetime,
-        stop: asyncio.Event,
-        after: list[_Lane],
-    ) -> dict[int, _Outcome]:
-        """One lane, once the lanes it follows are done. If one of those left messages for
-        redelivery (a shutdown with the database away, a failure), this lane leaves its own too:
-        otherwise a wallet's later events would be committed before its earlier ones come back."""
-        if after:
-            await asyncio.wait(after)
-            if any(_released(f) for f in after):
-                return {i: _Outcome(_Action.release, "released") for i in idx}
-        return await self._process(idx, items, now, stop)
-
-    async def _transact(self, items: Sequence[_Item], now: datetime) -> LaneResult:
-        max_age_s = self._config.event_max_age_s
-        if self._workers is None:
-            return await asyncio.to_thread(transact, self._engine, items, now, max_age_s=max_age_s)
-        deliveries = [(i.subject, i.raw or b"", i.delivered, i.stream_seq, i.accept_old) for i in items]
-        return await self._workers.transact(
-            deliveries,
-            now,
-            namespace=self._names.namespace,
-            max_deliver=self._max_deliver,
-            partitions=self._spec.partitions,
-            max_age_s=max_age_s,
+    async def _transact(self, items: Sequence[_Item], now: datetime) -> BatchOutcome:
+        # In a worker thread: the event loop meanwhile receives the prefetched batch and serves
+        # the service's other components.
+        return await asyncio.to_thread(
+            transact, self._engine, items, now, max_age_s=self._config.event_max_age_s, cache=self.cache
         )
 
-    async def _transact_holding(self, items: Sequence[_Item], now: datetime, stop: asyncio.Event) -> LaneResult:
+    async def _transact_holding(self, items: Sequence[_Item], now: datetime, stop: asyncio.Event) -> BatchOutcome:
         """The transaction, tried again while the database is unavailable (the batch stays in hand)."""
         delay = 0.1
         while True:
@@ -1182,9 +1000,6 @@ class Intake:
             detail = f"the processor failed on every delivery ({item.delivered}): {type(exc).__name__}: {exc}"
             source = event_id = event_type = wallet_id = None
             parsed = item.incoming.event if item.incoming is not None else None
-            if parsed is None and item.raw is not None:  # not parsed here (lane workers): for the headers
-                event = parse_event(item.raw, now=now)
-                parsed = None if isinstance(event, Rejection) else event
             if parsed is not None:
                 source, event_id, event_type, wallet_id = parsed.source, parsed.id, parsed.type, parsed.wallet_id
             dl = DeadLetter(PROCESSING_ERROR, detail[:MAX_DETAIL_CHARS], source, event_id, event_type, wallet_id)
@@ -1276,7 +1091,6 @@ async def run(
     relay_kick: asyncio.Event | None = None,
     scheduler_kick: asyncio.Event | None = None,
     ready: asyncio.Event | None = None,
-    workers: LaneWorkers | None = None,
 ) -> None:
     """Run the intake until ``stop`` is set; then finish the batch in hand and return.
 
@@ -1296,6 +1110,5 @@ async def run(
         relay_kick=relay_kick,
         scheduler_kick=scheduler_kick,
         ready=ready,
-        workers=workers,
     )
     await intake.run(stop)

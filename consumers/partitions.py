@@ -169,7 +169,6 @@ from psycopg.sql import SQL, Identifier
 from sqlalchemy import Engine
 
 from consumers.intake import ConsumerSpec, Intake, IntakeConfig, ensure_consumer
-from consumers.lane_workers import LaneWorkers
 from consumers.metrics import Metrics
 from consumers.names import NatsNames, fnv1a_32, partition_of
 from ledger.invariants import fail
@@ -587,13 +586,11 @@ class OwnedIntake:
         conninfo: str | None = None,
         role: str | None = None,
         instance: str | None = None,
-        workers: LaneWorkers | None = None,
     ) -> None:
         if partitions < 0:
             raise ValueError(f"partitions must be 0 (unpartitioned) or more, not {partitions}")
         self._nc, self._engine, self._names, self._config = nc, engine, names, config
         self._js = nc.jetstream()
-        self._workers = workers  # the instance's lane worker processes, shared by its units' intakes
         self._partitions = partitions
         self._units = max(partitions, 1)
         self._rebalance_s = rebalance_s
@@ -830,7 +827,6 @@ class OwnedIntake:
                 relay_kick=self._relay_kick,
                 scheduler_kick=self._scheduler_kick,
                 spec=spec,
-                workers=self._workers,
             )
             try:
                 if unclean:
@@ -1003,7 +999,6 @@ async def run_owned(
     scheduler_kick: asyncio.Event | None = None,
     ready: asyncio.Event | None = None,
     role: str | None = None,
-    workers: LaneWorkers | None = None,
 ) -> None:
     """Run the intake of ``billing up`` until ``stop`` is set: the unpartitioned durable
     (``partitions`` 0) or a fair share of the N partitions, each unit pulled only while this instance
@@ -1023,5 +1018,4 @@ async def run_owned(
         scheduler_kick=scheduler_kick,
         ready=ready,
         role=role,
-        workers=workers,
     ).run(stop)

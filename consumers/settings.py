@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from pydantic import Field, SecretStr
@@ -42,10 +41,8 @@ class Settings(BaseSettings):
     intake_durable: str = Field(default="billing-intake", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     # Messages per pull and per batch at most (the processor takes at most 5,000 a transaction).
     # Under load a batch is as full as this; when quiet, a pull takes what is there (small batches,
-    # low latency). With lane worker processes a batch is split into lanes of at most 1,000 messages
-    # (consumers.intake.LANE_MESSAGES), one transaction each, so a larger batch does not hold wallet
-    # locks for longer; it costs less per message (one pull, one settling, fuller lanes: a lane
-    # touches each of its wallets once). 4,000 drained fastest of 1,000-4,000 without a longer
+    # low latency). A batch is one transaction; a larger one costs less per message (one pull, one
+    # settling, each of its wallets locked and saved once). 4,000 drained fastest of 1,000-4,000 without a longer
     # zero -> stop tail (figures in bench/README.md).
     intake_batch_size: int = Field(default=4000, ge=1, le=5000)
     # When idle, how long one pull request waits for the next message before it is renewed.
@@ -74,17 +71,9 @@ class Settings(BaseSettings):
     # has the server requeue the dead one's un-acked messages before it pulls, so they come first:
     # consumers/partitions.py).
     intake_rebalance_s: float = Field(default=2.0, gt=0, le=60)
-    # Lanes of one intake: a batch is split by wallet (crc32 of the walletId) into this many
-    # transactions run side by side, so one lane's wait on PostgreSQL overlaps another's rules. A
-    # wallet is always in one lane, so its events keep their order. 0: automatic, 4 unpartitioned
-    # (one intake per instance) and 1 partitioned (the partitions' intakes already run side by side).
-    # With intake_workers > 0 the lanes are the worker processes (this setting is not used).
-    intake_lanes: int = Field(default=0, ge=0, le=16)
-    # Worker processes that run the intake's lanes (consumers/lane_workers.py): the parsing, rules
-    # and SQL of a batch on more than one core. 0: the lanes are threads of the service process.
-    # Unset: 2 on a machine with at least 2 CPUs, else 0. One pool per instance, shared by the
-    # partitions it owns.
-    intake_workers: int | None = Field(default=None, ge=0, le=16)
+    # Wallet states the owner of an intake consumer keeps in memory (projections.wallet_store.WalletCache:
+    # least recently used dropped beyond it; a few KB each). Each owned partition has its own.
+    intake_cache_wallets: int = Field(default=50_000, ge=5_000, le=10_000_000)
 
     # --- `billing up`: start-up and the embedded servers (consumers/up.py) ---------------------------
     # The first connect to PostgreSQL and to NATS is retried (a log line per attempt) for this long,
@@ -112,19 +101,6 @@ class Settings(BaseSettings):
     # Lower bound on an event's time: older than this (default 7 days) is refused as too_old and
     # dead-lettered; `billing dlq replay --accept-old` lets such a dead letter in on purpose.
     event_max_age_s: float = Field(default=604_800.0, gt=0, le=100 * 365 * 86_400)
-
-    def effective_intake_workers(self) -> int:
-        if self.intake_workers is not None:
-            return self.intake_workers
-        return 2 if (os.cpu_count() or 1) >= 2 else 0
-
-    def effective_intake_lanes(self) -> int:
-        workers = self.effective_intake_workers()
-        if workers:
-            return workers
-        if self.intake_lanes:
-            return self.intake_lanes
-        return 1 if self.intake_partitions else 4
 
 
 def nats_servers(url: str) -> list[str]:

@@ -151,6 +151,8 @@ wallets = Table(
     Column("serverless_admissions", JSONB, nullable=False, server_default=text("'[]'::jsonb")),
     Column("next_wakeup_at", DateTime(timezone=True), nullable=True),
     Column("updated_at", DateTime(timezone=True), nullable=False, server_default=func.now()),
+    # Bumped by every writer of the wallet (migration 0008): the intake owner's cache checks it.
+    Column("version", BigInteger, nullable=False, server_default=text("0")),
     CheckConstraint("status IN ('active', 'low', 'exhausted')", name="status_known"),
     Index("ix_wallets_next_wakeup_at", "next_wakeup_at", postgresql_where=text("next_wakeup_at IS NOT NULL")),
 )

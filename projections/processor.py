@@ -48,6 +48,7 @@ from projections.outbox import OutboxMessage, enqueue
 from projections.rules import (
     AdmissionAnswer,
     Decision,
+    RentalState,
     ServerlessAdmissionAnswer,
     WalletState,
     admit_rental,
@@ -56,7 +57,13 @@ from projections.rules import (
     next_wakeup,
     tick,
 )
-from projections.wallet_store import load_wallets, lock_and_read_wallets, save_wallets
+from projections.wallet_store import (
+    WalletCache,
+    load_wallets,
+    lock_and_read_wallets,
+    lock_wallet_versions,
+    save_wallets,
+)
 
 MAX_BATCH: Final = 5_000
 
@@ -102,6 +109,9 @@ class BatchResult:
     positions: dict[EventKey, int] = field(default_factory=dict)
     outbox: int = 0
     next_wakeups: dict[str, datetime | None] = field(default_factory=dict)
+    written: dict[str, tuple[int, WalletState]] = field(default_factory=dict)
+    """With a cache: each wallet's state after the batch and the row version it wrote (for
+    ``WalletCache.keep`` once committed)."""
 
 
 _STRIPE_FACTS: Final = (
@@ -243,9 +253,15 @@ def process_batch(
     *,
     now: datetime,
     rejected: Sequence[RejectedInput] = (),
+    cache: WalletCache | None = None,
 ) -> BatchResult:
     """Apply a batch in the caller's transaction (see the module docstring). Returns what became
-    of each message, by index, for the adapter to ack, nak or dead-letter after the commit."""
+    of each message, by index, for the adapter to ack, nak or dead-letter after the commit.
+
+    ``cache``: the intake owner's wallets in memory (:class:`~projections.wallet_store.WalletCache`):
+    the batch's wallets are locked reading only their versions, and only those not current in the
+    cache are read. The caller puts ``result.written`` into the cache after its commit, and evicts
+    the batch's wallets if anything fails."""
     if not (len(incoming) <= MAX_BATCH):
         fail(f"batch of {len(incoming)} > {MAX_BATCH}")
     require(now.tzinfo is not None, "now must be timezone-aware")
@@ -253,17 +269,66 @@ def process_batch(
     record_rejections(conn, rejected, now=now)
     if not incoming:
         return result
+    loaded = _lock_and_load_batch(conn, incoming, cache)
+    run = _decide_batch(incoming, loaded, result, now=now)
+    # Under the wallet locks nobody else can have added these events since the check above, so they
+    # go in by COPY; should one be there after all, the unique index fails the transaction.
+    appended = append_new(conn, run.items, received_at=now)
+    result.positions = appended.positions
+    result.next_wakeups = {w: next_wakeup(s, now) for w, s in run.states.items()}
+    versions = None if loaded.versions is None else {w: v + 1 for w, v in loaded.versions.items()}
+    save_wallets(
+        conn,
+        loaded.before,
+        run.states,
+        next_wakeups=result.next_wakeups,
+        now=now,
+        stored_wakeups=loaded.stored_wakeups,
+        versions=versions,
+    )
+    if versions is not None:
+        result.written = {w: (versions[w], st) for w, st in run.states.items()}
+    _insert_jobs(conn, run.job_rows, appended.positions)
+    enqueue(conn, run.messages, now=now)
+    result.outbox = len(run.messages)
+    record_rejections(conn, run.refused, now=now)
+    # Last: the rows of the busiest accounts (revenue, clearing) stay locked only until the commit
+    # that follows (see ledger.store.apply_balances).
+    apply_balances(conn, appended.balance_deltas)
+    return result
 
-    wallet_ids, wallet_rows = lock_and_read_wallets(conn, (i.event.wallet_id for i in incoming))
-    stored_wakeups: dict[str, datetime | None] = {}
+
+@dataclass(slots=True)
+class _Loaded:
+    """A batch's wallets, locked and loaded: what the rules start from."""
+
+    todo: list[int]
+    """Indexes of the events new to the log, first sight in the batch, in batch order."""
+    before: dict[str, WalletState]
+    foreign: dict[str, RentalState]
+    stored_wakeups: dict[str, datetime | None]
+    versions: dict[str, int] | None
+    """With a cache: each wallet row's locked version."""
+
+
+def _lock_and_load_batch(
+    conn: psycopg.Connection[Any], incoming: Sequence[Incoming], cache: WalletCache | None
+) -> _Loaded:
+    wallets = (i.event.wallet_id for i in incoming)
+    versions: dict[str, int] | None = None
+    known: dict[str, WalletState] = {}
+    if cache is None:
+        wallet_ids, wallet_rows = lock_and_read_wallets(conn, wallets)
+    else:
+        wallet_ids, versions = lock_wallet_versions(conn, wallets)
+        known, wallet_rows = cache.current(versions), None
     first: dict[EventKey, int] = {}
     for idx, item in enumerate(incoming):
         first.setdefault(item.event.key, idx)
     existing = _existing_keys(conn, list(first))
-    todo = [idx for key, idx in first.items() if key not in existing]
-    todo.sort()
-    events = [incoming[i].event for i in todo]
-    resources, endpoints, jobs, payments = _resource_keys(events)
+    todo = sorted(idx for key, idx in first.items() if key not in existing)
+    resources, endpoints, jobs, payments = _resource_keys([incoming[i].event for i in todo])
+    stored_wakeups: dict[str, datetime | None] = {}
     before, foreign = load_wallets(
         conn,
         wallet_ids,
@@ -273,105 +338,104 @@ def process_batch(
         payment_ids=payments,
         wallet_rows=wallet_rows,
         stored_wakeups=stored_wakeups,
+        known=known,
     )
-    states = dict(before)
+    return _Loaded(todo, before, foreign, stored_wakeups, versions)
+
+
+@dataclass(slots=True)
+class _Run:
+    """What the rules decided for a batch: the new states and what to write."""
+
+    states: dict[str, WalletState]
+    items: list[AppendItem] = field(default_factory=list)
+    job_rows: list[tuple[str, str, str, EventKey]] = field(default_factory=list)
+    messages: list[OutboxMessage] = field(default_factory=list)
+    refused: list[RejectedInput] = field(default_factory=list)
+
+
+def _refuse(result: BatchResult, run: _Run, idx: int, item: Incoming, reason: RejectReason, detail: str) -> None:
+    rejection = _rejection_of(item.event, reason, detail)
+    result.dispositions[idx] = Disposition.rejected
+    result.rejections[idx] = rejection
+    run.refused.append(RejectedInput(rejection, item.raw, item.subject, item.delivery_count))
+
+
+def _decide_batch(incoming: Sequence[Incoming], loaded: _Loaded, result: BatchResult, *, now: datetime) -> _Run:
+    run = _Run(states=dict(loaded.before))
     # The wallet of every rental the batch names: loaded ones (of other wallets, and of the
     # batch's own wallets) and those started in this batch. An event naming another wallet's
     # rental is refused, whoever else is in the batch.
-    owner = {rid: r.wallet_id for rid, r in foreign.items()}
-    for wid, st in before.items():
+    owner = {rid: r.wallet_id for rid, r in loaded.foreign.items()}
+    for wid, st in loaded.before.items():
         owner.update((rid, wid) for rid in st.rentals)
-
-    items: list[AppendItem] = []
-    job_rows: list[tuple[str, str, str, EventKey]] = []
-    messages: list[OutboxMessage] = []
-    refused: list[RejectedInput] = []
-    for idx in todo:
-        item = incoming[idx]
-        ev = item.event
-        at = item.received_at or now
-        rid = ev.resource_id if not isinstance(ev, ServerlessJobCompletedEvent) else None
-        if rid is not None and owner.get(rid, ev.wallet_id) != ev.wallet_id:
-            rejection = _rejection_of(
-                ev,
-                RejectReason.wallet_mismatch,
-                f"resource {rid} belongs to wallet {owner[rid]}, not {ev.wallet_id}",
-            )
-            result.dispositions[idx] = Disposition.rejected
-            result.rejections[idx] = rejection
-            refused.append(RejectedInput(rejection, item.raw, item.subject, item.delivery_count))
-            continue
-        prior = states[ev.wallet_id]
-        state, decision = apply_fact(prior, ev)
-        if decision.outcome == "not_started" and not item.last_attempt:
-            result.dispositions[idx] = Disposition.retry
-            continue
-        if decision.outcome in ("rejected", "not_started"):
-            reason, detail = decision.rejection or (
-                RejectReason.not_started,
-                f"{ev.type} for {rid}, which has not started (no gpu.rental.started seen), "
-                f"after {item.delivery_count or 0} deliveries",
-            )
-            rejection = _rejection_of(ev, reason, detail)
-            result.dispositions[idx] = Disposition.rejected
-            result.rejections[idx] = rejection
-            refused.append(RejectedInput(rejection, item.raw, item.subject, item.delivery_count))
-            continue
-        states[ev.wallet_id] = state
-        if isinstance(ev, RentalStartedEvent):
-            owner[ev.data.resource_id] = ev.wallet_id
-        if isinstance(ev, ServerlessJobCompletedEvent):
-            job = (ev.data.endpoint_id, ev.data.job_id)
-            if job not in prior.jobs_seen:  # first sight of the job: remember it for ever
-                job_rows.append((ev.wallet_id, *job, ev.key))
-        items.append(
-            AppendItem(
-                EventRecord.from_event(ev),
-                decision.txns,
-                position=item.position,
-                received_at=item.received_at,
-            )
-        )
-        messages.extend(_messages(decision, at))
-        result.dispositions[idx] = Disposition.accepted
-
+    for idx in loaded.todo:
+        _decide_one(incoming[idx], idx, run, owner, result, now=now)
     # Housekeeping once per wallet at the batch's instant (see rules.apply_fact): stop commands,
     # their re-issue, notices, expired holds. A rebuild gives each event its original instant;
     # there the last event's instant stands for the wallet's.
     last_at: dict[str, datetime] = {}
-    for idx in todo:
+    for idx in loaded.todo:
         if result.dispositions[idx] == Disposition.accepted:
             last_at[incoming[idx].event.wallet_id] = incoming[idx].received_at or now
     for wid, at in last_at.items():
-        states[wid], decision = tick(states[wid], at)
-        messages.extend(_messages(decision, at))
+        run.states[wid], decision = tick(run.states[wid], at)
+        run.messages.extend(_messages(decision, at))
+    return run
 
-    # Under the wallet locks nobody else can have added these events since the check above, so they
-    # go in by COPY; should one be there after all, the unique index fails the transaction.
-    appended = append_new(conn, items, received_at=now)
-    result.positions = appended.positions
 
-    result.next_wakeups = {w: next_wakeup(s, now) for w, s in states.items()}
-    save_wallets(conn, before, states, next_wakeups=result.next_wakeups, now=now, stored_wakeups=stored_wakeups)
-    if job_rows:
-        with conn.cursor() as cur:
-            cur.execute(
-                "INSERT INTO serverless_jobs (wallet_id, endpoint_id, job_id, event_position)"
-                " SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::int8[])",
-                (
-                    [j[0] for j in job_rows],
-                    [j[1] for j in job_rows],
-                    [j[2] for j in job_rows],
-                    [appended.positions[j[3]] for j in job_rows],
-                ),
-            )
-    enqueue(conn, messages, now=now)
-    result.outbox = len(messages)
-    record_rejections(conn, refused, now=now)
-    # Last: the rows of the busiest accounts (revenue, clearing) stay locked only until the commit
-    # that follows (see ledger.store.apply_balances).
-    apply_balances(conn, appended.balance_deltas)
-    return result
+def _decide_one(
+    item: Incoming, idx: int, run: _Run, owner: dict[str, str], result: BatchResult, *, now: datetime
+) -> None:
+    ev = item.event
+    rid = ev.resource_id if not isinstance(ev, ServerlessJobCompletedEvent) else None
+    if rid is not None and owner.get(rid, ev.wallet_id) != ev.wallet_id:
+        detail = f"resource {rid} belongs to wallet {owner[rid]}, not {ev.wallet_id}"
+        _refuse(result, run, idx, item, RejectReason.wallet_mismatch, detail)
+        return
+    prior = run.states[ev.wallet_id]
+    state, decision = apply_fact(prior, ev)
+    if decision.outcome == "not_started" and not item.last_attempt:
+        result.dispositions[idx] = Disposition.retry
+        return
+    if decision.outcome in ("rejected", "not_started"):
+        reason, detail = decision.rejection or (
+            RejectReason.not_started,
+            f"{ev.type} for {rid}, which has not started (no gpu.rental.started seen), "
+            f"after {item.delivery_count or 0} deliveries",
+        )
+        _refuse(result, run, idx, item, reason, detail)
+        return
+    run.states[ev.wallet_id] = state
+    if isinstance(ev, RentalStartedEvent):
+        owner[ev.data.resource_id] = ev.wallet_id
+    if isinstance(ev, ServerlessJobCompletedEvent):
+        job = (ev.data.endpoint_id, ev.data.job_id)
+        if job not in prior.jobs_seen:  # first sight of the job: remember it for ever
+            run.job_rows.append((ev.wallet_id, *job, ev.key))
+    run.items.append(
+        AppendItem(EventRecord.from_event(ev), decision.txns, position=item.position, received_at=item.received_at)
+    )
+    run.messages.extend(_messages(decision, item.received_at or now))
+    result.dispositions[idx] = Disposition.accepted
+
+
+def _insert_jobs(
+    conn: psycopg.Connection[Any], job_rows: list[tuple[str, str, str, EventKey]], positions: dict[EventKey, int]
+) -> None:
+    if not job_rows:
+        return
+    with conn.cursor() as cur:
+        cur.execute(
+            "INSERT INTO serverless_jobs (wallet_id, endpoint_id, job_id, event_position)"
+            " SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::int8[])",
+            (
+                [j[0] for j in job_rows],
+                [j[1] for j in job_rows],
+                [j[2] for j in job_rows],
+                [positions[j[3]] for j in job_rows],
+            ),
+        )
 
 
 # ------------------------------------------------------------------------- scheduler and admission

@@ -8,7 +8,9 @@ and two batches never deadlock on each other's wallets.
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any, Final
 
@@ -88,8 +90,17 @@ LOAD_JOBS_SQL: Final = (
 )
 LOCK_AND_READ_WALLETS_SQL: Final = LOAD_WALLETS_SQL + " ORDER BY w.wallet_id FOR UPDATE OF w"
 """The wallet rows locked in id order, read in the same statement (the columns of LOAD_WALLETS_SQL)."""
+LOCK_VERSIONS_SQL: Final = (
+    "SELECT w.wallet_id, w.version FROM unnest(%b::text[]) AS k(w) JOIN wallets w ON w.wallet_id = k.w"
+    " ORDER BY w.wallet_id FOR UPDATE OF w"
+)
+"""The intake owner's lock: the wallet rows in id order, only their versions read (WalletCache)."""
+BUMP_VERSIONS_SQL: Final = (
+    "UPDATE wallets w SET version = w.version + 1 FROM unnest(%b::text[]) AS k(w) WHERE w.wallet_id = k.w"
+)
 BATCH_LOOKUPS_SQL: Final = (
     LOCK_AND_READ_WALLETS_SQL,
+    LOCK_VERSIONS_SQL,
     LOAD_WALLETS_SQL,
     LOAD_RENTALS_SQL,
     LOAD_PAYMENTS_SQL,
@@ -156,7 +167,7 @@ stored next wake-up."""
 
 
 def lock_wallets(conn: psycopg.Connection[Any], wallet_ids: Iterable[str]) -> list[str]:
-    """Create missing wallet rows and lock all of them. Returns the sorted ids."""
+    """Create missing wallet rows and lock all of them (bumping their versions). Returns the sorted ids."""
     return lock_and_read_wallets(conn, wallet_ids)[0]
 
 
@@ -166,19 +177,40 @@ def lock_and_read_wallets(
     """Lock the wallets' rows, creating the missing ones, and read them (for ``load_wallets``).
     Returns the sorted ids and the rows.
 
+    Every writer but the intake's partition owner locks here, and the lock bumps each row's
+    ``version``: the owner, which keeps its wallets in memory (:class:`WalletCache`), then sees that
+    someone else may have written the wallet and reloads it. (Bumped whether or not the writer then
+    changes anything: a reload too many costs a look-up, a missed one a wrong charge.)
+
     Lock order: the existing rows in id order (one statement: the intake's batches nearly always
     find every wallet), then the missing ones, inserted and locked in id order. No writer waits for
     a row it then holds while another waits for its first ones, except in one case: a wallet created
     by another transaction between the two steps, which a scheduler tick of that and an earlier
     wallet has locked meanwhile; PostgreSQL then detects the deadlock, and the batch (a transient
     failure) is tried again."""
+    ids, rows = _lock(conn, wallet_ids, LOCK_AND_READ_WALLETS_SQL)
+    if ids:
+        with conn.cursor(binary=True) as cur:
+            cur.execute(BUMP_VERSIONS_SQL, (ids,))
+    return ids, rows
+
+
+def lock_wallet_versions(conn: psycopg.Connection[Any], wallet_ids: Iterable[str]) -> tuple[list[str], dict[str, int]]:
+    """The intake owner's lock (same order and creation of missing rows as
+    :func:`lock_and_read_wallets`): the sorted ids and each row's version, not bumped here (the
+    owner's save bumps it, :func:`save_wallets` with ``versions``)."""
+    ids, rows = _lock(conn, wallet_ids, LOCK_VERSIONS_SQL)
+    return ids, {str(r[0]): int(r[1]) for r in rows}
+
+
+def _lock(conn: psycopg.Connection[Any], wallet_ids: Iterable[str], sql: str) -> tuple[list[str], list[WalletRow]]:
     ids = sorted(set(wallet_ids))
     if not (len(ids) <= MAX_WALLETS_PER_LOAD):
         fail(f"{len(ids)} wallets in one load")
     if not ids:
         return ids, []
     with conn.cursor(binary=True) as cur:
-        cur.execute(LOCK_AND_READ_WALLETS_SQL, (ids,))
+        cur.execute(sql, (ids,))
         rows = cur.fetchall()
         if len(rows) < len(ids):
             have = {r[0] for r in rows}
@@ -188,7 +220,7 @@ def lock_and_read_wallets(
                 " ON CONFLICT (wallet_id) DO NOTHING",
                 (missing,),
             )
-            cur.execute(LOCK_AND_READ_WALLETS_SQL, (missing,))
+            cur.execute(sql, (missing,))
             rows = sorted([*rows, *cur.fetchall()], key=_first)
     require([r[0] for r in rows] == ids, "wallet rows missing after insert")
     return ids, rows
@@ -196,6 +228,33 @@ def lock_and_read_wallets(
 
 def _first(row: WalletRow) -> str:
     return str(row[0])
+
+
+@dataclass(slots=True)
+class _Parts:
+    """What a batch loads into its wallets' states, by wallet (then made into WalletState)."""
+
+    ids: list[str]
+    known: Mapping[str, WalletState]
+    rentals: dict[str, dict[str, RentalState]]
+    endpoints: dict[str, dict[str, EndpointState]]
+    seen: dict[str, set[tuple[str, str]]]
+    payments: dict[str, dict[str, PaymentState]]
+    foreign: dict[str, RentalState] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, ids: list[str], known: Mapping[str, WalletState]) -> _Parts:
+        def start(w: str, attr: str) -> dict[str, Any]:
+            return dict(getattr(known[w], attr)) if w in known else {}
+
+        return cls(
+            ids,
+            known,
+            {w: start(w, "rentals") for w in ids},
+            {w: start(w, "endpoints") for w in ids},
+            {w: set() for w in ids},
+            {w: start(w, "payments") for w in ids},
+        )
 
 
 def load_wallets(
@@ -208,54 +267,75 @@ def load_wallets(
     payment_ids: Iterable[str] = (),
     wallet_rows: Sequence[WalletRow] | None = None,
     stored_wakeups: dict[str, datetime | None] | None = None,
+    known: Mapping[str, WalletState] | None = None,
 ) -> tuple[dict[str, WalletState], dict[str, RentalState]]:
     """The aggregates of locked wallets: balance, holds, status, every open rental, the named
     rentals (ended ones too), the named serverless endpoints and which named jobs were seen.
-    ``wallet_rows``: the wallets' rows as :func:`lock_and_read_wallets` read them (else read here).
-    ``stored_wakeups``: filled with each wallet's stored next wake-up (for :func:`save_wallets`).
+    ``wallet_rows``: the rows of the wallets not ``known`` as :func:`lock_and_read_wallets` read
+    them (else read here). ``stored_wakeups``: filled with each read wallet's stored next wake-up
+    (for :func:`save_wallets`). ``known``: states the caller holds and knows to be current (the
+    intake owner's :class:`WalletCache`): not read again, only completed with the named rentals,
+    endpoints and payments they lack, and the named jobs.
 
     Also returns the named rentals that belong to *other* wallets (so the caller can refuse an
     event that names another wallet's resource instead of starting it twice).
     """
     ids = list(wallet_ids)
-    resources = sorted(set(resource_ids))
-    endpoints = sorted(set(endpoint_keys))
+    known = {w: known[w] for w in ids if w in known} if known else {}
+    fresh = [w for w in ids if w not in known]
+    parts = _Parts.of(ids, known)
+    have = {rid for st in known.values() for rid in st.rentals}
+    resources = sorted(r for r in set(resource_ids) if r not in have)
+    endpoints = sorted(k for k in set(endpoint_keys) if k[0] not in known or k[1] not in known[k[0]].endpoints)
     jobs = sorted(set(job_keys))
-    states: dict[str, WalletState] = {}
-    rentals: dict[str, dict[str, RentalState]] = {w: {} for w in ids}
-    foreign: dict[str, RentalState] = {}
-    eps: dict[str, dict[str, EndpointState]] = {w: {} for w in ids}
-    seen: dict[str, set[tuple[str, str]]] = {w: set() for w in ids}
-    pays: dict[str, dict[str, PaymentState]] = {w: {} for w in ids}
-    pis = sorted(set(payment_ids))
+    paid = {pi for st in known.values() for pi in st.payments}
+    pis = sorted(pi for pi in set(payment_ids) if pi not in paid)
     # Results in binary: psycopg converts binary timestamps and integers for less than their text
     # (rentals carry several timestamps each; this is the intake's hot path).
     with conn.cursor(binary=True) as cur:
         if pis:
             cur.execute(LOAD_PAYMENTS_SQL, (pis,))
             for w, pi, was_seen, credited, refunded, disputes, pending in cur.fetchall():
-                if w in pays:  # another wallet's: the save refuses to take it over
-                    pays[w][pi] = _payment_from_row(pi, was_seen, credited, refunded, disputes, pending)
-        if wallet_rows is None:
-            cur.execute(LOAD_WALLETS_SQL, (ids,))
+                if w in parts.payments:  # another wallet's: the save refuses to take it over
+                    parts.payments[w][pi] = _payment_from_row(pi, was_seen, credited, refunded, disputes, pending)
+        rows: list[WalletRow] = []
+        if fresh and wallet_rows is None:
+            cur.execute(LOAD_WALLETS_SQL, (fresh,))
             rows = cur.fetchall()
-        else:
+        elif fresh and wallet_rows is not None:
             rows = list(wallet_rows)
-        cur.execute(LOAD_RENTALS_SQL, (ids, resources))
-        for r in cur.fetchall():
-            rental = _rental_from_row(r)
-            if rental.wallet_id in rentals:
-                rentals[rental.wallet_id][rental.resource_id] = rental
-            else:
-                foreign[rental.resource_id] = rental
-        if endpoints:
-            cur.execute(LOAD_ENDPOINTS_SQL, ([k[0] for k in endpoints], [k[1] for k in endpoints]))
-            for w, e, exact, charged in cur.fetchall():
-                eps[w][e] = EndpointState(e, exact_millimicros_total=exact, charged_micros=charged)
-        if jobs:
-            cur.execute(LOAD_JOBS_SQL, ([k[0] for k in jobs], [k[1] for k in jobs], [k[2] for k in jobs]))
-            for w, e, j in cur.fetchall():
-                seen[w].add((e, j))
+        if fresh or resources:
+            cur.execute(LOAD_RENTALS_SQL, (fresh, resources))
+            for r in cur.fetchall():
+                _add_rental(parts, _rental_from_row(r))
+        _load_endpoints_and_jobs(cur, parts, endpoints, jobs)
+    return _states(parts, rows, stored_wakeups), parts.foreign
+
+
+def _add_rental(parts: _Parts, rental: RentalState) -> None:
+    if rental.wallet_id in parts.rentals:
+        parts.rentals[rental.wallet_id][rental.resource_id] = rental
+    else:
+        parts.foreign[rental.resource_id] = rental
+
+
+def _load_endpoints_and_jobs(
+    cur: psycopg.Cursor[Any], parts: _Parts, endpoints: list[tuple[str, str]], jobs: list[tuple[str, str, str]]
+) -> None:
+    if endpoints:
+        cur.execute(LOAD_ENDPOINTS_SQL, ([k[0] for k in endpoints], [k[1] for k in endpoints]))
+        for w, e, exact, charged in cur.fetchall():
+            parts.endpoints[w][e] = EndpointState(e, exact_millimicros_total=exact, charged_micros=charged)
+    if jobs:
+        cur.execute(LOAD_JOBS_SQL, ([k[0] for k in jobs], [k[1] for k in jobs], [k[2] for k in jobs]))
+        for w, e, j in cur.fetchall():
+            parts.seen[w].add((e, j))
+
+
+def _states(
+    parts: _Parts, rows: Sequence[WalletRow], stored_wakeups: dict[str, datetime | None] | None
+) -> dict[str, WalletState]:
+    states: dict[str, WalletState] = {}
     for wallet_id, balance, status, last_notice, holds, admissions, wakeup in rows:
         if stored_wakeups is not None:
             stored_wakeups[wallet_id] = wakeup
@@ -263,18 +343,37 @@ def load_wallets(
             wallet_id=wallet_id,
             balance_micros=int(balance),
             holds=() if holds == "[]" else _holds_from_json(json.loads(holds)),
-            rentals=rentals[wallet_id],
-            endpoints=eps[wallet_id],
-            jobs_seen=frozenset(seen[wallet_id]),
+            rentals=parts.rentals[wallet_id],
+            endpoints=parts.endpoints[wallet_id],
+            jobs_seen=frozenset(parts.seen[wallet_id]),
             serverless_admissions=()
             if admissions == "[]"
             else tuple(datetime.fromisoformat(t) for t in json.loads(admissions)),
             status=status,
             last_notice=last_notice,
-            payments=pays[wallet_id],
+            payments=parts.payments[wallet_id],
         )
-    require(set(states) == set(ids), "a locked wallet has no row")
-    return states, foreign
+    for wallet_id, st in parts.known.items():
+        states[wallet_id] = replace(
+            st,
+            rentals=parts.rentals[wallet_id],
+            endpoints=parts.endpoints[wallet_id],
+            jobs_seen=frozenset(parts.seen[wallet_id]),
+            payments=parts.payments[wallet_id],
+        )
+    require(set(states) == set(parts.ids), "a locked wallet has no row")
+    return states
+
+
+@dataclass(slots=True)
+class _Changes:
+    wallets: list[WalletState] = field(default_factory=list)
+    new_rentals: list[RentalState] = field(default_factory=list)
+    """Rentals new to the table (started in this batch): inserted whole."""
+    changed_rentals: list[RentalState] = field(default_factory=list)
+    """Rentals loaded and changed: only what can change is written."""
+    endpoints: list[tuple[str, EndpointState]] = field(default_factory=list)
+    payments: list[tuple[str, PaymentState]] = field(default_factory=list)
 
 
 def save_wallets(
@@ -285,132 +384,183 @@ def save_wallets(
     next_wakeups: dict[str, datetime | None],
     now: datetime,
     stored_wakeups: Mapping[str, datetime | None] | None = None,
+    versions: Mapping[str, int] | None = None,
 ) -> None:
     """Write what changed between ``before`` and ``after`` (same wallet ids): wallet rows, rentals,
-    endpoints. Balances are not written here: they follow the journal (ledger.store)."""
+    endpoints, payments. Balances are not written here: they follow the journal (ledger.store).
+
+    ``versions`` (the intake owner, :func:`lock_wallet_versions`): every wallet row is written, with
+    its version set to the one given (the locked version + 1), so that any other holder of a cached
+    state of it sees the change."""
     require(set(before) == set(after), "save of a different wallet set")
-    rental_rows: list[RentalState] = []
-    """Rentals new to the table (started in this batch): inserted whole."""
-    changed_rentals: list[RentalState] = []
-    """Rentals loaded and changed: only what can change is written."""
-    endpoint_rows: list[tuple[str, EndpointState]] = []
-    payment_rows: list[tuple[str, PaymentState]] = []
-    wallet_rows: list[WalletState] = []
+    changes = _changes(before, after, next_wakeups, stored_wakeups, owner=versions is not None)
+    with conn.cursor() as cur:
+        if changes.wallets:
+            _update_wallet_rows(cur, changes.wallets, next_wakeups, now, versions)
+        if changes.new_rentals:
+            _insert_rentals(cur, changes.new_rentals)
+        if changes.changed_rentals:
+            _update_rentals(cur, changes.changed_rentals)
+        if changes.endpoints:
+            _upsert_endpoints(cur, changes.endpoints)
+        if changes.payments:
+            _upsert_payments(cur, changes.payments)
+
+
+def _changes(
+    before: dict[str, WalletState],
+    after: dict[str, WalletState],
+    next_wakeups: Mapping[str, datetime | None],
+    stored_wakeups: Mapping[str, datetime | None] | None,
+    *,
+    owner: bool,
+) -> _Changes:
+    out = _Changes()
     for wid, new in after.items():
         old = before[wid]
         # A row that would not change is not sent (most wallets of a batch are only charged, and
         # the balance lives in account_balances); without the stored wake-ups, the UPDATE's own
-        # IS DISTINCT FROM leaves such rows alone.
-        if not (
+        # IS DISTINCT FROM leaves such rows alone. The owner writes every row (its version).
+        if owner or not (
             stored_wakeups is not None
             and wid in stored_wakeups
             and stored_wakeups[wid] == next_wakeups.get(wid)
             and (new.status, new.last_notice, new.holds, new.serverless_admissions)
             == (old.status, old.last_notice, old.holds, old.serverless_admissions)
         ):
-            wallet_rows.append(new)
-        for rid, r in new.rentals.items():
-            if old.rentals.get(rid) != r:
-                if r.wallet_id != wid:
-                    fail(f"rental {rid} of {r.wallet_id} saved under {wid}")
-                (changed_rentals if rid in old.rentals else rental_rows).append(r)
+            out.wallets.append(new)
+        if new.rentals is not old.rentals:
+            for rid, r in new.rentals.items():
+                if old.rentals.get(rid) != r:
+                    if r.wallet_id != wid:
+                        fail(f"rental {rid} of {r.wallet_id} saved under {wid}")
+                    (out.changed_rentals if rid in old.rentals else out.new_rentals).append(r)
         for eid, e in new.endpoints.items():
             if old.endpoints.get(eid) != e:
-                endpoint_rows.append((wid, e))
+                out.endpoints.append((wid, e))
         for pi, pay in new.payments.items():
             if old.payments.get(pi) != pay:
-                payment_rows.append((wid, pay))
-    with conn.cursor() as cur:
-        if wallet_rows:
-            cur.execute(
-                "UPDATE wallets w SET status = x.s, last_notice = x.n, holds = x.h::jsonb,"
-                "       serverless_admissions = x.a::jsonb, next_wakeup_at = x.nw, updated_at = %(now)s"
-                "  FROM unnest(%(w)b::text[], %(s)b::text[], %(n)b::text[], %(h)b::text[], %(a)b::text[],"
-                "              %(nw)b::timestamptz[]) AS x(w, s, n, h, a, nw)"
-                " WHERE w.wallet_id = x.w"
-                # A wallet whose row would not change is not rewritten: most batches charge a wallet
-                # (its balance lives in account_balances) and change nothing else of it.
-                "   AND (w.status, w.last_notice, w.holds, w.serverless_admissions, w.next_wakeup_at)"
-                "       IS DISTINCT FROM (x.s, x.n, x.h::jsonb, x.a::jsonb, x.nw)",
-                {
-                    "now": now,
-                    "w": [s.wallet_id for s in wallet_rows],
-                    "s": [s.status for s in wallet_rows],
-                    "n": [s.last_notice for s in wallet_rows],
-                    # Most wallets hold nothing: '[]' without a json.dumps each (the intake's hot path).
-                    "h": [_holds_to_json(s.holds) if s.holds else "[]" for s in wallet_rows],
-                    "a": [_admissions_to_json(s.serverless_admissions) for s in wallet_rows],
-                    "nw": [next_wakeups.get(s.wallet_id) for s in wallet_rows],
-                },
-            )
-        if rental_rows:
-            cur.execute(
-                f"INSERT INTO rentals ({_RENTAL_COLS})"
-                " SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::int8[],"
-                "   %b::text[], %b::text[], %b::timestamptz[], %b::timestamptz[], %b::int8[], %b::int8[],"
-                "   %b::timestamptz[], %b::text[], %b::int4[], %b::int4[], %b::timestamptz[])"
-                " ON CONFLICT (resource_id) DO UPDATE SET"
-                "   status = EXCLUDED.status, last_reading_at = EXCLUDED.last_reading_at,"
-                "   billable_seconds = EXCLUDED.billable_seconds, charged_micros = EXCLUDED.charged_micros,"
-                "   ended_at = EXCLUDED.ended_at, end_reason = EXCLUDED.end_reason,"
-                "   stop_seq = EXCLUDED.stop_seq, stop_attempts = EXCLUDED.stop_attempts,"
-                "   stop_issued_at = EXCLUDED.stop_issued_at"
-                " WHERE rentals.wallet_id = EXCLUDED.wallet_id",
-                _arrays(rental_rows, _RENTAL_FIELDS),
-            )
-            require(cur.rowcount == len(rental_rows), "a rental row belongs to another wallet")
-        if changed_rentals:
-            # An UPDATE of the mutable columns: a reading changes a few of them, and each column is
-            # an array parameter psycopg dumps element by element (the intake's hot path).
-            cur.execute(
-                "UPDATE rentals r SET status = x.s, last_reading_at = x.lr, billable_seconds = x.bs,"
-                "       charged_micros = x.cm, ended_at = x.ea, end_reason = x.er, stop_seq = x.sq,"
-                "       stop_attempts = x.sa, stop_issued_at = x.si"
-                "  FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::int8[], %b::int8[],"
-                "              %b::timestamptz[], %b::text[], %b::int4[], %b::int4[], %b::timestamptz[])"
-                "       AS x(r, w, s, lr, bs, cm, ea, er, sq, sa, si)"
-                " WHERE r.resource_id = x.r AND r.wallet_id = x.w",
-                _arrays(changed_rentals, _RENTAL_MUTABLE_FIELDS),
-            )
-            require(cur.rowcount == len(changed_rentals), "a loaded rental row is gone or of another wallet")
-        if endpoint_rows:
-            cur.execute(
-                "INSERT INTO serverless_endpoints (wallet_id, endpoint_id, exact_millimicros_total, charged_micros)"
-                " SELECT * FROM unnest(%b::text[], %b::text[], %b::int8[], %b::int8[])"
-                " ON CONFLICT (wallet_id, endpoint_id) DO UPDATE SET"
-                "   exact_millimicros_total = EXCLUDED.exact_millimicros_total,"
-                "   charged_micros = EXCLUDED.charged_micros",
-                [
-                    [w for w, _ in endpoint_rows],
-                    [e.endpoint_id for _, e in endpoint_rows],
-                    [e.exact_millimicros_total for _, e in endpoint_rows],
-                    [e.charged_micros for _, e in endpoint_rows],
-                ],
-            )
+                out.payments.append((wid, pay))
+    return out
 
-        if payment_rows:
-            cur.execute(
-                "INSERT INTO stripe_payments (payment_intent_id, wallet_id, seen, credited_micros, refunded_micros,"
-                "                             disputes, pending)"
-                " SELECT p, w, s, c, r, d::jsonb, pe::jsonb"
-                "   FROM unnest(%b::text[], %b::text[], %b::bool[], %b::int8[], %b::int8[], %b::text[], %b::text[])"
-                "        AS x(p, w, s, c, r, d, pe)"
-                " ON CONFLICT (payment_intent_id) DO UPDATE SET"
-                "   seen = EXCLUDED.seen, credited_micros = EXCLUDED.credited_micros,"
-                "   refunded_micros = EXCLUDED.refunded_micros, disputes = EXCLUDED.disputes,"
-                "   pending = EXCLUDED.pending"
-                " WHERE stripe_payments.wallet_id = EXCLUDED.wallet_id",
-                [
-                    [p.payment_intent_id for _, p in payment_rows],
-                    [w for w, _ in payment_rows],
-                    [p.seen for _, p in payment_rows],
-                    [p.credited_micros for _, p in payment_rows],
-                    [p.refunded_micros for _, p in payment_rows],
-                    [json.dumps({k: list(v) for k, v in sorted(p.disputes.items())}) for _, p in payment_rows],
-                    [json.dumps([_pending_to_json(f) for f in p.pending]) for _, p in payment_rows],
-                ],
-            )
-            require(cur.rowcount == len(payment_rows), "a PaymentIntent belongs to another wallet")
+
+def _update_wallet_rows(
+    cur: psycopg.Cursor[Any],
+    rows: list[WalletState],
+    next_wakeups: Mapping[str, datetime | None],
+    now: datetime,
+    versions: Mapping[str, int] | None,
+) -> None:
+    params = {
+        "now": now,
+        "w": [s.wallet_id for s in rows],
+        "s": [s.status for s in rows],
+        "n": [s.last_notice for s in rows],
+        # Most wallets hold nothing: '[]' without a json.dumps each (the intake's hot path).
+        "h": [_holds_to_json(s.holds) if s.holds else "[]" for s in rows],
+        "a": [_admissions_to_json(s.serverless_admissions) for s in rows],
+        "nw": [next_wakeups.get(s.wallet_id) for s in rows],
+    }
+    if versions is not None:
+        params["v"] = [versions[s.wallet_id] for s in rows]
+        cur.execute(
+            "UPDATE wallets w SET status = x.s, last_notice = x.n, holds = x.h::jsonb,"
+            "       serverless_admissions = x.a::jsonb, next_wakeup_at = x.nw, updated_at = %(now)s,"
+            "       version = x.v"
+            "  FROM unnest(%(w)b::text[], %(s)b::text[], %(n)b::text[], %(h)b::text[], %(a)b::text[],"
+            "              %(nw)b::timestamptz[], %(v)b::int8[]) AS x(w, s, n, h, a, nw, v)"
+            " WHERE w.wallet_id = x.w",
+            params,
+        )
+        require(cur.rowcount == len(rows), "a locked wallet row is gone")
+        return
+    cur.execute(
+        "UPDATE wallets w SET status = x.s, last_notice = x.n, holds = x.h::jsonb,"
+        "       serverless_admissions = x.a::jsonb, next_wakeup_at = x.nw, updated_at = %(now)s"
+        "  FROM unnest(%(w)b::text[], %(s)b::text[], %(n)b::text[], %(h)b::text[], %(a)b::text[],"
+        "              %(nw)b::timestamptz[]) AS x(w, s, n, h, a, nw)"
+        " WHERE w.wallet_id = x.w"
+        # A wallet whose row would not change is not rewritten: most batches charge a wallet
+        # (its balance lives in account_balances) and change nothing else of it.
+        "   AND (w.status, w.last_notice, w.holds, w.serverless_admissions, w.next_wakeup_at)"
+        "       IS DISTINCT FROM (x.s, x.n, x.h::jsonb, x.a::jsonb, x.nw)",
+        params,
+    )
+
+
+def _insert_rentals(cur: psycopg.Cursor[Any], rental_rows: list[RentalState]) -> None:
+    cur.execute(
+        f"INSERT INTO rentals ({_RENTAL_COLS})"
+        " SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::int8[],"
+        "   %b::text[], %b::text[], %b::timestamptz[], %b::timestamptz[], %b::int8[], %b::int8[],"
+        "   %b::timestamptz[], %b::text[], %b::int4[], %b::int4[], %b::timestamptz[])"
+        " ON CONFLICT (resource_id) DO UPDATE SET"
+        "   status = EXCLUDED.status, last_reading_at = EXCLUDED.last_reading_at,"
+        "   billable_seconds = EXCLUDED.billable_seconds, charged_micros = EXCLUDED.charged_micros,"
+        "   ended_at = EXCLUDED.ended_at, end_reason = EXCLUDED.end_reason,"
+        "   stop_seq = EXCLUDED.stop_seq, stop_attempts = EXCLUDED.stop_attempts,"
+        "   stop_issued_at = EXCLUDED.stop_issued_at"
+        " WHERE rentals.wallet_id = EXCLUDED.wallet_id",
+        _arrays(rental_rows, _RENTAL_FIELDS),
+    )
+    require(cur.rowcount == len(rental_rows), "a rental row belongs to another wallet")
+
+
+def _update_rentals(cur: psycopg.Cursor[Any], changed_rentals: list[RentalState]) -> None:
+    # An UPDATE of the mutable columns: a reading changes a few of them, and each column is
+    # an array parameter psycopg dumps element by element (the intake's hot path).
+    cur.execute(
+        "UPDATE rentals r SET status = x.s, last_reading_at = x.lr, billable_seconds = x.bs,"
+        "       charged_micros = x.cm, ended_at = x.ea, end_reason = x.er, stop_seq = x.sq,"
+        "       stop_attempts = x.sa, stop_issued_at = x.si"
+        "  FROM unnest(%b::text[], %b::text[], %b::text[], %b::timestamptz[], %b::int8[], %b::int8[],"
+        "              %b::timestamptz[], %b::text[], %b::int4[], %b::int4[], %b::timestamptz[])"
+        "       AS x(r, w, s, lr, bs, cm, ea, er, sq, sa, si)"
+        " WHERE r.resource_id = x.r AND r.wallet_id = x.w",
+        _arrays(changed_rentals, _RENTAL_MUTABLE_FIELDS),
+    )
+    require(cur.rowcount == len(changed_rentals), "a loaded rental row is gone or of another wallet")
+
+
+def _upsert_endpoints(cur: psycopg.Cursor[Any], endpoint_rows: list[tuple[str, EndpointState]]) -> None:
+    cur.execute(
+        "INSERT INTO serverless_endpoints (wallet_id, endpoint_id, exact_millimicros_total, charged_micros)"
+        " SELECT * FROM unnest(%b::text[], %b::text[], %b::int8[], %b::int8[])"
+        " ON CONFLICT (wallet_id, endpoint_id) DO UPDATE SET"
+        "   exact_millimicros_total = EXCLUDED.exact_millimicros_total,"
+        "   charged_micros = EXCLUDED.charged_micros",
+        [
+            [w for w, _ in endpoint_rows],
+            [e.endpoint_id for _, e in endpoint_rows],
+            [e.exact_millimicros_total for _, e in endpoint_rows],
+            [e.charged_micros for _, e in endpoint_rows],
+        ],
+    )
+
+
+def _upsert_payments(cur: psycopg.Cursor[Any], payment_rows: list[tuple[str, PaymentState]]) -> None:
+    cur.execute(
+        "INSERT INTO stripe_payments (payment_intent_id, wallet_id, seen, credited_micros, refunded_micros,"
+        "                             disputes, pending)"
+        " SELECT p, w, s, c, r, d::jsonb, pe::jsonb"
+        "   FROM unnest(%b::text[], %b::text[], %b::bool[], %b::int8[], %b::int8[], %b::text[], %b::text[])"
+        "        AS x(p, w, s, c, r, d, pe)"
+        " ON CONFLICT (payment_intent_id) DO UPDATE SET"
+        "   seen = EXCLUDED.seen, credited_micros = EXCLUDED.credited_micros,"
+        "   refunded_micros = EXCLUDED.refunded_micros, disputes = EXCLUDED.disputes,"
+        "   pending = EXCLUDED.pending"
+        " WHERE stripe_payments.wallet_id = EXCLUDED.wallet_id",
+        [
+            [p.payment_intent_id for _, p in payment_rows],
+            [w for w, _ in payment_rows],
+            [p.seen for _, p in payment_rows],
+            [p.credited_micros for _, p in payment_rows],
+            [p.refunded_micros for _, p in payment_rows],
+            [json.dumps({k: list(v) for k, v in sorted(p.disputes.items())}) for _, p in payment_rows],
+            [json.dumps([_pending_to_json(f) for f in p.pending]) for _, p in payment_rows],
+        ],
+    )
+    require(cur.rowcount == len(payment_rows), "a PaymentIntent belongs to another wallet")
 
 
 def _pending_to_json(f: PendingStripeFact) -> dict[str, Any]:
@@ -443,3 +593,66 @@ def _payment_from_row(
             for f in pending
         ),
     )
+
+
+class WalletCache:
+    """The intake owner's wallets in memory: the state each had at the owner's last commit, with the
+    row version that commit wrote (least recently used dropped beyond ``limit``).
+
+    The rule that keeps it right while other writers (scheduler ticks, admission holds, Stripe facts,
+    adjustments, another owner after a takeover) write the same wallets: every one of them bumps the
+    row's version under its lock (:func:`lock_and_read_wallets`), and the owner's own commit writes
+    ``locked version + 1`` (:func:`save_wallets` with ``versions``). The owner locks its batch's
+    rows, reads only their versions, and uses a cached state only when its version is the row's
+    (:meth:`current`); anything else is read again. Entries are put only after the commit
+    (:meth:`keep`); a batch that fails, commit included, evicts its wallets (:meth:`evict`), so the
+    cache is never ahead of the database. One owner, one cache, used by one thread at a time; the
+    owner drops it with its ownership."""
+
+    def __init__(self, limit: int) -> None:
+        require(limit >= 1, f"wallet cache limit {limit}")
+        self.limit = limit
+        self._entries: OrderedDict[str, tuple[int, WalletState]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, wallet_id: str) -> tuple[int, WalletState] | None:
+        return self._entries.get(wallet_id)
+
+    def current(self, versions: Mapping[str, int]) -> dict[str, WalletState]:
+        """The cached states whose version is the locked row's; stale entries are dropped."""
+        out: dict[str, WalletState] = {}
+        entries = self._entries
+        for wid, version in versions.items():
+            entry = entries.get(wid)
+            if entry is not None and entry[0] == version:
+                entries.move_to_end(wid)
+                out[wid] = entry[1]
+            elif entry is not None:
+                del entries[wid]
+        self.hits += len(out)
+        self.misses += len(versions) - len(out)
+        return out
+
+    def keep(self, written: Mapping[str, tuple[int, WalletState]]) -> None:
+        """After a commit: each written wallet's state and the version the commit wrote. Kept as a
+        load would give it: open rentals only, no jobs seen (those are looked up when named)."""
+        entries = self._entries
+        for wid, (version, state) in written.items():
+            rentals = state.rentals
+            if any(r.status == "ended" for r in rentals.values()):
+                rentals = {rid: r for rid, r in rentals.items() if r.status != "ended"}
+            entries[wid] = (version, replace(state, rentals=rentals, jobs_seen=frozenset()))
+            entries.move_to_end(wid)
+        for _ in range(len(entries) - self.limit):
+            entries.popitem(last=False)
+
+    def evict(self, wallet_ids: Iterable[str]) -> None:
+        for wid in wallet_ids:
+            self._entries.pop(wid, None)
+
+    def clear(self) -> None:
+        self._entries.clear()

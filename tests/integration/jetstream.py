@@ -21,7 +21,6 @@ from sqlalchemy import Engine, text
 
 from consumers import intake
 from consumers.intake import IntakeConfig
-from consumers.lane_workers import LaneWorkers
 from consumers.metrics import Metrics
 from consumers.names import NatsNames
 from consumers.streams import ensure_streams, stream_specs
@@ -137,12 +136,11 @@ async def running_intake(
     *,
     metrics: Metrics | None = None,
     clock: Callable[[], Any] = lambda: NOW,
-    workers: LaneWorkers | None = None,
 ) -> AsyncIterator[asyncio.Task[None]]:
     """The intake as an asyncio task of the test; stopped (and awaited, bounded) on exit."""
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(
-        intake.run(nc, engine, names, config, stop, metrics=metrics, clock=clock, ready=ready, workers=workers),
+        intake.run(nc, engine, names, config, stop, metrics=metrics, clock=clock, ready=ready),
         name="test-intake",
     )
     ready_waiter = asyncio.ensure_future(ready.wait())

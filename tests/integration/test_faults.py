@@ -57,7 +57,7 @@ from sqlalchemy import Engine, create_engine, pool
 from sqlalchemy.engine import make_url
 
 from consumers.embedded import EmbeddedNats, EmbeddedPostgres
-from consumers.intake import PIPELINE_DEPTH, IntakeConfig
+from consumers.intake import IntakeConfig
 from consumers.names import NatsNames
 from consumers.relay import run_relay
 from ledger.events import MAX_EVENT_BYTES, RejectReason, event_to_json
@@ -443,9 +443,9 @@ async def test_batch_slower_than_ack_wait_with_two_instances(
     wallet's events and blocks in PostgreSQL for longer than ack_wait (about 5 s), its in-progress
     acks keeping JetStream from redelivering the batch. Instance b, started meanwhile, stands by: a
     owns the durable, so the other wallets' events, published meanwhile, wait for a (b taking them
-    would apply a wallet's events out of stream order). a itself goes on with the wallets of its
-    other lanes, for at most PIPELINE_DEPTH batches, and none of the blocked wallet's later events
-    overtakes the blocked ones. Once the lock is released, nothing is charged twice."""
+    would apply a wallet's events out of stream order). a is one writer: its batch is one
+    transaction, and nothing after it commits before it (so none of the blocked wallet's later
+    events overtakes the blocked ones). Once the lock is released, nothing is charged twice."""
     wl = Workload(tag, wallets=30, readings=8, jobs=6)
     msgs = wl.outgoing()
     first = len(wl.wallets)  # round robin: the first message of each wallet is its credit
@@ -513,8 +513,8 @@ async def test_batch_slower_than_ack_wait_with_two_instances(
     assert b_handled == 0, "b stands by while a owns the durable"
     assert b_owned == 0
     assert hot_done == 1, "only the wallet's credit: none of its later events overtook the blocked batch"
-    # The pipeline: the other lanes of the blocked batch and of the one after it, no more.
-    assert others_done <= PIPELINE_DEPTH * 100, others_done
+    # One writer: the blocked batch (the other wallets in it too) and everything after it wait.
+    assert others_done == 0, others_done
 
 
 # ------------------------------------------------------------ 4. relay dies between publish, mark
@@ -1279,10 +1279,6 @@ async def test_unclean_takeover_applies_the_dead_owners_messages_first(
             namespace=names.namespace,
             data_dir=tmp_path / "data",
             intake_rebalance_s=0.3,
-            # One transaction per batch, in the service process: with lanes (threads or worker
-            # processes, split by wallet) the blocked batch's other lane could commit H alone.
-            intake_lanes=1,
-            intake_workers=0,
         )
         a, b = launch(env, "a"), launch(second_instance(env), "b")
         with psycopg.connect(plain) as lock:

@@ -6,9 +6,6 @@ database outage holds the batch; a message that breaks the processor is isolated
 from __future__ import annotations
 
 import json
-import os
-import signal
-from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any
 
@@ -18,9 +15,7 @@ from sqlalchemy import Engine
 
 import consumers.intake as intake_module
 from consumers.intake import PROCESSING_ERROR, IntakeConfig
-from consumers.lane_workers import LaneWorkers
 from consumers.metrics import Metrics
-from ledger.schema import APP_ROLE
 from projections.processor import process_batch
 from tests.factories import adjusted, make_event, metered
 from tests.integration.jetstream import (
@@ -256,18 +251,17 @@ async def test_a_message_that_breaks_the_processor_is_isolated(
     assert "ValueError" in letters[0].headers["Billing-Detail"]
 
 
-async def test_lanes_commit_side_by_side_and_keep_each_wallets_order(
+async def test_a_batch_is_one_transaction_in_stream_order_and_a_poison_is_isolated(
     nats_url: str, app_engine: Engine, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A batch split into 4 lanes by wallet: each lane is its own transaction (distinct xmin), every
-    wallet's events are in the log in publication order, every charge exact; a poison message
-    fails only its own lane's share, which is split and retried, while the other lanes commit."""
+    """One writer: a batch is one transaction, every wallet's events are in the log in publication
+    order, every charge exact; a poison message makes the batch fail, which is split down to it and
+    the rest committed; the poison is dead-lettered on its last delivery. The writer's wallets in
+    memory are right after the failure too (the failed halves evicted theirs)."""
     poison = f"poison-{unique}"
     monkeypatch.setattr(intake_module, "process_batch", _breaks_on(poison))
-    config = replace(FAST, lanes=4, max_deliver=2)
+    config = replace(FAST, max_deliver=2)
     wallets = [f"l{i:02d}{unique[-36:]}" for i in range(24)]
-    lanes_used = {intake_module.lane_of(w, 4) for w in wallets}
-    assert len(lanes_used) > 1  # else the test would not test lanes
     events = []
     for i, w in enumerate(wallets):
         pod = f"pod-{w}"
@@ -277,110 +271,29 @@ async def test_lanes_commit_side_by_side_and_keep_each_wallets_order(
             metered(w, pod, 60, id_=f"m60-{w}"),
             metered(w, pod, 120, id_=f"m120-{w}"),
         ]
-        if i == 5:
+        if i == 20:
             events.append(adjusted(w, 1, id_=poison))
+    clean = events[: len(events) // 2]
     async with jetstream(nats_url, unique) as (nc, js, names):
-        last = await publish_events(js, names, events)  # before the intake starts: one batch
+        last = await publish_events(js, names, clean)  # before the intake starts: one batch
         async with running_intake(nc, app_engine, names, config):
+            await wait_until(lambda: drained(js, names, config.durable, last), what="the clean batch settled")
+            last = await publish_events(js, names, events[len(clean) :])
             await wait_until(lambda: drained(js, names, config.durable, last), what="all settled")
+            more = [metered(w, f"pod-{w}", 180, id_=f"m180-{w}") for w in wallets]
+            last = await publish_events(js, names, more)
+            await wait_until(lambda: drained(js, names, config.durable, last), what="the readings after it")
             letters = await dead_letters(js, names)
     for w in wallets:
-        # $10 - 120 s at $3.60/h = 120,000 micros
-        assert balance(app_engine, w) == 10_000_000 - 120_000, w
+        # $10 - 180 s at $3.60/h = 180,000 micros
+        assert balance(app_engine, w) == 10_000_000 - 180_000, w
         order = query(app_engine, "SELECT event_id FROM events WHERE wallet_id = :w ORDER BY position", w=w)
-        assert [r[0] for r in order] == [f"credit-{w}", f"start-{w}", f"m60-{w}", f"m120-{w}"]
-    # One transaction per lane, except the poisoned lane's, which was split to isolate the poison.
-    poisoned = intake_module.lane_of(wallets[5], 4)
-    healthy = [w for w in wallets if intake_module.lane_of(w, 4) != poisoned]
+        assert [r[0] for r in order] == [f"credit-{w}", f"start-{w}", f"m60-{w}", f"m120-{w}", f"m180-{w}"]
+    clean_wallets = sorted({e.wallet_id for e in clean})
     [(transactions,)] = query(
-        app_engine, "SELECT count(DISTINCT xmin::text) FROM events WHERE wallet_id = ANY(:ws)", ws=healthy
+        app_engine,
+        "SELECT count(DISTINCT xmin::text) FROM events WHERE wallet_id = ANY(:ws) AND event_id LIKE 'credit-%'",
+        ws=clean_wallets,
     )
-    assert transactions == len(lanes_used) - 1
+    assert transactions == 1, "the clean batch is one transaction"
     assert [m.headers["Billing-Event-Id"] for m in letters if m.headers] == [poison]
-
-
-@pytest.fixture
-async def lane_workers(database: Any) -> AsyncIterator[LaneWorkers]:
-    workers = LaneWorkers(database.url, APP_ROLE, 2)
-    await workers.start()
-    try:
-        yield workers
-    finally:
-        workers.shutdown()
-
-
-def _lane_workload(wallets: list[str]) -> list[Any]:
-    events = []
-    for w in wallets:
-        pod = f"pod-{w}"
-        events += [
-            adjusted(w, 10_000_000, id_=f"credit-{w}"),
-            pod_started(w, pod, id_=f"start-{w}"),
-            metered(w, pod, 60, id_=f"m60-{w}"),
-            metered(w, pod, 120, id_=f"m120-{w}"),
-        ]
-    return events
-
-
-async def test_lane_worker_processes_parse_charge_and_dead_letter(
-    nats_url: str, app_engine: Engine, unique: str, lane_workers: LaneWorkers
-) -> None:
-    """Lanes in 2 worker processes: the workers parse and commit, the service process acks; every
-    charge exact, each wallet's events in order, a duplicate a no-op, bad input dead-lettered, a
-    reading before its start retried until it is charged."""
-    config = replace(FAST, max_deliver=5)
-    wallets = [f"p{i:02d}{unique[-36:]}" for i in range(16)]
-    assert len({intake_module.lane_of(w, 2) for w in wallets}) == 2
-    events = _lane_workload(wallets)
-    early_wallet = f"e{unique[-39:]}"
-    metrics = Metrics()
-    async with jetstream(nats_url, unique) as (nc, js, names):
-        await publish_events(js, names, events)
-        await publish_events(js, names, [events[0]], tag="again/")  # the same CloudEvent again
-        await publish_raw(js, names.in_subject(wallets[0]), b"{not json", msg_id=f"bad-{unique}")
-        # A reading before its start (nak-ed with a delay by the worker's verdict, then charged).
-        await publish_events(js, names, [metered(early_wallet, "early-pod", 30, id_=f"early-{unique}")])
-        async with running_intake(nc, app_engine, names, config, metrics=metrics, workers=lane_workers):
-            await wait_until(lambda: _events_of(app_engine, wallets) == len(events), what="the lanes' commits")
-            last = await publish_events(
-                js,
-                names,
-                [
-                    adjusted(early_wallet, 5_000_000, id_=f"early-credit-{unique}"),
-                    pod_started(early_wallet, "early-pod", id_=f"early-start-{unique}"),
-                ],
-            )
-            await wait_until(lambda: drained(js, names, config.durable, last), what="all settled")
-            letters = await dead_letters(js, names)
-    for w in wallets:
-        assert balance(app_engine, w) == 10_000_000 - 120_000, w
-        order = query(app_engine, "SELECT event_id FROM events WHERE wallet_id = :w ORDER BY position", w=w)
-        assert [r[0] for r in order] == [f"credit-{w}", f"start-{w}", f"m60-{w}", f"m120-{w}"]
-    assert balance(app_engine, early_wallet) == 5_000_000 - 30_000  # 30 s at $3.60/h
-    assert [m.headers["Billing-Reason"] for m in letters if m.headers] == ["invalid_json"]
-    assert sample(metrics, "billing_intake_messages_total", disposition="duplicate") == 1
-    assert sample(metrics, "billing_intake_messages_total", disposition="retry") >= 1
-    assert lane_workers.restarts == 0
-
-
-async def test_a_dead_lane_worker_is_replaced_and_nothing_is_lost_or_doubled(
-    nats_url: str, app_engine: Engine, unique: str, lane_workers: LaneWorkers
-) -> None:
-    """kill -9 of a lane worker: the pool is started again, the lane retried like a database
-    outage, and every event is charged exactly once."""
-    wallets = [f"k{i:02d}{unique[-36:]}" for i in range(16)]
-    events = _lane_workload(wallets)
-    os.kill(lane_workers.pids[0], signal.SIGKILL)
-    async with jetstream(nats_url, unique) as (nc, js, names):
-        last = await publish_events(js, names, events)
-        async with running_intake(nc, app_engine, names, FAST, workers=lane_workers):
-            await wait_until(lambda: drained(js, names, FAST.durable, last), what="all settled")
-    assert lane_workers.restarts == 1
-    for w in wallets:
-        assert balance(app_engine, w) == 10_000_000 - 120_000, w
-    assert _events_of(app_engine, wallets) == len(events)
-
-
-def _events_of(engine: Engine, wallets: list[str]) -> int:
-    [(n,)] = query(engine, "SELECT count(*) FROM events WHERE wallet_id = ANY(:ws)", ws=wallets)
-    return int(n)

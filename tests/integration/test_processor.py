@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
+from consumers.intake import parsed_items, transact
 from consumers.scheduler import STOPS_ISSUED_SQL
 from ledger.db import unit_of_work
 from ledger.events import Event, RejectReason, event_to_json
 from projections.outbox import MARK_PUBLISHED_SQL
-from projections.processor import Disposition, Incoming, process_batch
-from projections.wallet_store import BATCH_LOOKUPS_SQL
+from projections.processor import BatchResult, Disposition, Incoming, process_batch
+from projections.wallet_store import BATCH_LOOKUPS_SQL, WalletCache
 from tests.factories import T0, adjusted, make_event
 from tests.integration.vectors import load_cases, renamed
 
@@ -25,15 +26,26 @@ NOW = T0 + timedelta(minutes=2)
 CASES = load_cases()
 
 
-def run(engine: Engine, events: list[Event], *, now: datetime = NOW, batch: int = 1000, last_attempt: bool = False):
+def run(
+    engine: Engine,
+    events: list[Event],
+    *,
+    now: datetime = NOW,
+    batch: int = 1000,
+    last_attempt: bool = False,
+    cache: WalletCache | None = None,
+):
+    """The events in batches: through process_batch alone, or with ``cache`` through the intake
+    owner's unit of work (consumers.intake.transact: its wallets in memory, written through)."""
     results = []
     for i in range(0, len(events), batch):
+        incoming = [Incoming(e, event_to_json(e), last_attempt=last_attempt) for e in events[i : i + batch]]
+        if cache is not None:
+            outcome = transact(engine, parsed_items(incoming), now, cache=cache)
+            results.append(BatchResult([Disposition(o.disposition) for o in outcome.outcomes]))
+            continue
         with unit_of_work(engine) as uow:
-            res = process_batch(
-                uow.pg,
-                [Incoming(e, event_to_json(e), last_attempt=last_attempt) for e in events[i : i + batch]],
-                now=now,
-            )
+            res = process_batch(uow.pg, incoming, now=now)
             uow.commit()
         results.append(res)
     return results
@@ -91,13 +103,17 @@ def check_case(engine: Engine, case: dict[str, Any], names: dict[str, str]) -> N
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"][:60] for c in CASES])
 @pytest.mark.parametrize("batch", [1, 7, 1000])
-def test_charging_vectors_through_the_batch_processor(app_engine: Engine, case: dict[str, Any], batch: int) -> None:
+@pytest.mark.parametrize("cached", [False, True], ids=["stateless", "cached"])
+def test_charging_vectors_through_the_batch_processor(
+    app_engine: Engine, case: dict[str, Any], batch: int, cached: bool
+) -> None:
     events, names, _ = renamed(case)
-    run(app_engine, events, batch=batch)
+    cache = WalletCache(5000) if cached else None
+    run(app_engine, events, batch=batch, cache=cache)
     check_case(app_engine, case, names)
     # Delivered again, whole: nothing changes. (A refused event is not in the log: it is refused
     # again, and recorded once.)
-    again = run(app_engine, events, batch=batch)
+    again = run(app_engine, events, batch=batch, cache=cache)
     assert all(d in (Disposition.duplicate, Disposition.rejected) for r in again for d in r.dispositions)
     check_case(app_engine, case, names)
 
@@ -266,10 +282,12 @@ def test_batch_lookups_have_no_array_filter_in_their_generic_plans(app_engine: E
 
 
 def test_a_wallet_row_that_would_not_change_is_not_rewritten(app_engine: Engine, unique: str) -> None:
+    """Its fields are not rewritten; its version is bumped by the lock of every writer but the
+    intake owner (wallet_store.lock_and_read_wallets), so an owner's cached state of it is reloaded."""
     w = f"w{unique[-39:]}"
 
     def row() -> tuple[Any, ...]:
-        (r,) = q(app_engine, "SELECT xmin::text, status, updated_at FROM wallets WHERE wallet_id = :w", w=w)
+        (r,) = q(app_engine, "SELECT version, status, updated_at FROM wallets WHERE wallet_id = :w", w=w)
         return tuple(r)
 
     def balance() -> int:
@@ -281,7 +299,8 @@ def test_a_wallet_row_that_would_not_change_is_not_rewritten(app_engine: Engine,
     assert first[1] == "active"
     run(app_engine, [adjusted(w, 3_000_000)], now=NOW + timedelta(seconds=1))
     assert balance() == 5_000_000
-    assert row() == first  # charged (the balance is account_balances'), the wallet row untouched
+    # charged (the balance is account_balances'), the wallet row's fields untouched, its version bumped
+    assert row() == (first[0] + 1, *first[1:])
     # A change of the row's own fields is written: the wallet runs dry.
     run(app_engine, [adjusted(w, -5_000_000)], now=NOW + timedelta(seconds=2))
     after = row()

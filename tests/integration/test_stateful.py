@@ -1,5 +1,6 @@
-"""Random platform traffic against the REAL database, through the real units of work
-(process_batch, tick_wallets, admit_rental_request, admit_serverless_request), compared after every
+"""Random platform traffic against the REAL database, through the real units of work (the intake
+owner's, consumers.intake.transact, with its wallets in memory: checked against a load after every
+step; tick_wallets, admit_rental_request, admit_serverless_request), compared after every
 step with a small reference model written here from DESIGN sections 1 and 2 (it does not use
 projections.rules).
 
@@ -52,6 +53,7 @@ from hypothesis.stateful import (
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
+from consumers.intake import parsed_items, transact
 from ledger.db import make_engine, unit_of_work
 from ledger.events import (
     STRIPE_SOURCE,
@@ -76,6 +78,7 @@ from projections.processor import (
     tick_wallets,
 )
 from projections.verify import verify
+from projections.wallet_store import WalletCache, load_wallets
 from tests.conftest import migrated_database
 from tests.factories import make_event
 
@@ -475,6 +478,8 @@ class BillingMachine(RuleBasedStateMachine):
         self.prefix = f"s{secrets.token_hex(5)}"
         self.wallet_ids = [f"{self.prefix}w{i}" for i in range(2)]
         self.model = Model(self.wallet_ids)
+        # The intake owner's wallets in memory: room for one of the two wallets or for both.
+        self.cache = WalletCache(1 + int(self.prefix[-1], 16) % 2)
         self.now = T0
         self.seq = itertools.count()
         self.sent: list[Event] = []
@@ -501,13 +506,15 @@ class BillingMachine(RuleBasedStateMachine):
         return make_event(type_, data, id_=self.new_id("-e"), source=SOURCE, time=self.now - timedelta(seconds=lag))
 
     def send(self, events: list[Event], *, note: str) -> None:
+        """Through the intake owner's unit of work (consumers.intake.transact) with its wallets in
+        memory, as the intake runs it; the other writers below (ticks, admissions, Stripe facts)
+        write the same wallets in between, so the cache must see their writes."""
         expected = self.model.batch(events, self.now)
-        with unit_of_work(self.app) as uow:
-            result = process_batch(uow.pg, [Incoming(e, event_to_json(e)) for e in events], now=self.now)
-            uow.commit()
+        incoming = [Incoming(e, event_to_json(e)) for e in events]
+        outcome = transact(self.app, parsed_items(incoming), self.now, cache=self.cache)
         got = [
-            (_DISPOSITION[d], result.rejections[i].reason.value if i in result.rejections else None)
-            for i, d in enumerate(result.dispositions)
+            (_DISPOSITION[Disposition(o.disposition)], o.dead_letter.reason if o.dead_letter else None)
+            for o in outcome.outcomes
         ]
         assert got == expected, (note, [(e.type, e.id) for e in events])
         self.sent.extend(events)
@@ -948,6 +955,7 @@ class BillingMachine(RuleBasedStateMachine):
         self.steps += 1
         self.stats["checks"] += 1
         compare(self)
+        compare_cache(self)
         if self.steps % REPLAY_EVERY == 0:
             self.replay_equals_projections()
 
@@ -964,6 +972,27 @@ class BillingMachine(RuleBasedStateMachine):
         self.stats["stop re-issues"] += sum(1 for c in self.model.commands if not c[0].endswith("-1"))
         self.stats["settlements"] += len(self.model.settlements)
         self.stats["steps"] += self.steps - 1  # the first check runs before any step
+
+
+def compare_cache(m: BillingMachine) -> None:
+    """Each wallet the writer holds in memory at the row's version is what a load gives (one at
+    another version is stale and is reloaded by the writer's next batch: nothing to compare)."""
+    with unit_of_work(m.app) as uow:
+        for w in m.wallet_ids:
+            entry = m.cache.get(w)
+            if entry is None:
+                continue
+            version, cached = entry
+            row = uow.pg.execute("SELECT version FROM wallets WHERE wallet_id = %s", (w,)).fetchone()
+            assert row is not None
+            if row[0] != version:
+                m.stats["cache: stale entry"] += 1
+                continue
+            m.stats["cache: current entry"] += 1
+            loaded, _ = load_wallets(
+                uow.pg, [w], endpoint_keys=[(w, e) for e in cached.endpoints], payment_ids=list(cached.payments)
+            )
+            assert loaded[w] == cached, (w, loaded[w], cached)
 
 
 def compare(m: BillingMachine) -> None:

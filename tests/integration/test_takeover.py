@@ -21,31 +21,21 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import subprocess
 import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import Engine
 
 from consumers.embedded import EmbeddedNats
 from consumers.intake import ConsumerSpec, IntakeConfig, ensure_consumer
-from consumers.lane_workers import LaneWorkers
 from consumers.partitions import TAKEOVER_ACK_WAIT_S, requeue_unacked
-from ledger.schema import APP_ROLE
-from tests.factories import adjusted
 from tests.integration.jetstream import (
-    balance,
-    drained,
     jetstream,
-    publish_events,
     query,
-    running_intake,
-    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -181,34 +171,6 @@ async def test_an_ack_wait_left_short_is_replaced_by_the_configured_one(nats_url
         assert short.config.ack_wait == TAKEOVER_ACK_WAIT_S
         again = await ensure_consumer(js, names, CONFIG, spec)
     assert again.config.ack_wait == CONFIG.ack_wait_s
-
-
-async def test_lanes_run_in_the_service_process_until_the_lane_workers_are_up(
-    nats_url: str, database: Any, app_engine: Engine, unique: str, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A restarted ``billing up`` starts pulling before its lane worker processes are up (spawning
-    and importing take seconds on a busy machine): its first batches are committed in the service
-    process, and the lanes move to the workers once they are up, nothing lost or doubled."""
-    caplog.set_level(logging.INFO, logger="billing.intake")
-    config = IntakeConfig(durable="intake", batch_size=100, max_wait_s=0.2, nak_delay_s=0.05, nak_delay_max_s=0.2)
-    wallets = [f"lw{i}{unique[-36:]}" for i in range(4)]
-    workers = LaneWorkers(database.url, APP_ROLE, 2)  # not started: no process yet
-    try:
-        async with jetstream(nats_url, unique) as (nc, js, names):
-            await publish_events(js, names, [adjusted(w, 1_000, id_=f"first-{w}") for w in wallets])
-            async with running_intake(nc, app_engine, names, config, workers=workers):
-                await wait_until(lambda: _logged(app_engine, wallets) == len(wallets), what="the first commits")
-                assert workers.pids == [], "committed before any worker process existed: in this process"
-                await workers.start()
-                assert workers.pids
-                last = await publish_events(js, names, [adjusted(w, 20, id_=f"then-{w}") for w in wallets])
-                await wait_until(lambda: drained(js, names, config.durable, last), what="the rest settled")
-    finally:
-        workers.shutdown()
-    assert _logged(app_engine, wallets) == 2 * len(wallets)
-    assert {w: balance(app_engine, w) for w in wallets} == dict.fromkeys(wallets, 1_020)
-    assert "lanes in the worker processes from now on" in caplog.text
-    assert workers.restarts == 0
 
 
 def _logged(engine: Engine, wallets: list[str]) -> int:

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from nats.aio.client import Client
 
 from consumers import nats_safety
-from consumers.intake import DeadLetter, dead_letter_headers, lane_of
+from consumers.intake import DeadLetter, dead_letter_headers
 from ledger.events import Rejection, RejectReason, is_reserved_source, parse_event
 from ledger.text import printable, storable, unprintable
 
@@ -65,7 +65,6 @@ def test_nats_py_is_patched_and_reads_a_subject_that_is_not_utf8() -> None:
     msg = Client()._build_message(1, b"billing.in.w\xff\x00", b"$JS.ACK.x", b"body", None)
     assert msg.subject == "billing.in.w\udcff\x00"
     assert nats_safety.subject_bytes(msg.subject) == b"billing.in.w\xff\x00"
-    assert lane_of(msg.subject.rsplit(".", 1)[-1], 4) in range(4)
 
 
 def test_dead_letter_headers_of_any_subject_and_detail_are_header_safe() -> None:
