@@ -21,10 +21,8 @@ The path of one batch (DESIGN section 10):
 
 from __future__ import annotations
 
-import enum
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any, Final
 
 import psycopg
@@ -42,66 +40,48 @@ from ledger.events import (
 )
 from ledger.invariants import fail, require
 from ledger.store import AppendItem, EventKey, EventRecord, append_new, apply_balances
-from ledger.text import storable
 from projections.messages import notice_message, settlement_message, stop_message
 from projections.outbox import OutboxMessage, enqueue
 from projections.rules import (
     AdmissionAnswer,
     Decision,
     ServerlessAdmissionAnswer,
-    WalletState,
-    admit_rental,
-    admit_serverless,
     apply_fact,
     next_wakeup,
     tick,
 )
 from projections.wallet_store import load_wallets, lock_and_read_wallets, save_wallets
+from projections.write_path import (
+    MAX_BATCH,
+    AdmitRental,
+    AdmitServerless,
+    Disposition,
+    Incoming,
+    RejectedInput,
+    Tick,
+    Written,
+    record_rejections,
+    write,
+)
 
-MAX_BATCH: Final = 5_000
+# The types and the row writers of the one write path (projections.write_path), here under their old
+# names for the callers of process_batch.
+BatchResult = Written
+TickResult = Written
 
-
-class Disposition(enum.StrEnum):
-    accepted = "accepted"
-    """In the log now (charged, or a no-op such as an older reading)."""
-    duplicate = "duplicate"
-    """Already in the log, or earlier in this batch: nothing written."""
-    retry = "retry"
-    """Its resource has not started yet: not written; nak with a delay."""
-    rejected = "rejected"
-    """Refused by the rules: recorded in rejected_inputs; dead-letter it."""
-
-
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    event: LogEvent
-    raw: bytes
-    subject: str | None = None
-    delivery_count: int | None = None
-    last_attempt: bool = False
-    """A not-started event on its last attempt is rejected instead of retried."""
-    received_at: datetime | None = None
-    """Set by a rebuild only (the original instant); the live path uses the batch's ``now``."""
-    position: int | None = None
-    """Set by a rebuild only (the original position)."""
-
-
-@dataclass(frozen=True, slots=True)
-class RejectedInput:
-    rejection: Rejection
-    raw: bytes
-    subject: str | None = None
-    delivery_count: int | None = None
-
-
-@dataclass
-class BatchResult:
-    dispositions: list[Disposition]
-    rejections: dict[int, Rejection] = field(default_factory=dict)
-    """Index in the batch -> why the rules refused it (to dead-letter after the commit)."""
-    positions: dict[EventKey, int] = field(default_factory=dict)
-    outbox: int = 0
-    next_wakeups: dict[str, datetime | None] = field(default_factory=dict)
+__all__ = [
+    "MAX_BATCH",
+    "BatchResult",
+    "Disposition",
+    "Incoming",
+    "RejectedInput",
+    "TickResult",
+    "admit_rental_request",
+    "admit_serverless_request",
+    "process_batch",
+    "record_rejections",
+    "tick_wallets",
+]
 
 
 _STRIPE_FACTS: Final = (
@@ -150,80 +130,6 @@ def _messages(decision: Decision, now: datetime) -> list[OutboxMessage]:
         *(notice_message(n, now=now) for n in decision.notices),
         *(settlement_message(s) for s in decision.settlements),
     ]
-
-
-# How far back a redelivered input without an identity looks for its own earlier refusal: far beyond
-# the longest redelivery schedule (max_deliver x nak_delay_max_s, 20 minutes by default).
-REDELIVERY_WINDOW: Final = timedelta(hours=24)
-
-
-def record_rejections(conn: psycopg.Connection[Any], rows: Sequence[RejectedInput], *, now: datetime) -> None:
-    """Keep refused inputs with their reason, once per (source, id, reason); an input without an
-    identity once per delivered message (see :func:`_already_recorded`)."""
-    rows = _already_recorded(conn, rows, now=now)
-    if not rows:
-        return
-    with conn.cursor() as cur:
-        cur.execute(
-            "INSERT INTO rejected_inputs (received_at, reason, detail, subject, source, event_id, event_type,"
-            "                             wallet_id, delivery_count, raw)"
-            " SELECT %s, * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],"
-            "                         %b::text[], %b::int4[], %b::bytea[])"
-            " ON CONFLICT (source, event_id, reason) WHERE source IS NOT NULL AND event_id IS NOT NULL"
-            " DO NOTHING",
-            (
-                now,
-                [r.rejection.reason.value for r in rows],
-                # storable: PostgreSQL text holds no NUL nor a lone surrogate; one such character in
-                # a detail or a subject failed the whole transaction (issue 13), and the refusal was
-                # never recorded. The intake already makes both printable; this is the last guard.
-                [storable(r.rejection.detail) for r in rows],
-                [None if r.subject is None else storable(r.subject) for r in rows],
-                [r.rejection.source for r in rows],
-                [r.rejection.event_id for r in rows],
-                [r.rejection.event_type for r in rows],
-                [r.rejection.wallet_id for r in rows],
-                [r.delivery_count for r in rows],
-                [r.raw for r in rows],
-            ),
-        )
-
-
-def _already_recorded(
-    conn: psycopg.Connection[Any], rows: Sequence[RejectedInput], *, now: datetime
-) -> Sequence[RejectedInput]:
-    """``rows`` less the redeliveries of inputs without an identity that are already recorded.
-
-    An input with a (source, id) is kept once by the unique index. One without (invalid JSON, an
-    empty body) would get a row per delivery when its first delivery was committed but not acked (a
-    crash, a dead letter that could not be published): such a redelivery (delivery count > 1) is
-    dropped if a row with the same reason, subject and bytes was recorded within REDELIVERY_WINDOW.
-    Two identical messages on one subject are indistinguishable anyway. Only redeliveries pay for
-    the look-up (the index on reason and received_at bounds it)."""
-    later = [
-        i
-        for i, r in enumerate(rows)
-        if (r.delivery_count or 1) > 1 and (r.rejection.source is None or r.rejection.event_id is None)
-    ]
-    if not later:
-        return rows
-    seen: set[int] = set()
-    with conn.cursor() as cur:
-        for i in later:
-            r = rows[i]
-            cur.execute(
-                "SELECT 1 FROM rejected_inputs WHERE reason = %s AND received_at >= %s"
-                " AND subject IS NOT DISTINCT FROM %s AND raw = %b LIMIT 1",
-                (
-                    r.rejection.reason.value,
-                    now - REDELIVERY_WINDOW,
-                    None if r.subject is None else storable(r.subject),
-                    r.raw,
-                ),
-            )
-            if cur.fetchone() is not None:
-                seen.add(i)
-    return [r for i, r in enumerate(rows) if i not in seen]
 
 
 def _rejection_of(ev: LogEvent, reason: RejectReason, detail: str) -> Rejection:
@@ -375,45 +281,13 @@ def process_batch(
 
 
 # ------------------------------------------------------------------------- scheduler and admission
+# The other writers' entry points, kept for their callers (tests): each is one command of
+# projections.write_path.write.
 
 
-@dataclass
-class TickResult:
-    wallets: int
-    commands: int
-    notices: int
-    next_wakeups: dict[str, datetime | None]
-
-
-def _lock_and_load(
-    conn: psycopg.Connection[Any], wallet_ids: Sequence[str]
-) -> tuple[list[str], dict[str, WalletState], dict[str, datetime | None]]:
-    """The scheduler's and admission's wallets, locked and loaded: their sorted ids, their states
-    and their stored next wake-ups (for ``save_wallets``, which then leaves unchanged rows alone)."""
-    ids, rows = lock_and_read_wallets(conn, wallet_ids)
-    stored: dict[str, datetime | None] = {}
-    before, _ = load_wallets(conn, ids, wallet_rows=rows, stored_wakeups=stored)
-    return ids, before, stored
-
-
-def tick_wallets(conn: psycopg.Connection[Any], wallet_ids: Sequence[str], *, now: datetime) -> TickResult:
-    """The scheduler's unit of work: at ``now``, the rules' time-driven decisions (R4 stop commands
-    and their re-issue, notices, expired holds) for these wallets, outbox rows in the same
-    transaction, and each wallet's next wake-up."""
-    ids, before, stored = _lock_and_load(conn, wallet_ids)
-    after: dict[str, WalletState] = {}
-    messages: list[OutboxMessage] = []
-    commands = notices = 0
-    for wid in ids:
-        state, decision = tick(before[wid], now)
-        after[wid] = state
-        messages.extend(_messages(decision, now))
-        commands += len(decision.commands)
-        notices += len(decision.notices)
-    wakeups = {w: next_wakeup(s, now) for w, s in after.items()}
-    save_wallets(conn, before, after, next_wakeups=wakeups, now=now, stored_wakeups=stored)
-    enqueue(conn, messages, now=now)
-    return TickResult(wallets=len(ids), commands=commands, notices=notices, next_wakeups=wakeups)
+def tick_wallets(conn: psycopg.Connection[Any], wallet_ids: Sequence[str], *, now: datetime) -> Written:
+    """The scheduler's unit of work (see :class:`projections.write_path.Tick`)."""
+    return write(conn, Tick(wallet_ids), now=now)
 
 
 def admit_rental_request(
@@ -426,28 +300,17 @@ def admit_rental_request(
     now: datetime,
 ) -> tuple[AdmissionAnswer, datetime | None]:
     """R2/R3 in a transaction: answer, and keep the hold. Returns the wallet's next wake-up."""
-    _, before, stored = _lock_and_load(conn, [wallet_id])
-    answer, state = admit_rental(before[wallet_id], resource_id, price_per_hour_micros, admission_id, now)
-    # A hold can bring available to zero: the housekeeping then stops what runs (R4).
-    state, decision = tick(state, now)
-    wakeup = next_wakeup(state, now)
-    save_wallets(conn, before, {wallet_id: state}, next_wakeups={wallet_id: wakeup}, now=now, stored_wakeups=stored)
-    enqueue(conn, _messages(decision, now), now=now)
-    return answer, wakeup
+    written = write(conn, AdmitRental(wallet_id, resource_id, price_per_hour_micros, admission_id), now=now)
+    if not isinstance(written.answer, AdmissionAnswer):
+        fail("a rental admission without an answer")
+    return written.answer, written.next_wakeups.get(wallet_id)
 
 
 def admit_serverless_request(
     conn: psycopg.Connection[Any], *, wallet_id: str, endpoint_id: str, now: datetime
 ) -> ServerlessAdmissionAnswer:
     """R5 in a transaction: answer, and count the admission in the rolling minute."""
-    _, before, stored = _lock_and_load(conn, [wallet_id])
-    # `now` was read before the lock: a racing ask of the same wallet may have committed a later
-    # instant. Time never goes back for the rolling window.
-    now = max((now, *before[wallet_id].serverless_admissions))
-    answer, state = admit_serverless(before[wallet_id], endpoint_id, now)
-    if state != before[wallet_id]:
-        wakeup = next_wakeup(state, now)
-        save_wallets(
-            conn, before, {wallet_id: replace(state)}, next_wakeups={wallet_id: wakeup}, now=now, stored_wakeups=stored
-        )
-    return answer
+    written = write(conn, AdmitServerless(wallet_id, endpoint_id), now=now)
+    if not isinstance(written.answer, ServerlessAdmissionAnswer):
+        fail("a serverless admission without an answer")
+    return written.answer
