@@ -77,7 +77,7 @@ from sqlalchemy import Engine, text
 from consumers.names import NatsNames
 from consumers.runtime import RUNTIME_FILE, ServiceUrls, running_service_urls
 from consumers.settings import Settings
-from ledger.money import display_usd
+from ledger.money import display_usd, rental_cost_micros, serverless_cost_micros, serverless_exact_millimicros
 
 # --- simulated time ---------------------------------------------------------------------------------
 
@@ -737,7 +737,7 @@ class Traffic:
                 "status": status,
             },
         )
-        e.exact_millimicros += compute_ms * e.price_per_second
+        e.exact_millimicros += serverless_exact_millimicros(compute_ms, e.price_per_second)
         self.summary.jobs_completed += 1
 
     def _end_of_hour(self) -> None:
@@ -856,8 +856,10 @@ class Traffic:
 
     def expected_charges(self) -> int:
         """What the contract's arithmetic says the ledger must have charged (section 1)."""
-        rentals = sum(r.uptime * r.price // 3600 for r in self.plan.rentals if r.status not in ("planned", "refused"))
-        jobs = sum(e.exact_millimicros // 1000 for e in self.plan.endpoints)
+        rentals = sum(
+            rental_cost_micros(r.uptime, r.price) for r in self.plan.rentals if r.status not in ("planned", "refused")
+        )
+        jobs = sum(serverless_cost_micros(e.exact_millimicros) for e in self.plan.endpoints)
         return rentals + jobs
 
     # --- reading the ledger ------------------------------------------------------------------------
