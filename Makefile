@@ -49,7 +49,9 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
-	$(BIN)/mypy ledger projections consumers
+	$(BIN)/mypy ledger projections consumers devtools
+	$(BIN)/python -m devtools.asyncapi --check
+	$(BIN)/python -m devtools.export_openapi --check
 
 # Store throughput beside a raw COPY, then the whole service end to end (`billing up` on a fresh
 # database and a unique NATS namespace) beside raw baselines measured in the same run: A (bare

@@ -15,8 +15,8 @@ A malformed ask is answered ``{"admitted": false, "reason": "invalid request: <w
 If the decision cannot be taken (database unreachable), the answer is a refusal whose reason
 starts with ``unavailable:`` (retry later); nothing is kept then.
 
-Each answer is decided in one transaction (``processor.admit_rental_request`` /
-``admit_serverless_request``, which lock the wallet) and committed before the reply is sent; a
+Each answer is decided in one transaction (``projections.write_path.write`` of an ``AdmitRental``
+or ``AdmitServerless`` command, which locks the wallet) and committed before the reply is sent; a
 reply lost after the commit is harmless (a retry with the same ``admissionId`` is idempotent, and a
 new ask for the same resource replaces that resource's hold).
 
@@ -41,7 +41,6 @@ from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal, TypeVar
 
-import psycopg
 from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -52,14 +51,16 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import ErrorDetails
 from sqlalchemy import Engine
 
-from consumers.loops import Backoff, is_connectivity_error, utc_now, wait_any
+from consumers.loops import utc_now, wait_any
 from consumers.names import NatsNames
+from consumers.runtime.errors import Backoff, is_transient
 from ledger.db import unit_of_work
 from ledger.events import ID_PATTERN, MAX_PRICE_PER_HOUR_MICROS
-from ledger.invariants import require
+from ledger.invariants import fail, require
 from ledger.text import printable
-from projections.processor import admit_rental_request, admit_serverless_request
+from projections.rules import AdmissionAnswer, ServerlessAdmissionAnswer
 from projections.wallet_store import lock_wallets
+from projections.write_path import AdmitRental, AdmitServerless, write
 
 log = logging.getLogger("billing.admission")
 
@@ -204,15 +205,13 @@ def decide_rental(
     admission_id = ask.admission_id or uuid.uuid4().hex
     with unit_of_work(engine) as uow:
         lock_wallets(uow.pg, [ask.wallet_id])
-        answer, wakeup = admit_rental_request(
-            uow.pg,
-            wallet_id=ask.wallet_id,
-            resource_id=ask.resource_id,
-            price_per_hour_micros=ask.price_per_hour_micros,
-            admission_id=admission_id,
-            now=clock(),
-        )
+        command = AdmitRental(ask.wallet_id, ask.resource_id, ask.price_per_hour_micros, admission_id)
+        written = write(uow.pg, command, now=clock())
         uow.commit()
+    answer = written.answer
+    if not isinstance(answer, AdmissionAnswer):
+        fail("a rental admission without an answer")
+    wakeup = written.next_wakeups.get(ask.wallet_id)
     reply = RentalAnswer(
         admitted=answer.admitted,
         admission_id=answer.admission_id,
@@ -233,25 +232,12 @@ def decide_serverless(
     for this job, never earlier, so the limit is never exceeded."""
     with unit_of_work(engine) as uow:
         lock_wallets(uow.pg, [ask.wallet_id])
-        now = clock()
-        latest = latest_serverless_admission(uow.pg, ask.wallet_id)
-        if latest is not None and latest > now:
-            now = latest
-        answer = admit_serverless_request(uow.pg, wallet_id=ask.wallet_id, endpoint_id=ask.endpoint_id, now=now)
+        written = write(uow.pg, AdmitServerless(ask.wallet_id, ask.endpoint_id), now=clock())
         uow.commit()
+    answer = written.answer
+    if not isinstance(answer, ServerlessAdmissionAnswer):
+        fail("a serverless admission without an answer")
     return ServerlessAnswer(admitted=answer.admitted, reason=answer.reason, available_micros=answer.available_micros)
-
-
-def latest_serverless_admission(conn: psycopg.Connection[Any], wallet_id: str) -> datetime | None:
-    """The latest serverless admission instant recorded for the wallet (its row is locked)."""
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT max(t::timestamptz) FROM wallets, jsonb_array_elements_text(serverless_admissions) AS t"
-            " WHERE wallet_id = %s",
-            (wallet_id,),
-        )
-        row = cur.fetchone()
-        return row[0] if row else None
 
 
 class AdmissionResponder:
@@ -314,7 +300,7 @@ class AdmissionResponder:
         try:
             return await asyncio.to_thread(fn)
         except Exception as exc:
-            if not is_connectivity_error(exc):
+            if not is_transient(exc):
                 raise
             return await asyncio.to_thread(fn)
 
@@ -328,11 +314,11 @@ class AdmissionResponder:
 
 
 def _expected(exc: BaseException) -> bool:
-    return is_connectivity_error(exc)
+    return is_transient(exc)
 
 
 def _unavailable(exc: BaseException) -> str:
-    if is_connectivity_error(exc):
+    if is_transient(exc):
         return "unavailable: billing cannot reach its database right now; nothing was held, retry shortly"
     return f"unavailable: billing could not decide ({type(exc).__name__}); nothing was held, retry shortly"
 
@@ -371,46 +357,8 @@ async def run_admission(
         metrics=AdmissionMetrics(registry),
         clock=clock,
     )
-    slots = asyncio.Semaphore(max_concurrency)
-    in_hand: set[asyncio.Task[None]] = set()
-
-    def handler(answer: Callable[[bytes], Awaitable[bytes]]) -> Callable[[Msg], Awaitable[None]]:
-        async def on_message(msg: Msg) -> None:
-            if not msg.reply:
-                # A publish, not a request: nobody would read the answer, and an admitted one would
-                # hold an hour of the wallet's money for nothing.
-                log.warning("admission: ask on %s without a reply subject ignored (use request-reply)", msg.subject)
-                return
-            if not _answerable(msg.reply):
-                # Not UTF-8 (read through consumers.nats_safety): nats-py cannot publish to it
-                # (UnicodeEncodeError), so decide nothing: an admitted ask would hold money for an
-                # answer nobody gets. One line, the subject's bytes as escapes.
-                log.warning(
-                    "admission: ask on %s ignored: its reply subject %s is not UTF-8 (use a NATS client's request)",
-                    msg.subject,
-                    printable(msg.reply)[:MAX_SHOWN_REPLY_CHARS],
-                )
-                return
-            await slots.acquire()  # back-pressure: the subscription's queue holds the rest
-            task = asyncio.create_task(_answer(msg, answer, slots))
-            in_hand.add(task)
-            task.add_done_callback(in_hand.discard)
-
-        return on_message
-
-    subs: list[Subscription] = []
-    backoff = Backoff()
-    while not stop.is_set() and not subs:
-        try:
-            subs.append(await nc.subscribe(names.admission_rental, queue=queue, cb=handler(responder.rental)))
-            subs.append(await nc.subscribe(names.admission_serverless, queue=queue, cb=handler(responder.serverless)))
-        except Exception as exc:
-            for sub in subs:
-                await _unsubscribe(sub)
-            subs.clear()
-            delay = backoff.next()
-            log.warning("admission: cannot subscribe (%s: %s), retrying in %.2f s", type(exc).__name__, exc, delay)
-            await wait_any(stop, seconds=delay)
+    asks = _Asks(max_concurrency)
+    subs = await _subscribe(nc, names, queue, stop, asks, responder)
     if subs:
         log.info(
             "admission replies on %s and %s (queue %s, up to %d at once)",
@@ -429,9 +377,63 @@ async def run_admission(
     finally:
         for sub in subs:
             await _unsubscribe(sub)
-        if in_hand:
-            await asyncio.wait(list(in_hand), timeout=DRAIN_TIMEOUT_S)
+        if asks.in_hand:
+            await asyncio.wait(list(asks.in_hand), timeout=DRAIN_TIMEOUT_S)
         log.info("admission replies stopped")
+
+
+async def _subscribe(
+    nc: NATS, names: NatsNames, queue: str, stop: asyncio.Event, asks: _Asks, responder: AdmissionResponder
+) -> list[Subscription]:
+    """Both subscriptions, tried again with a backoff until they are made or ``stop`` is set."""
+    subs: list[Subscription] = []
+    backoff = Backoff()
+    while not stop.is_set() and not subs:
+        try:
+            subs.append(await nc.subscribe(names.admission_rental, queue=queue, cb=asks.handler(responder.rental)))
+            subs.append(
+                await nc.subscribe(names.admission_serverless, queue=queue, cb=asks.handler(responder.serverless))
+            )
+        except Exception as exc:
+            for sub in subs:
+                await _unsubscribe(sub)
+            subs.clear()
+            delay = backoff.next()
+            log.warning("admission: cannot subscribe (%s: %s), retrying in %.2f s", type(exc).__name__, exc, delay)
+            await wait_any(stop, seconds=delay)
+    return subs
+
+
+class _Asks:
+    """The asks in hand: at most ``max_concurrency`` at once (the subscription's queue holds the rest)."""
+
+    def __init__(self, max_concurrency: int) -> None:
+        self.slots = asyncio.Semaphore(max_concurrency)
+        self.in_hand: set[asyncio.Task[None]] = set()
+
+    def handler(self, answer: Callable[[bytes], Awaitable[bytes]]) -> Callable[[Msg], Awaitable[None]]:
+        async def on_message(msg: Msg) -> None:
+            if not msg.reply:
+                # A publish, not a request: nobody would read the answer, and an admitted one would
+                # hold an hour of the wallet's money for nothing.
+                log.warning("admission: ask on %s without a reply subject ignored (use request-reply)", msg.subject)
+                return
+            if not _answerable(msg.reply):
+                # Not UTF-8 (read through consumers.nats_safety): nats-py cannot publish to it
+                # (UnicodeEncodeError), so decide nothing: an admitted ask would hold money for an
+                # answer nobody gets. One line, the subject's bytes as escapes.
+                log.warning(
+                    "admission: ask on %s ignored: its reply subject %s is not UTF-8 (use a NATS client's request)",
+                    msg.subject,
+                    printable(msg.reply)[:MAX_SHOWN_REPLY_CHARS],
+                )
+                return
+            await self.slots.acquire()  # back-pressure: the subscription's queue holds the rest
+            task = asyncio.create_task(_answer(msg, answer, self.slots))
+            self.in_hand.add(task)
+            task.add_done_callback(self.in_hand.discard)
+
+        return on_message
 
 
 def _answerable(reply: str) -> bool:

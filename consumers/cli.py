@@ -28,7 +28,7 @@ def _add_subcommands() -> None:
     from consumers.report_cli import report_app
 
     app.add_typer(report_app, name="report")
-    from consumers.demo import demo
+    from devtools.demo import demo
 
     app.command("demo")(demo)
 

@@ -36,13 +36,16 @@ from typing import Any, Final
 import typer
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import Connection, Engine, text
+from sqlalchemy import Connection, Engine
 
 from consumers.names import NatsNames, partition_of
 from consumers.settings import Settings, nats_servers
 from consumers.user_errors import UserError
 from ledger.events import ID_PATTERN, RejectReason
+from ledger.invariants import require
 from ledger.text import printable, unprintable
+from projections import rejected
+from projections.rejected import in_log, latest_refusal, max_rejected_id, read_rejected
 
 dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters: inputs refused with a reason, and their replay.")
 
@@ -100,6 +103,9 @@ class DeadLetterRow:
         return out
 
 
+_ROW_FIELDS: Final = tuple(DeadLetterRow.__dataclass_fields__)
+
+
 def _text_of(raw: bytes) -> str | None:
     """The bytes as text if they are UTF-8 and hold nothing a terminal would act on, else None."""
     try:
@@ -125,38 +131,9 @@ def read_dead_letters(
     conn: Connection, *, reason: str | None = None, ids: list[int] | None = None, limit: int
 ) -> list[DeadLetterRow]:
     """Rows of ``rejected_inputs``, oldest first, filtered by reason and/or ids."""
-    clauses: list[str] = []
-    params: dict[str, Any] = {"limit": limit}
-    if reason is not None:
-        clauses.append("reason = :reason")
-        params["reason"] = reason
-    if ids:
-        clauses.append("id = ANY(:ids)")
-        params["ids"] = list(ids)
-    where = f"WHERE {' AND '.join(clauses)}" if clauses else ""
-    rows = conn.execute(
-        text(
-            "SELECT id, received_at, reason, detail, subject, source, event_id, event_type, wallet_id,"
-            f" delivery_count, raw FROM rejected_inputs {where} ORDER BY id LIMIT :limit"
-        ),
-        params,
-    ).all()
-    return [
-        DeadLetterRow(
-            id=r.id,
-            received_at=r.received_at,
-            reason=r.reason,
-            detail=r.detail,
-            subject=r.subject,
-            source=r.source,
-            event_id=r.event_id,
-            event_type=r.event_type,
-            wallet_id=r.wallet_id,
-            delivery_count=r.delivery_count,
-            raw=bytes(r.raw),
-        )
-        for r in rows
-    ]
+    rows = read_rejected(conn, reason=reason, ids=ids, limit=limit)
+    require(rejected.COLUMNS == _ROW_FIELDS, "rejected_inputs and DeadLetterRow differ")
+    return [DeadLetterRow(*r) for r in rows]
 
 
 def wallet_of(row: DeadLetterRow) -> str | None:
@@ -357,7 +334,7 @@ def replay(
         try:
             with engine.connect() as conn:
                 rows = read_dead_letters(conn, reason=reason, ids=ids, limit=limit)
-                before = _max_rejected_id(conn)
+                before = max_rejected_id(conn)
             run = _replay(
                 urls.nats_url, names, settings, engine, rows, accept_old=accept_old, wait_s=wait_s, before=before
             )
@@ -376,17 +353,8 @@ def replay(
             typer.echo(f"no dead letter with id {', '.join(map(str, missing))}", err=True)
 
 
-def _max_rejected_id(conn: Connection) -> int:
-    return int(conn.execute(text("SELECT coalesce(max(id), 0) FROM rejected_inputs")).scalar_one())
-
-
 def _in_log(conn: Connection, row: DeadLetterRow) -> bool:
-    if row.source is None or row.event_id is None:
-        return False
-    found = conn.execute(
-        text("SELECT 1 FROM events WHERE source = :s AND event_id = :i"), {"s": row.source, "i": row.event_id}
-    ).first()
-    return found is not None
+    return row.source is not None and row.event_id is not None and in_log(conn, row.source, row.event_id)
 
 
 def _durable_of(settings: Settings, wallet: str) -> str:
@@ -483,25 +451,11 @@ async def _ack_floors(js: Any, names: NatsNames, durables: set[str]) -> dict[str
 
 def _outcome(conn: Connection, s: _Sent, ack_floor: int, before: int) -> str | None:
     row = s.row
-    if row.source is not None and row.event_id is not None:
-        if _in_log(conn, row):
-            return "duplicate: already in the log, nothing charged twice" if s.known else "accepted"
-        refused = conn.execute(
-            text(
-                "SELECT reason, detail FROM rejected_inputs WHERE id > :before AND source = :s AND event_id = :i"
-                " ORDER BY id DESC LIMIT 1"
-            ),
-            {"before": before, "s": row.source, "i": row.event_id},
-        ).first()
-    else:
-        refused = conn.execute(
-            text(
-                "SELECT reason, detail FROM rejected_inputs WHERE id > :before AND raw = :raw ORDER BY id DESC LIMIT 1"
-            ),
-            {"before": before, "raw": row.raw},
-        ).first()
+    if _in_log(conn, row):
+        return "duplicate: already in the log, nothing charged twice" if s.known else "accepted"
+    refused = latest_refusal(conn, after_id=before, source=row.source, event_id=row.event_id, raw=row.raw)
     if refused is not None:
-        return f"refused again: {refused.reason}: {refused.detail}"
+        return f"refused again: {refused[0]}: {refused[1]}"
     if ack_floor >= s.stream_seq:
         if row.source is None or row.event_id is None:
             return "settled by the intake (refused again; nothing to identify it by in the log)"

@@ -616,7 +616,7 @@ def transact(
             cache.evict(i.incoming.event.wallet_id for i in items if i.incoming is not None)
         raise
     if cache is not None:
-        cache.keep(result.written)
+        cache.keep(result.cache_entries)
     wakeups = any(w is not None for w in result.next_wakeups.values())
     return BatchOutcome(outcomes_of(items, result), result.outbox, wakeups)
 

@@ -1,5 +1,5 @@
-"""Small pieces the long-running loops share: bounded backoff, waiting on several events, and a
-unit of work whose blocking calls run in a worker thread.
+"""Small pieces the long-running loops share: waiting on several events, and a unit of work whose
+blocking calls run in a worker thread (errors and backoff: consumers.runtime.errors).
 
 The ledger's unit of work is synchronous (psycopg). The relay, the scheduler and the admission
 replies live on the service's event loop, so every database call goes through
@@ -10,14 +10,11 @@ that serves NATS and HTTP.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from datetime import UTC, datetime
-from typing import Any, Final, TypeVar
+from typing import Any, TypeVar
 
-import psycopg
-import sqlalchemy.exc
 from sqlalchemy import Engine
 
 from ledger.db import UnitOfWork, unit_of_work
@@ -25,41 +22,9 @@ from ledger.invariants import require
 
 T = TypeVar("T")
 
-DEFAULT_BACKOFF_INITIAL_S: Final = 0.1
-DEFAULT_BACKOFF_MAX_S: Final = 10.0
-
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-class Backoff:
-    """Bounded exponential backoff with jitter: initial, x2 per failure, capped at ``maximum``."""
-
-    def __init__(
-        self,
-        initial: float = DEFAULT_BACKOFF_INITIAL_S,
-        maximum: float = DEFAULT_BACKOFF_MAX_S,
-        *,
-        factor: float = 2.0,
-        jitter: float = 0.2,
-    ) -> None:
-        require(0 < initial <= maximum, f"backoff {initial}..{maximum}")
-        require(factor >= 1 and 0 <= jitter < 1, "backoff factor/jitter")
-        self.initial = initial
-        self.maximum = maximum
-        self.factor = factor
-        self.jitter = jitter
-        self.failures = 0
-
-    def next(self) -> float:
-        """The delay before the next attempt (and count one more failure)."""
-        base = min(self.maximum, self.initial * self.factor ** min(self.failures, 64))
-        self.failures += 1
-        return base * (1 - self.jitter * random.random())
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 async def wait_any(*events: asyncio.Event | None, seconds: float | None) -> bool:
@@ -79,22 +44,6 @@ async def wait_any(*events: asyncio.Event | None, seconds: float | None) -> bool
         for w in waiters:
             w.cancel()
     return bool(done)
-
-
-def is_connectivity_error(exc: BaseException) -> bool:
-    """A database that is down, restarting or unreachable (as opposed to a bug or a bad row)."""
-    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
-        return True
-    return isinstance(
-        exc,
-        psycopg.OperationalError
-        | psycopg.InterfaceError
-        | sqlalchemy.exc.OperationalError
-        | sqlalchemy.exc.InterfaceError
-        | sqlalchemy.exc.TimeoutError
-        | ConnectionError
-        | TimeoutError,
-    )
 
 
 class ThreadedUnitOfWork:

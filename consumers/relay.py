@@ -42,18 +42,12 @@ from nats.js.api import PubAck
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from sqlalchemy import Engine
 
-from consumers.loops import (
-    DEFAULT_BACKOFF_INITIAL_S,
-    DEFAULT_BACKOFF_MAX_S,
-    Backoff,
-    ThreadedUnitOfWork,
-    utc_now,
-    wait_any,
-)
+from consumers.loops import ThreadedUnitOfWork, utc_now, wait_any
 from consumers.names import NatsNames
+from consumers.runtime.errors import DEFAULT_BACKOFF_INITIAL_S, DEFAULT_BACKOFF_MAX_S, Backoff, is_transient
 from ledger.db import unit_of_work
 from ledger.invariants import require
-from projections.outbox import MAX_CLAIM_ROWS, ClaimedMessage, claim, mark_published
+from projections.outbox import MAX_CLAIM_ROWS, ClaimedMessage, claim, delete_published, mark_published
 
 log = logging.getLogger("billing.relay")
 
@@ -232,16 +226,7 @@ async def run_relay(
             raise
         except Exception as exc:
             metrics.pass_failures.inc()
-            delay = backoff.next()
-            log.warning(
-                "outbox relay pass failed (%d in a row), retrying in %.2f s: %s: %s",
-                backoff.failures,
-                delay,
-                type(exc).__name__,
-                exc,
-                exc_info=backoff.failures == 1 and not isinstance(exc, RelayError | OSError | TimeoutError),
-            )
-            await wait_any(stop, seconds=delay)
+            await wait_any(stop, seconds=_retry_delay_s(backoff, exc))
             continue
         if done.failed:
             delay = backoff.next()
@@ -261,16 +246,33 @@ async def run_relay(
             log.debug("outbox relay published %d rows (%d duplicates)", done.published, done.duplicates)
         if prune_after_days is not None and loop.time() >= next_prune:
             next_prune = loop.time() + prune_every
-            try:
-                pruned = await asyncio.to_thread(prune_published, engine, older_than_days=prune_after_days)
-                if pruned:
-                    log.info("outbox relay pruned %d rows published more than %s days ago", pruned, prune_after_days)
-            except Exception as exc:  # pruning is housekeeping: never stop relaying for it
-                log.warning("outbox prune failed: %s: %s", type(exc).__name__, exc)
+            await _prune(engine, prune_after_days)
         if done.claimed == batch_size:
             continue  # more may be waiting
         await wait_any(stop, kick, seconds=poll_interval)
     log.info("outbox relay stopped")
+
+
+def _retry_delay_s(backoff: Backoff, exc: Exception) -> float:
+    delay = backoff.next()
+    log.warning(
+        "outbox relay pass failed (%d in a row), retrying in %.2f s: %s: %s",
+        backoff.failures,
+        delay,
+        type(exc).__name__,
+        exc,
+        exc_info=backoff.failures == 1 and not (isinstance(exc, RelayError) or is_transient(exc)),
+    )
+    return delay
+
+
+async def _prune(engine: Engine, older_than_days: float) -> None:
+    try:
+        pruned = await asyncio.to_thread(prune_published, engine, older_than_days=older_than_days)
+        if pruned:
+            log.info("outbox relay pruned %d rows published more than %s days ago", pruned, older_than_days)
+    except Exception as exc:  # pruning is housekeeping: never stop relaying for it
+        log.warning("outbox prune failed: %s: %s", type(exc).__name__, exc)
 
 
 def prune_published(
@@ -290,13 +292,8 @@ def prune_published(
     cutoff = (now or utc_now()) - timedelta(days=older_than_days)
     total = 0
     while True:
-        with unit_of_work(engine) as uow, uow.pg.cursor() as cur:
-            cur.execute(
-                "DELETE FROM outbox WHERE id IN ("
-                "  SELECT id FROM outbox WHERE published_at < %s ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)",
-                (cutoff, batch),
-            )
-            deleted = cur.rowcount
+        with unit_of_work(engine) as uow:
+            deleted = delete_published(uow.pg, before=cutoff, limit=batch)
             uow.commit()
         total += deleted
         if deleted < batch:

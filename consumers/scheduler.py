@@ -4,7 +4,7 @@ Every writer of a wallet stores the wallet's next wake-up (``wallets.next_wakeup
 ``rules.next_wakeup``): the predicted instant its available balance reaches zero, the re-issue of
 an unanswered stop command (the rules' backoff), the expiry of a hold, the instant it turns low.
 The scheduler keeps the earliest of them and sleeps exactly until it, then, in one unit of work,
-runs the rules' tick for every wallet due (``projections.processor.tick_wallets``): stop commands,
+runs the rules' tick for every wallet due (a ``Tick`` of ``projections.write_path``): stop commands,
 re-issues and notices become outbox rows in that transaction, and each wallet's next wake-up is
 stored again. After the commit it kicks the relay, which publishes the commands.
 
@@ -42,18 +42,12 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import Engine
 
-from consumers.loops import (
-    DEFAULT_BACKOFF_INITIAL_S,
-    DEFAULT_BACKOFF_MAX_S,
-    Backoff,
-    ThreadedUnitOfWork,
-    is_connectivity_error,
-    utc_now,
-    wait_any,
-)
+from consumers.loops import ThreadedUnitOfWork, utc_now, wait_any
 from consumers.names import NatsNames
+from consumers.runtime.errors import DEFAULT_BACKOFF_INITIAL_S, DEFAULT_BACKOFF_MAX_S, Backoff, is_transient
 from ledger.invariants import require
-from projections.processor import TickResult, tick_wallets
+from projections.wakeups import due_wallets_with_instants, earliest_wakeup, stops_issued_at
+from projections.write_path import Tick, Written, write
 
 log = logging.getLogger("billing.scheduler")
 
@@ -107,68 +101,13 @@ class TickOutcome:
 
     now: datetime
     wallets: list[str] = field(default_factory=list)
-    result: TickResult | None = None
+    result: Written | None = None
     delays: list[tuple[str, str, str, float]] = field(default_factory=list)
     """(wallet, resource, "first"/"reissue", seconds from the predicted instant to the commit)."""
 
     @property
     def messages(self) -> int:
         return 0 if self.result is None else self.result.commands + self.result.notices
-
-
-# ------------------------------------------------------------------------- queries (additive helpers)
-
-
-def due_wallets_with_instants(
-    conn: psycopg.Connection[Any],
-    now: datetime,
-    limit: int,
-    exclude: Sequence[str] = (),
-    only: Sequence[str] | None = None,
-) -> list[tuple[str, datetime]]:
-    """Wallets whose next wake-up is due at ``now`` (predicted zero, re-issue, hold expiry...), with
-    each wallet's stored wake-up, earliest first, leaving ``exclude`` out (and only among ``only``
-    when given)."""
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT wallet_id, next_wakeup_at FROM wallets"
-            " WHERE next_wakeup_at <= %s AND NOT (wallet_id = ANY(%s::text[]))"
-            "   AND (%s::text[] IS NULL OR wallet_id = ANY(%s::text[]))"
-            " ORDER BY next_wakeup_at LIMIT %s",
-            (now, list(exclude), None if only is None else list(only), None if only is None else list(only), limit),
-        )
-        return [(r[0], r[1]) for r in cur.fetchall()]
-
-
-def earliest_wakeup(conn: psycopg.Connection[Any], exclude: Sequence[str] = ()) -> datetime | None:
-    """The earliest stored wake-up of any wallet, leaving ``exclude`` out."""
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT min(next_wakeup_at) FROM wallets"
-            " WHERE next_wakeup_at IS NOT NULL AND NOT (wallet_id = ANY(%s::text[]))",
-            (list(exclude),),
-        )
-        row = cur.fetchone()
-        return row[0] if row else None
-
-
-# Joined, not ``wallet_id = ANY(...)`` (see projections.wallet_store.BATCH_LOOKUPS_SQL): the rentals
-# table keeps every rental ever started; ``status <> 'ended'`` selects its partial index.
-STOPS_ISSUED_SQL: Final = (
-    "SELECT r.wallet_id, r.resource_id, r.stop_attempts FROM unnest(%s::text[]) AS k(w)"
-    "  JOIN rentals r ON r.wallet_id = k.w AND r.status <> 'ended'"
-    " WHERE r.status = 'running' AND r.stop_issued_at = %s"
-)
-
-
-def stops_issued_at(
-    conn: psycopg.Connection[Any], wallet_ids: Sequence[str], issued_at: datetime
-) -> list[tuple[str, str, int]]:
-    """(wallet, resource, attempts) of the stop commands issued at exactly ``issued_at`` (this tick's,
-    read in its transaction under the wallet locks)."""
-    with conn.cursor() as cur:
-        cur.execute(STOPS_ISSUED_SQL, (list(wallet_ids), issued_at))
-        return [(r[0], r[1], r[2]) for r in cur.fetchall()]
 
 
 # ---------------------------------------------------------------------------------- unit of work
@@ -192,7 +131,7 @@ async def tick_due(
         if not due:
             return outcome
         outcome.wallets = [w for w, _ in due]
-        outcome.result = await tx.run(tick_wallets, outcome.wallets, now=now)
+        outcome.result = await tx.run(_tick, outcome.wallets, now)
         issued = await tx.run(stops_issued_at, outcome.wallets, now) if outcome.result.commands else []
         await tx.commit()
     written = clock()
@@ -208,6 +147,10 @@ async def tick_due(
         metrics.ticks.inc()
         metrics.wallets.inc(len(outcome.wallets))
     return outcome
+
+
+def _tick(conn: psycopg.Connection[Any], wallet_ids: list[str], now: datetime) -> Written:
+    return write(conn, Tick(wallet_ids), now=now)
 
 
 # ------------------------------------------------------------------------------------------ loop
@@ -297,33 +240,43 @@ async def run_scheduler(
                     relay_kick.set()
             else:
                 wait = refresh_interval - (loop.time() - read_at)
-                if deadline is not None:
-                    wait = min(wait, (deadline - clock()).total_seconds())
-                release = ticker.quarantine.next_release()
-                if release is not None:
-                    wait = min(wait, release - loop.time())
-                await wait_any(stop, kick, seconds=max(wait, MIN_SLEEP_S))
+                await wait_any(stop, kick, seconds=_sleep_s(wait, deadline, ticker.quarantine, clock))
                 continue
         except asyncio.CancelledError:
             raise
         except Exception as exc:
             metrics.failures.inc()
-            delay = backoff.next()
-            log.warning(
-                "scheduler: database work failed (%d in a row), retrying in %.2f s: %s: %s",
-                backoff.failures,
-                delay,
-                type(exc).__name__,
-                exc,
-                exc_info=backoff.failures == 1 and not is_connectivity_error(exc),
-            )
             read_at = -math.inf
-            await wait_any(stop, seconds=delay)
+            await wait_any(stop, seconds=_retry_delay_s(backoff, exc))
             continue
         if backoff.failures:
             log.info("scheduler recovered after %d failures", backoff.failures)
         backoff.reset()
     log.info("auto-stop scheduler stopped")
+
+
+def _sleep_s(wait: float, deadline: datetime | None, quarantine: _Quarantine, clock: Callable[[], datetime]) -> float:
+    """How long to sleep: until the refresh (``wait``), the deadline or a quarantine's end, whichever
+    comes first, and never less than MIN_SLEEP_S (never spin)."""
+    if deadline is not None:
+        wait = min(wait, (deadline - clock()).total_seconds())
+    release = quarantine.next_release()
+    if release is not None:
+        wait = min(wait, release - asyncio.get_running_loop().time())
+    return max(wait, MIN_SLEEP_S)
+
+
+def _retry_delay_s(backoff: Backoff, exc: Exception) -> float:
+    delay = backoff.next()
+    log.warning(
+        "scheduler: database work failed (%d in a row), retrying in %.2f s: %s: %s",
+        backoff.failures,
+        delay,
+        type(exc).__name__,
+        exc,
+        exc_info=backoff.failures == 1 and not is_transient(exc),
+    )
+    return delay
 
 
 async def _read_deadline(engine: Engine, exclude: Sequence[str]) -> datetime | None:
@@ -354,7 +307,7 @@ class _Ticker:
                 clock=self.clock,
             )
         except Exception as exc:
-            if is_connectivity_error(exc):
+            if is_transient(exc):
                 raise
             log.warning("scheduler: tick failed (%s: %s); ticking the due wallets one by one", type(exc).__name__, exc)
             return await self._one_by_one(now)
@@ -377,7 +330,7 @@ class _Ticker:
                     clock=self.clock,
                 )
             except Exception as exc:
-                if is_connectivity_error(exc):
+                if is_transient(exc):
                     raise
                 self.quarantine.add(wallet_id, asyncio.get_running_loop().time(), f"{type(exc).__name__}: {exc}")
                 continue

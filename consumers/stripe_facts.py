@@ -2,8 +2,9 @@
 
 Both paths build :mod:`ledger.events` Stripe facts whose identity is Stripe's own (source
 ``stripe``; the PaymentIntent, refund or ``<dispute>.opened``/``.closed`` id) and put them in the
-ledger with :func:`projections.processor.process_batch`, which locks the wallet, drops what the log
-already holds and writes the journal and projections in the caller's transaction. That is what
+ledger with :func:`projections.write_path.write` (a :class:`~projections.write_path.Facts` command),
+which locks the wallet, drops what the log already holds and writes the journal and projections in
+the caller's transaction. That is what
 makes a PaymentIntent credit exactly once, whether it arrives by webhook, by confirm, by both,
 concurrently, or a hundred times: the second writer waits for the wallet lock, then finds
 ``("stripe", <pi id>)`` in the log.
@@ -82,10 +83,10 @@ from ledger.events import (
     StripeRefundSucceededEvent,
     event_to_json,
 )
-from ledger.journal import wallet_account
 from ledger.money import cents_to_micros
 from projections import anomalies
-from projections.processor import Disposition, Incoming, process_batch
+from projections.stripe_records import UnstorableWebhook, record_webhook, wallet_of_payment, webhook_handled
+from projections.write_path import Disposition, Facts, Incoming, write
 
 log = logging.getLogger("billing.stripe")
 
@@ -213,8 +214,8 @@ class StripeFacts:
         except _Unattributable as why:
             raise ApiError(422, "not_a_wallet_topup", str(why)) from None
         with unit_of_work(self._engine) as uow:
-            result = process_batch(uow.pg, [Incoming(fact, event_to_json(fact))], now=now)
-            balance = _balance(uow.pg, wallet_id)
+            result = write(uow.pg, Facts([Incoming(fact, event_to_json(fact))]), now=now)
+            balance = result.balances_micros[wallet_id]
             found = _new_anomalies(uow.pg, [fact], result.dispositions)
             uow.commit()
         self._report(found, payment_intent_id)
@@ -264,16 +265,12 @@ class StripeFacts:
 
         stored = storable_json(payload.decode())
         with unit_of_work(self._engine) as uow:
-            with uow.pg.cursor() as cur:
-                try:
-                    cur.execute(
-                        "INSERT INTO stripe_webhook_events (id, type, received_at, handled, payload)"
-                        " VALUES (%s, %s, %s, %s, %s::jsonb) ON CONFLICT (id) DO NOTHING RETURNING id",
-                        (event.id, event.type, now, handled, stored),
-                    )
-                except psycopg.DataError as error:  # e.g. a number beyond PostgreSQL's numeric range
-                    raise InvalidWebhook(f"the event cannot be stored: {error.diag.message_primary}") from None
-                first_time = cur.fetchone() is not None
+            try:
+                first_time = record_webhook(
+                    uow.pg, event_id=event.id, type=event.type, received_at=now, handled=handled, payload=stored
+                )
+            except UnstorableWebhook as why:  # e.g. a number beyond PostgreSQL's numeric range
+                raise InvalidWebhook(f"the event cannot be stored: {why}") from None
             if not first_time:  # a concurrent delivery of the same event got there first (and committed)
                 uow.conn.rollback()
                 recorded = self._recorded(event.id)
@@ -281,7 +278,7 @@ class StripeFacts:
             applied = 0
             found: dict[str, int] = {}
             if facts:
-                result = process_batch(uow.pg, [Incoming(f, event_to_json(f)) for f in facts], now=now)
+                result = write(uow.pg, Facts([Incoming(f, event_to_json(f)) for f in facts]), now=now)
                 applied = sum(1 for d in result.dispositions if d is Disposition.accepted)
                 found = _new_anomalies(uow.pg, facts, result.dispositions)
             uow.commit()
@@ -297,10 +294,8 @@ class StripeFacts:
 
     def _recorded(self, event_id: str) -> bool | None:
         """Whether the event was handled when it was recorded; None if it was never received."""
-        with unit_of_work(self._engine) as uow, uow.pg.cursor() as cur:
-            cur.execute("SELECT handled FROM stripe_webhook_events WHERE id = %s", (event_id,))
-            row = cur.fetchone()
-        return None if row is None else bool(row[0])
+        with unit_of_work(self._engine) as uow:
+            return webhook_handled(uow.pg, event_id)
 
     def _facts_of(self, event: StripeEventView, now: datetime) -> list[StripeFact]:
         at, claimed = _event_time(event.created, now)
@@ -385,11 +380,10 @@ class StripeFacts:
         return charge.payment_intent
 
     def _wallet_of(self, payment_intent_id: str, metadata: dict[str, str]) -> str:
-        with unit_of_work(self._engine) as uow, uow.pg.cursor() as cur:
-            cur.execute("SELECT wallet_id FROM stripe_payments WHERE payment_intent_id = %s", (payment_intent_id,))
-            row = cur.fetchone()
-        if row is not None:
-            return str(row[0])
+        with unit_of_work(self._engine) as uow:
+            booked = wallet_of_payment(uow.pg, payment_intent_id)
+        if booked is not None:
+            return booked
         wallet_id = metadata.get("walletId")
         if wallet_id is None:
             intent = self._stripe().retrieve_payment_intent(payment_intent_id)
@@ -500,10 +494,3 @@ def _new_anomalies(
     if late:
         found["event_time"] = late
     return found
-
-
-def _balance(conn: psycopg.Connection[Any], wallet_id: str) -> int:
-    with conn.cursor() as cur:
-        cur.execute("SELECT balance_micros FROM account_balances WHERE account = %s", (wallet_account(wallet_id),))
-        row = cur.fetchone()
-    return 0 if row is None else int(row[0])

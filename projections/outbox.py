@@ -93,3 +93,16 @@ def mark_published(conn: psycopg.Connection[Any], ids: Sequence[int], *, now: da
         return
     with conn.cursor() as cur:
         cur.execute(MARK_PUBLISHED_SQL, (now, list(ids)))
+
+
+def delete_published(conn: psycopg.Connection[Any], *, before: datetime, limit: int) -> int:
+    """Delete up to ``limit`` rows published before ``before`` (oldest first, skipping rows another
+    transaction holds); unpublished rows are never touched. Returns how many were deleted."""
+    require(0 < limit <= 100_000, f"delete limit {limit}")
+    with conn.cursor() as cur:
+        cur.execute(
+            "DELETE FROM outbox WHERE id IN ("
+            "  SELECT id FROM outbox WHERE published_at < %s ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED)",
+            (before, limit),
+        )
+        return cur.rowcount

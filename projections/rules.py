@@ -787,7 +787,7 @@ def _apply_stripe_money(
         return _replace(payment, refunded_micros=payment.refunded_micros + fact.amount_micros), [txn]
     require(fact.dispute_id is not None, "dispute fact without a dispute id")
     dispute_id = fact.dispute_id or ""
-    status, held = payment.disputes.get(dispute_id, ("none", 0))
+    status, _ = payment.disputes.get(dispute_id, ("none", 0))
     if fact.kind == "dispute_opened":
         if status != "none":  # already open, or closed before its opening arrived
             return payment, []
@@ -800,7 +800,16 @@ def _apply_stripe_money(
             memo=f"{dispute_id} of {pi}{flag}",
         )
         return _replace(payment, disputes={**payment.disputes, dispute_id: ("open", fact.amount_micros)}), [txn]
-    # dispute closed
+    return _dispute_closed(wallet_id, payment, fact, dispute_id, flag)
+
+
+def _dispute_closed(
+    wallet_id: str, payment: PaymentState, fact: PendingStripeFact, dispute_id: str, flag: str
+) -> tuple[PaymentState, list[JournalTxn]]:
+    """A dispute's closing: the hold released (won) or gone (lost); lost before its opening arrived,
+    the money leaves the wallet directly. A second closing does nothing."""
+    wallet = wallet_account(wallet_id)
+    status, held = payment.disputes.get(dispute_id, ("none", 0))
     if status in ("won", "lost"):
         return payment, []
     outcome = "won" if fact.won else "lost"
@@ -953,9 +962,27 @@ def _reading(
         )
         return _Fact(state, "rejected", rejection=(RejectReason.reading_after_settlement, detail))
 
-    txns: tuple[JournalTxn, ...] = ()
     # The changes to the rental, made in one replace (each replace re-runs RentalState's checks).
     changes: dict[str, Any] = {}
+    txns = _reading_charge(state, rental, event, seconds, changes)
+    updated, settlements = _reading_transition(state, rental, event, seconds, transition, ended_at, changes)
+    if updated == rental:
+        return _Fact(state, "noop")
+    charged = sum(t.postings[1].amount_micros for t in txns)
+    new_state = _replace(
+        state,
+        balance_micros=state.balance_micros - charged,
+        rentals={**state.rentals, rental.resource_id: updated},
+    )
+    return _Fact(new_state, "applied", txns=txns, settlements=settlements)
+
+
+def _reading_charge(
+    state: WalletState, rental: RentalState, event: LogEvent, seconds: int, changes: dict[str, Any]
+) -> tuple[JournalTxn, ...]:
+    """The charge of a reading of a rental not ended: ``cost(seconds) - charged`` when it goes past
+    the last one, with the rental's new counters put in ``changes``."""
+    txns: tuple[JournalTxn, ...] = ()
     if seconds >= rental.billable_seconds:
         changes["last_reading_at"] = max(rental.last_reading_at, event.time, key=_to_us)
     if seconds > rental.billable_seconds:
@@ -980,6 +1007,20 @@ def _reading(
                     memo=memo,
                 ),
             )
+    return txns
+
+
+def _reading_transition(
+    state: WalletState,
+    rental: RentalState,
+    event: LogEvent,
+    seconds: int,
+    transition: Literal["paused"] | EndReason | None,
+    ended_at: datetime,
+    changes: dict[str, Any],
+) -> tuple[RentalState, tuple[Settlement, ...]]:
+    """The rental after a reading with its ``changes`` and its pause or end, and the settlement of
+    an end."""
     settlements: tuple[Settlement, ...] = ()
     if transition == "paused":
         # A stale pause (a lower counter, or the same counter older than the last resume or
@@ -1005,15 +1046,7 @@ def _reading(
         )
     else:
         updated = _replace(rental, **changes) if changes else rental
-    if updated == rental:
-        return _Fact(state, "noop")
-    charged = sum(t.postings[1].amount_micros for t in txns)
-    new_state = _replace(
-        state,
-        balance_micros=state.balance_micros - charged,
-        rentals={**state.rentals, rental.resource_id: updated},
-    )
-    return _Fact(new_state, "applied", txns=txns, settlements=settlements)
+    return updated, settlements
 
 
 # ------------------------------------------------------------------------ housekeeping, decisions

@@ -6,7 +6,7 @@ Wiring (``billing up``: :func:`create_service_app`, the operational endpoints)::
     install_api(app, engine, settings, clock=..., registry=...)
 
 :func:`create_app` does the same on a new app for tests and for the OpenAPI export
-(``consumers/export_openapi.py`` writes ``openapi.json``).
+(``devtools/export_openapi.py`` writes ``openapi.json``).
 """
 
 from __future__ import annotations

@@ -18,8 +18,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import Engine
 
-from consumers.export_openapi import DEFAULT_PATH, openapi_document
 from consumers.http.app import create_app
+from devtools.export_openapi import DEFAULT_PATH, openapi_document
 from tests.integration.http_support import live_server, make_settings
 
 pytestmark = pytest.mark.integration

@@ -261,7 +261,7 @@ async def test_large_bodies_are_refused_before_they_are_read(server: tuple[str, 
 def test_the_real_service_serves_its_docs_without_a_token(server: tuple[str, int]) -> None:
     import json
 
-    from consumers.export_openapi import DEFAULT_PATH
+    from devtools.export_openapi import DEFAULT_PATH
 
     base, _pid = server
     assert httpx.get(f"{base}/openapi.json").json() == json.loads(DEFAULT_PATH.read_text())

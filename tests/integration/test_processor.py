@@ -11,11 +11,11 @@ import pytest
 from sqlalchemy import Engine, text
 
 from consumers.intake import parsed_items, transact
-from consumers.scheduler import STOPS_ISSUED_SQL
 from ledger.db import unit_of_work
 from ledger.events import Event, RejectReason, event_to_json
 from projections.outbox import MARK_PUBLISHED_SQL
 from projections.processor import BatchResult, Disposition, Incoming, process_batch
+from projections.wakeups import STOPS_ISSUED_SQL
 from projections.wallet_store import BATCH_LOOKUPS_SQL, WalletCache
 from tests.factories import T0, adjusted, make_event
 from tests.integration.vectors import load_cases, renamed

@@ -1,4 +1,4 @@
-"""asyncapi.json in the repository is the NATS interface as declared in consumers/asyncapi.py, and it
+"""asyncapi.json in the repository is the NATS interface as declared in devtools/asyncapi.py, and it
 documents every subject of the contract (docs/events.md) with the real models and examples."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel, ValidationError
 
 from consumers.admission import InvalidAnswer, RentalAnswer, RentalAsk, ServerlessAnswer, ServerlessAsk
-from consumers.asyncapi import (
+from devtools.asyncapi import (
     DEFAULT_PATH,
     EXAMPLES,
     NoticeBody,
@@ -62,9 +62,9 @@ def _properties(doc: dict[str, Any], schema_name: str) -> set[str]:
 
 
 def test_asyncapi_json_is_up_to_date() -> None:
-    assert DEFAULT_PATH.exists(), "asyncapi.json is missing: run python -m consumers.asyncapi"
+    assert DEFAULT_PATH.exists(), "asyncapi.json is missing: run python -m devtools.asyncapi"
     assert DEFAULT_PATH.read_text() == render(asyncapi_document()), (
-        "asyncapi.json is stale: run python -m consumers.asyncapi and commit the result"
+        "asyncapi.json is stale: run python -m devtools.asyncapi and commit the result"
     )
 
 

@@ -6,15 +6,15 @@ import json
 
 import pytest
 
-from consumers.export_openapi import DEFAULT_PATH, main, openapi_document, render
+from devtools.export_openapi import DEFAULT_PATH, main, openapi_document, render
 
 pytestmark = pytest.mark.unit
 
 
 def test_openapi_json_is_up_to_date() -> None:
-    assert DEFAULT_PATH.exists(), "openapi.json is missing: run python -m consumers.export_openapi"
+    assert DEFAULT_PATH.exists(), "openapi.json is missing: run python -m devtools.export_openapi"
     assert DEFAULT_PATH.read_text() == render(openapi_document()), (
-        "openapi.json is stale: run python -m consumers.export_openapi and commit the result"
+        "openapi.json is stale: run python -m devtools.export_openapi and commit the result"
     )
 
 

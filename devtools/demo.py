@@ -78,7 +78,7 @@ from consumers.names import NatsNames
 from consumers.preflight import RUNTIME_FILE
 from consumers.runtime import ServiceUrls, running_service_urls
 from consumers.settings import Settings
-from ledger.money import display_usd
+from ledger.money import display_usd, rental_cost_micros, serverless_cost_micros, serverless_exact_millimicros
 
 # --- simulated time ---------------------------------------------------------------------------------
 
@@ -738,7 +738,7 @@ class Traffic:
                 "status": status,
             },
         )
-        e.exact_millimicros += compute_ms * e.price_per_second
+        e.exact_millimicros += serverless_exact_millimicros(compute_ms, e.price_per_second)
         self.summary.jobs_completed += 1
 
     def _end_of_hour(self) -> None:
@@ -857,8 +857,10 @@ class Traffic:
 
     def expected_charges(self) -> int:
         """What the contract's arithmetic says the ledger must have charged (section 1)."""
-        rentals = sum(r.uptime * r.price // 3600 for r in self.plan.rentals if r.status not in ("planned", "refused"))
-        jobs = sum(e.exact_millimicros // 1000 for e in self.plan.endpoints)
+        rentals = sum(
+            rental_cost_micros(r.uptime, r.price) for r in self.plan.rentals if r.status not in ("planned", "refused")
+        )
+        jobs = sum(serverless_cost_micros(e.exact_millimicros) for e in self.plan.endpoints)
         return rentals + jobs
 
     # --- reading the ledger ------------------------------------------------------------------------

@@ -1,8 +1,8 @@
 """The AsyncAPI 3.0 document of the service's NATS interface (docs/events.md), generated
 by FastStream from code and kept in the repository as ``asyncapi.json``.
 
-    python -m consumers.asyncapi [--check] [PATH]
-    faststream docs gen consumers.asyncapi:app -o asyncapi.json   (the same document, formatting aside)
+    python -m devtools.asyncapi [--check] [PATH]
+    faststream docs gen devtools.asyncapi:app -o asyncapi.json   (the same document, formatting aside)
 
 ``--check`` writes nothing and exits 1 if the file is stale; tests/unit/test_asyncapi.py fails the
 same way.
@@ -590,8 +590,8 @@ app = FastStream(
         description=(
             "NATS subjects of the GPU cloud's billing service: usage facts in, admission questions "
             "(request-reply), stop commands, notices, settlements and dead letters out. Money is "
-            "always an integer of micro-USD (fields named ...Micros). Generated from consumers/asyncapi.py "
-            "(python -m consumers.asyncapi); the contract is docs/events.md."
+            "always an integer of micro-USD (fields named ...Micros). Generated from devtools/asyncapi.py "
+            "(python -m devtools.asyncapi); the contract is docs/events.md."
         ),
     ),
 )
@@ -608,7 +608,7 @@ def render(document: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     return generated_docs.write_or_check(
-        argv, DEFAULT_PATH, lambda: render(asyncapi_document()), "python -m consumers.asyncapi"
+        argv, DEFAULT_PATH, lambda: render(asyncapi_document()), "python -m devtools.asyncapi"
     )
 
 

