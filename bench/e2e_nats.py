@@ -7,7 +7,7 @@ Baseline A, two ways, both on a durable pull consumer with explicit acks, acking
 * ``raw``: pull requests sent by hand (``$JS.API.CONSUMER.MSG.NEXT.<stream>.<durable>`` with a batch
   of 1000), the deliveries collected by one core subscription callback, the next request sent as
   soon as a batch is complete and the finished batch acked meanwhile. This is the shape of the
-  service's own intake loop (``consumers/intake.py``), without parsing, database or dead letters.
+  service's own intake loop (``consumers/nats/intake.py``), without parsing, database or dead letters.
 
 The partitioned configuration (``--partitions N``) needs a server with the subject mapping of
 deploy/nats/accounts.conf, which the machine's server does not have: :class:`BenchNats` starts the
@@ -37,7 +37,7 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, StorageType, StreamConfig
 
 from bench.e2e_workload import Message
-from consumers.names import NatsNames, partition_of
+from consumers.nats.names import NatsNames, partition_of
 
 WINDOW = 1000
 BATCH = 1000
@@ -56,7 +56,7 @@ def nats_server() -> Iterator[str]:
         return
     except OSError:
         pass
-    from consumers.embedded import EmbeddedNats
+    from consumers.runtime.embedded import EmbeddedNats
 
     with tempfile.TemporaryDirectory(prefix="billing-bench-nats-") as d, EmbeddedNats(Path(d)) as srv:
         yield srv.url
@@ -109,7 +109,7 @@ class BenchNats:
         return "\n".join(lines) + "\n"
 
     def start(self) -> str:
-        from consumers.embedded import nats_server_binary
+        from consumers.runtime.embedded import nats_server_binary
 
         exe = nats_server_binary()
         self.version = subprocess.run([exe, "--version"], capture_output=True, text=True, timeout=10).stdout.strip()
@@ -191,7 +191,7 @@ async def check_mapping(url: str, names: NatsNames, partitions: int, wallets: Se
     want = [names.in_partition_subject(partition_of(w, partitions), w) for w in wallets]
     if got != want:
         bad = [(g, w) for g, w in zip(got, want, strict=True) if g != w]
-        raise RuntimeError(f"the bench server's mapping does not match consumers.names.partition_of: {bad[:3]}")
+        raise RuntimeError(f"the bench server's mapping does not match consumers.nats.names.partition_of: {bad[:3]}")
 
 
 @contextlib.asynccontextmanager

@@ -145,7 +145,7 @@ def _area(frames: list[str]) -> str:
             return "append_new (Python side: COPY rows)"
         if "projections/processor.py" in f or "projections/outbox.py" in f:
             return "processor (Python side)"
-        if "consumers/intake.py" in f:
+        if "consumers/nats/intake.py" in f:
             return "intake loop (Python side)"
         if "consumers/" in f:
             return "other service loops (relay, scheduler, HTTP)"

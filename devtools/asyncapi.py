@@ -8,12 +8,12 @@ by FastStream from code and kept in the repository as ``asyncapi.json``.
 same way.
 
 **The handlers below are documentation only.** Nothing here connects to NATS or runs: the broker
-is never started. The real runtime is :mod:`consumers.app` (``billing up``): the intake pulls
-``billing.in.>`` by hand (:mod:`consumers.intake`), the admission replies run on nats-py
-(:mod:`consumers.admission`), and the outbox relay (:mod:`consumers.relay`) publishes stop
+is never started. The real runtime is :mod:`consumers.service.run` (``billing up``): the intake pulls
+``billing.in.>`` by hand (:mod:`consumers.nats.intake`), the admission replies run on nats-py
+(:mod:`consumers.nats.admission`), and the outbox relay (:mod:`consumers.nats.relay`) publishes stop
 commands, notices and settlements. This module declares the same subjects with the real pydantic
 models, so the document follows the code: the event union and its envelopes come from
-:mod:`ledger.events`, the admission asks and answers from :mod:`consumers.admission`. The outbound
+:mod:`ledger.events`, the admission asks and answers from :mod:`consumers.nats.admission`. The outbound
 bodies are built as plain dicts in :mod:`projections.messages`; the models :class:`StopCommandBody`,
 :class:`NoticeBody` and :class:`SettlementBody` below describe them (a unit test checks they have
 exactly the keys those builders write).
@@ -44,10 +44,10 @@ from faststream.specification.base import Specification
 from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
-from consumers import generated_docs
-from consumers.admission import InvalidAnswer, RentalAnswer, RentalAsk, ServerlessAnswer, ServerlessAsk
-from consumers.intake import PROCESSING_ERROR
-from consumers.streams import DUPLICATE_WINDOW_S
+from consumers.nats.admission import InvalidAnswer, RentalAnswer, RentalAsk, ServerlessAnswer, ServerlessAsk
+from consumers.nats.intake import PROCESSING_ERROR
+from consumers.nats.streams import DUPLICATE_WINDOW_S
+from devtools import generated_docs
 from ledger.events import ID_PATTERN, Event, RejectReason
 from projections.rules import EndReason, NoticeKind
 
@@ -59,7 +59,7 @@ VERSION: Final = "0.1.0"
 # with a port variable, and a production server whose host is a variable (BILLING_NATS_URL).
 SERVER_URL: Final = "nats://127.0.0.1:14222"
 
-DOC_ONLY: Final = "documentation only: the service's runtime is consumers.app (billing up)"
+DOC_ONLY: Final = "documentation only: the service's runtime is consumers.service.run (billing up)"
 
 Id = Annotated[str, Field(pattern=ID_PATTERN)]
 
@@ -140,7 +140,7 @@ _IN_STREAM: Final = JStream("BILLING_IN", subjects=["billing.in.>"], declare=Fal
     ),
 )
 async def usage_events(event: Event) -> None:
-    """Documentation only (see the module docstring): consumers.intake consumes this subject."""
+    """Documentation only (see the module docstring): consumers.nats.intake consumes this subject."""
     raise NotImplementedError(DOC_ONLY)
 
 
@@ -157,7 +157,7 @@ async def usage_events(event: Event) -> None:
     ),
 )
 async def admission_rental(ask: RentalAsk) -> RentalAnswer | InvalidAnswer:
-    """Documentation only (see the module docstring): consumers.admission answers this subject."""
+    """Documentation only (see the module docstring): consumers.nats.admission answers this subject."""
     raise NotImplementedError(DOC_ONLY)
 
 
@@ -172,7 +172,7 @@ async def admission_rental(ask: RentalAsk) -> RentalAnswer | InvalidAnswer:
     ),
 )
 async def admission_serverless(ask: ServerlessAsk) -> ServerlessAnswer | InvalidAnswer:
-    """Documentation only (see the module docstring): consumers.admission answers this subject."""
+    """Documentation only (see the module docstring): consumers.nats.admission answers this subject."""
     raise NotImplementedError(DOC_ONLY)
 
 

@@ -74,10 +74,10 @@ from rich.table import Column, Table
 from rich.text import Text
 from sqlalchemy import Engine, text
 
-from consumers.names import NatsNames
-from consumers.preflight import RUNTIME_FILE
-from consumers.runtime import ServiceUrls, running_service_urls
-from consumers.settings import Settings
+from consumers.nats.names import NatsNames
+from consumers.runtime.instance import ServiceUrls, running_service_urls
+from consumers.runtime.preflight import RUNTIME_FILE
+from consumers.runtime.settings import Settings
 from ledger.money import display_usd, rental_cost_micros, serverless_cost_micros, serverless_exact_millimicros
 
 # --- simulated time ---------------------------------------------------------------------------------
@@ -1093,7 +1093,7 @@ def running_service(settings: Settings, console: Console) -> Iterator[ServiceUrl
     console.print(f"[dim]no billing service answers: starting `billing up` (log in {log_path})[/dim]", soft_wrap=True)
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "consumers.cli", "up"],
+            [sys.executable, "-m", "consumers.cli.main", "up"],
             env=env,
             stdout=log,
             stderr=subprocess.STDOUT,

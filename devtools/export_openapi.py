@@ -14,9 +14,9 @@ from typing import Any
 from pydantic import SecretStr
 from sqlalchemy import create_engine
 
-from consumers import generated_docs
 from consumers.http.app import create_app
-from consumers.settings import Settings
+from consumers.runtime.settings import Settings
+from devtools import generated_docs
 
 DEFAULT_PATH = Path(__file__).resolve().parent.parent / "openapi.json"
 

@@ -53,7 +53,7 @@ MAX_FUTURE_SKEW: Final = timedelta(minutes=5)
 
 RESERVED_SOURCES: Final = frozenset({"stripe"})
 """Sources of the facts the service itself writes into the log from HTTP (Stripe's webhooks and
-``POST /wallet/confirm``: ``consumers.stripe_facts``). Refused on ``billing.in`` as
+``POST /wallet/confirm``: ``consumers.stripe.facts``). Refused on ``billing.in`` as
 ``reserved_source``: a producer must never take the identity (source, id) of a payment, or the real
 payment arriving later would be a duplicate and never credited (issue 13)."""
 

@@ -250,7 +250,7 @@ stripe_webhook_events = Table(
 intake_owners = Table(
     "intake_owners",
     metadata,
-    # One row per durable consumer of BILLING_IN (consumers/partitions.py): its last owner, and
+    # One row per durable consumer of BILLING_IN (consumers/nats/partitions.py): its last owner, and
     # whether that owner let go cleanly (every delivery settled) or not.
     Column("stream", Text, primary_key=True),
     Column("durable", Text, primary_key=True),

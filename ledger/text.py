@@ -1,7 +1,7 @@
 """Text that can be stored, sent and shown whatever characters or bytes it came with.
 
 PostgreSQL text cannot hold NUL (``CharacterNotInRepertoire``) nor a lone surrogate (what a byte
-that is not UTF-8 becomes when decoded with ``surrogateescape``, see ``consumers.nats_safety``);
+that is not UTF-8 becomes when decoded with ``surrogateescape``, see ``consumers.nats.safety``);
 NATS headers cannot hold CR/LF; terminals and CSV readers act on control characters. A refused
 input's detail and subject go through :func:`printable` before they are stored or published, so
 that every refusal is recorded on its first delivery (issue 13), and :func:`unprintable` gives the

@@ -4,9 +4,10 @@ the log beside them, for ``billing dlq`` and the demo's summary. Writes go throu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Final
 
+import psycopg
 from sqlalchemy import Connection, text
 
 from ledger import schema
@@ -85,3 +86,17 @@ def refusals_by_reason(conn: Connection, subject_prefix: str) -> dict[str, int]:
 
 def _like_escaped(prefix: str) -> str:
     return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def too_old_refusals(conn: psycopg.Connection[Any], ids: Iterable[int]) -> dict[int, tuple[str, str, bytes]]:
+    """The ``too_old`` refusals among ``ids``: id -> (source, event id, the refused bytes), what a
+    ``billing dlq replay --accept-old`` claim is checked against (consumers.nats.intake)."""
+    wanted = sorted(set(ids))
+    if not wanted:
+        return {}
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT id, source, event_id, raw FROM rejected_inputs WHERE id = ANY(%s) AND reason = 'too_old'",
+            (wanted,),
+        )
+        return {int(r[0]): (r[1], r[2], bytes(r[3])) for r in cur.fetchall()}

@@ -1,4 +1,4 @@
-"""The Stripe tables beside the ledger, for consumers.stripe_facts: webhooks recorded once by
+"""The Stripe tables beside the ledger, for consumers.stripe.facts: webhooks recorded once by
 Stripe's event id, and the wallet a PaymentIntent is booked to. The money itself goes through the
 write path (projections.write_path) as Stripe facts of the log."""
 

@@ -1,4 +1,4 @@
-"""The wake-ups of the wallets, as the auto-stop scheduler reads them (consumers.scheduler).
+"""The wake-ups of the wallets, as the auto-stop scheduler reads them (consumers.service.scheduler).
 
 Every writer stores each wallet's next wake-up (``wallets.next_wakeup_at``, from
 ``rules.next_wakeup``) through the write path; these are the reads of it, and of the stop commands a

@@ -58,7 +58,7 @@ def postgres_server(tmp_dir: Path) -> Iterator[tuple[str, str]]:
             return
         except Exception as exc:  # fall through to the embedded server
             log.warning("testcontainers PostgreSQL failed (%s); using the embedded server", exc)
-    from consumers.embedded import EmbeddedPostgres
+    from consumers.runtime.embedded import EmbeddedPostgres
 
     with EmbeddedPostgres(tmp_dir / "pg") as server:
         yield server.url, "embedded pgserver"
@@ -85,7 +85,7 @@ def nats_server(tmp_dir: Path) -> Iterator[tuple[str, str]]:
             return
         except Exception as exc:
             log.warning("testcontainers NATS failed (%s); using the embedded server", exc)
-    from consumers.embedded import EmbeddedNats
+    from consumers.runtime.embedded import EmbeddedNats
 
     with EmbeddedNats(tmp_dir / "nats") as server:
         yield server.url, "embedded nats-server"

@@ -26,8 +26,8 @@ from consumers.http.docs import API_DESCRIPTION, API_TITLE, API_VERSION, install
 from consumers.http.errors import install_error_handlers
 from consumers.http.limits import GuardMiddleware
 from consumers.http.operations import Readiness
-from consumers.settings import Settings
-from consumers.stripe_facts import MAX_WEBHOOK_BYTES
+from consumers.runtime.settings import Settings
+from consumers.stripe.facts import MAX_WEBHOOK_BYTES
 
 
 def build_api(ctx: HttpContext) -> APIRouter:

@@ -20,9 +20,9 @@ from sqlalchemy import Engine
 
 from consumers.http.auth import TokenAuthenticator, scope_dependency
 from consumers.http.errors import stripe_not_configured
-from consumers.settings import Settings
-from consumers.stripe_facts import StripeFacts
-from consumers.stripe_gateway import StripeGateway, client_from_settings
+from consumers.runtime.settings import Settings
+from consumers.stripe.facts import StripeFacts
+from consumers.stripe.gateway import StripeGateway, client_from_settings
 from ledger.invariants import fail
 
 Clock = Callable[[], datetime]

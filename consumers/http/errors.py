@@ -17,7 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from consumers.stripe_gateway import StripeRefused, StripeUnavailable
+from consumers.stripe.facts import TopUpRefused
+from consumers.stripe.gateway import StripeRefused, StripeUnavailable
 
 log = logging.getLogger("billing.http")
 
@@ -92,6 +93,14 @@ def stripe_failure(error: StripeRefused | StripeUnavailable) -> ApiError:
     if isinstance(error, StripeRefused):
         return ApiError(error.status, error.error, error.detail)
     return ApiError(502, "stripe_unavailable", error.detail, headers={"Retry-After": RETRY_AFTER_SECONDS})
+
+
+# The HTTP status of each refusal of a confirm (consumers.stripe.facts.TopUpRefused).
+TOPUP_REFUSAL_STATUS: Final = {"payment_intent_not_found": 404, "payment_not_succeeded": 409, "not_a_wallet_topup": 422}
+
+
+def topup_refused(refusal: TopUpRefused) -> ApiError:
+    return ApiError(TOPUP_REFUSAL_STATUS[refusal.error], refusal.error, refusal.detail, extra=refusal.extra)
 
 
 def stripe_not_configured() -> ApiError:

@@ -12,12 +12,12 @@ from typing import Annotated, Any, Final, Literal
 from fastapi import APIRouter, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from consumers import reconciliation
 from consumers.http.context import Ctx, HttpContext, bound_router
 from consumers.http.errors import ApiError, stripe_failure, wallet_not_found
 from consumers.http.models import error_responses
 from consumers.http.routing import BillingRoute
-from consumers.stripe_gateway import StripeRefused, StripeUnavailable
+from consumers.stripe import reconciliation
+from consumers.stripe.gateway import StripeRefused, StripeUnavailable
 from projections import anomalies, reports
 from projections.queries import UnknownWallet, known_wallet_statement, read_report
 from projections.reports import Report

@@ -15,7 +15,7 @@ from nats.aio.client import Client
 from prometheus_client import CollectorRegistry, generate_latest
 from sqlalchemy import Engine
 
-from consumers.metrics import CONTENT_TYPE_LATEST
+from consumers.runtime.metrics import CONTENT_TYPE_LATEST
 from projections.queries import ping
 
 READY_DB_TIMEOUT_S: Final = 2.0

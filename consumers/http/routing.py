@@ -21,7 +21,7 @@ from consumers.http.errors import (
     is_transient,
     validation_error_response,
 )
-from consumers.stripe_facts import load_json
+from consumers.stripe.facts import load_json
 
 log = logging.getLogger("billing.http")
 

@@ -13,8 +13,8 @@ from consumers.http.context import Ctx, HttpContext, bound_router
 from consumers.http.errors import RETRY_AFTER_SECONDS, ApiError
 from consumers.http.models import WebhookResponse, error_responses
 from consumers.http.routing import BillingRoute, read_limited
-from consumers.stripe_facts import MAX_WEBHOOK_BYTES, InvalidWebhook
-from consumers.stripe_gateway import StripeRefused, StripeUnavailable, WebhookSignatureError
+from consumers.stripe.facts import MAX_WEBHOOK_BYTES, InvalidWebhook
+from consumers.stripe.gateway import StripeRefused, StripeUnavailable, WebhookSignatureError
 
 WEBHOOK_PATH: Final = "/stripe/webhook"
 

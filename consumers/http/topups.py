@@ -11,7 +11,7 @@ from typing import Annotated, Final
 from fastapi import APIRouter, Header
 
 from consumers.http.context import Ctx, HttpContext, bound_router
-from consumers.http.errors import ApiError, stripe_failure
+from consumers.http.errors import ApiError, stripe_failure, topup_refused
 from consumers.http.models import (
     ConfirmRequest,
     ConfirmResponse,
@@ -21,7 +21,8 @@ from consumers.http.models import (
     presets_text,
 )
 from consumers.http.routing import BillingRoute
-from consumers.stripe_gateway import StripeRefused, StripeUnavailable
+from consumers.stripe.facts import TopUpRefused
+from consumers.stripe.gateway import StripeRefused, StripeUnavailable
 from ledger.money import MoneyParseError, format_usd, micros_to_cents_exact
 from projections import rules
 
@@ -114,6 +115,8 @@ def confirm(ctx: Ctx, body: ConfirmRequest) -> ConfirmResponse:
     ctx.require_gateway()
     try:
         result = ctx.facts.confirm(body.payment_intent_id)
+    except TopUpRefused as refusal:
+        raise topup_refused(refusal) from None
     except (StripeRefused, StripeUnavailable) as error:
         raise stripe_failure(error) from None
     return ConfirmResponse(

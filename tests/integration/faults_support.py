@@ -6,7 +6,7 @@
   of :mod:`ledger.money` from the published events alone, never from the service;
 * :class:`Service`: ``billing up`` as a subprocess (kill -9, SIGTERM, /readyz, /metrics);
 * :func:`owned_intake`: an instance's intake in-process as ``billing up`` runs it (owner or standby of
-  the durable, ``consumers.partitions``), next to :func:`intake_running`, the bare loop;
+  the durable, ``consumers.nats.partitions``), next to :func:`intake_running`, the bare loop;
 * :class:`NatsTap`: a TCP proxy between a service and NATS that can hold everything the service
   sends (its acks above all) while the server's deliveries keep flowing: with it a test kills the
   service *between* its commit and its ack on purpose instead of by luck;
@@ -39,12 +39,12 @@ from nats.js import JetStreamContext
 from nats.js.api import ConsumerInfo, RawStreamMsg
 from sqlalchemy import Engine, text
 
-from consumers import intake
-from consumers.intake import IntakeConfig
-from consumers.metrics import Metrics
-from consumers.names import NatsNames
-from consumers.partitions import OwnedIntake
-from consumers.streams import ensure_streams, stream_specs
+from consumers.nats import intake
+from consumers.nats.intake import IntakeConfig
+from consumers.nats.names import NatsNames
+from consumers.nats.partitions import OwnedIntake
+from consumers.nats.streams import ensure_streams, stream_specs
+from consumers.runtime.metrics import Metrics
 from ledger.events import Event, event_to_json
 from ledger.money import rental_cost_micros, serverless_cost_micros, serverless_exact_millimicros
 from ledger.schema import APP_ROLE
@@ -373,7 +373,7 @@ async def streams(url: str, namespace: str) -> AsyncIterator[tuple[Client, JetSt
 async def intake_running(
     nc: Client, engine: Engine, names: NatsNames, config: IntakeConfig, metrics: Metrics | None = None
 ) -> AsyncIterator[Metrics]:
-    """``consumers.intake.run`` as a task of the test, on the real clock; stopped (bounded) on exit."""
+    """``consumers.nats.intake.run`` as a task of the test, on the real clock; stopped (bounded) on exit."""
     metrics = metrics or Metrics()
     stop, ready = asyncio.Event(), asyncio.Event()
     task = asyncio.create_task(
@@ -391,7 +391,7 @@ async def intake_running(
 
 @dataclass
 class Owner:
-    """One instance's :class:`~consumers.partitions.OwnedIntake`, running as a task of the test."""
+    """One instance's :class:`~consumers.nats.partitions.OwnedIntake`, running as a task of the test."""
 
     name: str
     intake: OwnedIntake
@@ -424,7 +424,7 @@ async def owned_intake(
     partitions: int = 0,
     rebalance_s: float = 0.2,
 ) -> AsyncIterator[Owner]:
-    """The intake of one instance as ``billing up`` runs it (``consumers.partitions.run_owned``: it
+    """The intake of one instance as ``billing up`` runs it (``consumers.nats.partitions.run_owned``: it
     pulls only while it owns the durable), with the service role on its lock connections, on the real
     clock; yielded once it has joined (owner or standby), stopped cleanly on exit."""
     metrics, stop, ready = Metrics(), asyncio.Event(), asyncio.Event()

@@ -16,7 +16,7 @@ import uvicorn
 from pydantic import SecretStr
 from sqlalchemy import Engine, text
 
-from consumers.settings import Settings
+from consumers.runtime.settings import Settings
 from tests.fake_stripe import sign_webhook
 
 WALLET_TOKEN = "tok_wallet_3f9a1c"

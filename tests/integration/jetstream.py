@@ -19,11 +19,11 @@ from nats.js import JetStreamContext
 from nats.js.api import PubAck, RawStreamMsg
 from sqlalchemy import Engine, text
 
-from consumers import intake
-from consumers.intake import IntakeConfig
-from consumers.metrics import Metrics
-from consumers.names import NatsNames
-from consumers.streams import ensure_streams, stream_specs
+from consumers.nats import intake
+from consumers.nats.intake import IntakeConfig
+from consumers.nats.names import NatsNames
+from consumers.nats.streams import ensure_streams, stream_specs
+from consumers.runtime.metrics import Metrics
 from ledger.events import Event, event_to_json
 from tests.factories import T0
 

@@ -19,7 +19,7 @@ from nats.js.api import ConsumerConfig, DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import NotFoundError
 from sqlalchemy import Engine
 
-from consumers.names import NatsNames
+from consumers.nats.names import NatsNames
 from ledger.db import unit_of_work
 from ledger.events import Event, event_to_json
 from projections.outbox import OutboxMessage, enqueue

@@ -12,8 +12,8 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from consumers.admission import run_admission
-from consumers.names import NatsNames
+from consumers.nats.admission import run_admission
+from consumers.nats.names import NatsNames
 from tests.factories import adjusted, make_event
 from tests.integration.outbound import connect, namespace_of, process, stop_task, utc_now, wait_until
 
@@ -226,7 +226,7 @@ async def test_an_ask_whose_reply_subject_is_not_utf8_is_one_warning_and_holds_n
     import socket
     from urllib.parse import urlsplit
 
-    from consumers import nats_safety
+    from consumers.nats import safety as nats_safety
 
     nats_safety.install()  # as the service does: nats-py reads a subject that is not UTF-8
     credit(app_engine, unique, PRICE)  # one hour, once

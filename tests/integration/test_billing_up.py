@@ -24,8 +24,8 @@ from sqlalchemy import Engine, create_engine
 
 from consumers.http.app import create_service_app
 from consumers.http.operations import Readiness
-from consumers.intake import IntakeConfig
-from consumers.metrics import Metrics
+from consumers.nats.intake import IntakeConfig
+from consumers.runtime.metrics import Metrics
 from ledger.events import event_to_json
 from tests.factories import adjusted, make_event, metered
 from tests.integration.jetstream import (

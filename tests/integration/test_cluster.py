@@ -41,11 +41,11 @@ import pytest
 from nats.js.errors import NotFoundError
 from sqlalchemy import Engine
 
-from consumers.embedded import nats_server_binary
-from consumers.intake import IntakeConfig
-from consumers.metrics import Metrics
-from consumers.names import NatsNames, partition_of
-from consumers.partitions import OwnedIntake, lock_classes
+from consumers.nats.intake import IntakeConfig
+from consumers.nats.names import NatsNames, partition_of
+from consumers.nats.partitions import OwnedIntake, lock_classes
+from consumers.runtime.embedded import nats_server_binary
+from consumers.runtime.metrics import Metrics
 from ledger.events import Event, event_to_json
 from tests.factories import adjusted, make_event, metered
 from tests.integration.jetstream import (
@@ -385,7 +385,7 @@ def billing_env(database: TestDatabase, cluster: NatsCluster, data_dir: Path) ->
             "BILLING_INTAKE_BATCH_SIZE": "100",
             "BILLING_INTAKE_MAX_WAIT_S": "0.2",
             # ack_wait is the default (30 s): the new owner has what the killed one held requeued at
-            # once (consumers.partitions), it does not wait for it.
+            # once (consumers.nats.partitions), it does not wait for it.
             "BILLING_INTAKE_NAK_DELAY_S": "0.2",
             "BILLING_INTAKE_NAK_DELAY_MAX_S": "1",
         }

@@ -4,7 +4,7 @@
     environment compose.yaml gives the nodes;
 (b) compose.yaml, the Kubernetes manifests (JSON schemas of kubernetes-validate, strict) and the
     Dockerfile (hadolint, plus checks of our own) hold what the service needs: the probes, the
-    BILLING_* names consumers/settings.py knows, the DB logins, the NATS users;
+    BILLING_* names consumers/runtime/settings.py knows, the DB logins, the NATS users;
 (c) a real 3-node cluster runs from the checked-in configs on loopback: the subject mapping
     partitions billing.in.<walletId> into billing.in.<p>.<walletId>, and each user may publish only
     what accounts.conf says;
@@ -42,8 +42,8 @@ from nats.js.api import StorageType, StreamConfig
 from pydantic import SecretStr
 from sqlalchemy.engine import make_url
 
-from consumers.embedded import EmbeddedPostgres, nats_server_binary
-from consumers.settings import Settings
+from consumers.runtime.embedded import EmbeddedPostgres, nats_server_binary
+from consumers.runtime.settings import Settings
 from ledger.db import make_engine
 from ledger.migrate import upgrade
 
@@ -81,7 +81,7 @@ SECRET_SETTINGS = {"BILLING_DATABASE_URL", "BILLING_NATS_URL"} | {
 def settings_from(env: dict[str, str]) -> Settings:
     """The Settings these BILLING_* values give (raises if a value is invalid)."""
     unknown = set(env) - set(SETTINGS_ENV)
-    assert not unknown, f"not settings of consumers/settings.py: {sorted(unknown)}"
+    assert not unknown, f"not settings of consumers/runtime/settings.py: {sorted(unknown)}"
     return Settings.model_validate({SETTINGS_ENV[k]: v for k, v in env.items()})
 
 

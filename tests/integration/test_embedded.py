@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from nats.js.api import StorageType, StreamConfig
 
-from consumers.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServerError, nats_server_binary
+from consumers.runtime.embedded import EmbeddedNats, EmbeddedPostgres, EmbeddedServerError, nats_server_binary
 
 pytestmark = pytest.mark.integration
 
@@ -147,7 +147,7 @@ def test_nats_port_taken_fails_fast_with_log_tail(tmp_path: Path) -> None:
 _START_AND_CRASH = """
 import os, sys
 from pathlib import Path
-from consumers.embedded import EmbeddedNats
+from consumers.runtime.embedded import EmbeddedNats
 server = EmbeddedNats(Path(sys.argv[1]))
 server.start()
 print(server.pid, flush=True)

@@ -18,7 +18,7 @@ reference computed here from the published events with ledger.money's formulas:
   stop for a funded wallet). Only the NATS restart reports that case instead of failing: deliveries
   lost in flight come back after ack_wait, behind newer ones.
 
-Unpartitioned, the service's instances pull the durable one at a time (``consumers.partitions``):
+Unpartitioned, the service's instances pull the durable one at a time (``consumers.nats.partitions``):
 scenarios 3 and 9 run two, one pulling and one standing by; 10 pins the order of one wallet's events
 with two instances; 11 kills the one pulling with a batch delivered and un-acked, and checks that the
 one taking over applies that batch before anything newer; 12 and 13 kill it mid-stream, restart it
@@ -56,10 +56,10 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, create_engine, pool
 from sqlalchemy.engine import make_url
 
-from consumers.embedded import EmbeddedNats, EmbeddedPostgres
-from consumers.intake import IntakeConfig
-from consumers.names import NatsNames
-from consumers.relay import run_relay
+from consumers.nats.intake import IntakeConfig
+from consumers.nats.names import NatsNames
+from consumers.nats.relay import run_relay
+from consumers.runtime.embedded import EmbeddedNats, EmbeddedPostgres
 from ledger.events import MAX_EVENT_BYTES, RejectReason, event_to_json
 from projections.verify import verify
 from tests.integration.faults_support import (

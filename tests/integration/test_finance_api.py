@@ -247,8 +247,8 @@ def test_stripe_failures_during_reconciliation_are_502_with_stripes_message(
 
 
 def test_reconciliation_is_one_function_for_the_cli(app_engine: Engine, fake_stripe: FakeStripe, unique: str) -> None:
-    from consumers.reconciliation import stripe_reconciliation
-    from consumers.stripe_gateway import StripeUnavailable
+    from consumers.stripe.gateway import StripeUnavailable
+    from consumers.stripe.reconciliation import stripe_reconciliation
 
     def reconcile_with_stripe(engine: Engine, client: object, start: datetime, end: datetime) -> object:
         with engine.connect() as conn:

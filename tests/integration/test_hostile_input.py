@@ -26,7 +26,7 @@ import nats
 import pytest
 from sqlalchemy import Engine
 
-from consumers.names import NatsNames
+from consumers.nats.names import NatsNames
 from ledger.text import unprintable
 from tests.fake_stripe import FakeStripe, sign_webhook
 from tests.integration.jetstream import balance, namespace_of, query, wait_until

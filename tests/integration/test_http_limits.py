@@ -60,7 +60,6 @@ def server(database: Any, nats_url: str, tmp_path_factory: pytest.TempPathFactor
             "BILLING_HTTP_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
             "BILLING_HTTP_KEEPALIVE_TIMEOUT_S": str(KEEPALIVE_S),
             "BILLING_HTTP_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
-            "BILLING_INTAKE_WORKERS": "0",
             "BILLING_SHUTDOWN_TIMEOUT_S": "5",
         }
     )

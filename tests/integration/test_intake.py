@@ -13,9 +13,9 @@ import psycopg
 import pytest
 from sqlalchemy import Engine
 
-import consumers.intake as intake_module
-from consumers.intake import PROCESSING_ERROR, IntakeConfig
-from consumers.metrics import Metrics
+import consumers.nats.intake as intake_module
+from consumers.nats.intake import PROCESSING_ERROR, IntakeConfig
+from consumers.runtime.metrics import Metrics
 from projections.processor import process_batch
 from tests.factories import adjusted, make_event, metered
 from tests.integration.jetstream import (

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from consumers.intake import parsed_items, transact
+from consumers.nats.intake import parsed_items, transact
 from ledger.db import unit_of_work
 from ledger.events import Event, RejectReason, event_to_json
 from projections.outbox import MARK_PUBLISHED_SQL
@@ -36,7 +36,7 @@ def run(
     cache: WalletCache | None = None,
 ):
     """The events in batches: through process_batch alone, or with ``cache`` through the intake
-    owner's unit of work (consumers.intake.transact: its wallets in memory, written through)."""
+    owner's unit of work (consumers.nats.intake.transact: its wallets in memory, written through)."""
     results = []
     for i in range(0, len(events), batch):
         incoming = [Incoming(e, event_to_json(e), last_attempt=last_attempt) for e in events[i : i + batch]]

@@ -18,10 +18,10 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, text
 
-from consumers.embedded import EmbeddedNats
-from consumers.loops import ThreadedUnitOfWork
-from consumers.names import NatsNames
-from consumers.relay import jetstream_of, prune_published, publish_claimed, run_relay
+from consumers.nats.names import NatsNames
+from consumers.nats.relay import jetstream_of, prune_published, publish_claimed, run_relay
+from consumers.runtime.embedded import EmbeddedNats
+from consumers.runtime.loops import ThreadedUnitOfWork
 from ledger.db import make_engine, unit_of_work
 from ledger.schema import APP_ROLE
 from projections.outbox import OutboxMessage, claim, enqueue

@@ -292,7 +292,7 @@ def test_views_are_readable_by_the_read_only_role_and_nothing_more(owner_engine:
 def test_report_cli_prints_the_trial_balance(database, fmt: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
-    from consumers.cli import app
+    from consumers.cli.main import app
 
     monkeypatch.setenv("BILLING_DATABASE_URL", database.url)
     result = CliRunner().invoke(app, ["report", "trial-balance", "--format", fmt])
@@ -317,7 +317,7 @@ def test_report_cli_prints_the_trial_balance(database, fmt: str, monkeypatch: py
 def _cli(monkeypatch: pytest.MonkeyPatch, url: str, *args: str, env: dict[str, str] | None = None):
     from typer.testing import CliRunner
 
-    from consumers.cli import app
+    from consumers.cli.main import app
 
     monkeypatch.setenv("BILLING_DATABASE_URL", url)
     for k, v in (env or {}).items():
@@ -435,7 +435,7 @@ def test_statement_cli_in_every_format(
 def test_unknown_wallet_and_bad_periods_are_one_line_user_errors(
     database, unique: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from consumers.user_errors import UserError
+    from consumers.runtime.user_errors import UserError
 
     cases = [
         (["statement", f"nobody{unique[-30:]}"], "is not in the ledger"),
@@ -501,7 +501,7 @@ def test_trial_balance_subtotals_by_type_sum_to_the_accounts(app_engine: Engine)
 
 
 def test_stripe_reconciliation_cli(database, app_engine: Engine, unique: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from consumers.user_errors import UserError
+    from consumers.runtime.user_errors import UserError
     from tests.fake_stripe import FakeStripe
 
     w = f"r{unique[-39:]}"
@@ -539,7 +539,7 @@ def test_stripe_reconciliation_cli(database, app_engine: Engine, unique: str, mo
 
 
 def test_a_wrong_database_url_is_one_line_naming_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    from consumers.user_errors import UserError
+    from consumers.runtime.user_errors import UserError
 
     for url, message in [  # postgres:// is the same server with the service's driver, as for `billing up`
         ("postgres://postgres@127.0.0.1:5432/x_missing", 'cannot connect: database "x_missing" does not exist'),

@@ -22,9 +22,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine, text
 
-from consumers.names import NatsNames
-from consumers.relay import run_relay
-from consumers.scheduler import run_scheduler
+from consumers.nats.names import NatsNames
+from consumers.nats.relay import run_relay
+from consumers.service.scheduler import run_scheduler
 from ledger.db import make_engine, unit_of_work
 from ledger.events import Event
 from ledger.schema import APP_ROLE

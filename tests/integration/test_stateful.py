@@ -1,5 +1,5 @@
 """Random platform traffic against the REAL database, through the real units of work (the intake
-owner's, consumers.intake.transact, with its wallets in memory: checked against a load after every
+owner's, consumers.nats.intake.transact, with its wallets in memory: checked against a load after every
 step; tick_wallets, admit_rental_request, admit_serverless_request), compared after every
 step with a small reference model written here from DESIGN sections 1 and 2 (it does not use
 projections.rules).
@@ -53,7 +53,7 @@ from hypothesis.stateful import (
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import make_url
 
-from consumers.intake import parsed_items, transact
+from consumers.nats.intake import parsed_items, transact
 from ledger.db import make_engine, unit_of_work
 from ledger.events import (
     STRIPE_SOURCE,
@@ -506,7 +506,7 @@ class BillingMachine(RuleBasedStateMachine):
         return make_event(type_, data, id_=self.new_id("-e"), source=SOURCE, time=self.now - timedelta(seconds=lag))
 
     def send(self, events: list[Event], *, note: str) -> None:
-        """Through the intake owner's unit of work (consumers.intake.transact) with its wallets in
+        """Through the intake owner's unit of work (consumers.nats.intake.transact) with its wallets in
         memory, as the intake runs it; the other writers below (ticks, admissions, Stripe facts)
         write the same wallets in between, so the cache must see their writes."""
         expected = self.model.batch(events, self.now)

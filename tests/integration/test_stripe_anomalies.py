@@ -181,7 +181,7 @@ def test_billing_report_anomalies_lists_them(
 ) -> None:
     from typer.testing import CliRunner
 
-    from consumers.report_cli import report_app
+    from consumers.cli.report import report_app
 
     pi = fake_stripe.succeed(fake_stripe.create_payment_intent(1000, metadata={"walletId": unique})["id"])
     post(client, fake_stripe.event("payment_intent.succeeded", pi, created=1))

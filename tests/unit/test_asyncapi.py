@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from consumers.admission import InvalidAnswer, RentalAnswer, RentalAsk, ServerlessAnswer, ServerlessAsk
+from consumers.nats.admission import InvalidAnswer, RentalAnswer, RentalAsk, ServerlessAnswer, ServerlessAsk
 from devtools.asyncapi import (
     DEFAULT_PATH,
     EXAMPLES,
@@ -228,6 +228,6 @@ def test_servers_name_the_embedded_default_and_a_cluster(doc: dict[str, Any]) ->
     servers = doc["servers"]
     assert "localhost:4222" not in json.dumps(servers)
     assert servers["embedded"]["host"] == "127.0.0.1:{port}"
-    # The default of BILLING_EMBEDDED_NATS_PORT (consumers/settings.py, docs/operations.md).
+    # The default of BILLING_EMBEDDED_NATS_PORT (consumers/runtime/settings.py, docs/operations.md).
     assert servers["embedded"]["variables"]["port"]["default"] == "14222"
     assert "BILLING_NATS_URL" in servers["production"]["description"]

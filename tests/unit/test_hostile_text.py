@@ -1,4 +1,4 @@
-"""ledger.text (refusals stored whatever characters they hold), consumers.nats_safety (nats-py reads
+"""ledger.text (refusals stored whatever characters they hold), consumers.nats.safety (nats-py reads
 any subject), and the parser's reserved sources and lower time bound."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from nats.aio.client import Client
 
-from consumers import nats_safety
-from consumers.intake import DeadLetter, dead_letter_headers
+from consumers.nats import safety as nats_safety
+from consumers.nats.intake import DeadLetter, dead_letter_headers
 from ledger.events import Rejection, RejectReason, is_reserved_source, parse_event
 from ledger.text import printable, storable, unprintable
 
@@ -133,8 +133,8 @@ def test_a_nul_in_a_field_name_gives_a_storable_detail() -> None:
 def test_prepare_never_raises_and_every_refusal_is_storable(deliveries: list[tuple[bytes, bytes, str | None]]) -> None:
     from nats.aio.msg import Msg
 
-    from consumers.intake import prepare
-    from consumers.names import NatsNames
+    from consumers.nats.intake import prepare
+    from consumers.nats.names import NatsNames
 
     msgs = []
     for n, (subject, body, accept_old) in enumerate(deliveries):
@@ -156,7 +156,7 @@ def test_prepare_never_raises_and_every_refusal_is_storable(deliveries: list[tup
 def test_a_replay_header_that_is_not_a_plain_number_is_ignored() -> None:
     from nats.aio.msg import Msg
 
-    from consumers.intake import delivery_of
+    from consumers.nats.intake import delivery_of
 
     for value, expected in (("²", None), ("12", 12), ("-1", None), ("1" * 19, None), ("x", None)):
         msg = Msg(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from nats.aio.msg import Msg
 
-from consumers.intake import _metadata
+from consumers.nats.intake import _metadata
 
 
 def _msg(reply: str) -> Msg:

@@ -8,10 +8,10 @@ from datetime import UTC, datetime
 import pytest
 from nats.aio.msg import Msg
 
-from consumers.intake import ConsumerSpec, IntakeConfig, consumer_config, prepare
-from consumers.names import NatsNames, fnv1a_32, partition_of
-from consumers.partitions import fair_share, lock_classes
-from consumers.settings import nats_servers
+from consumers.nats.intake import ConsumerSpec, IntakeConfig, consumer_config, prepare
+from consumers.nats.names import NatsNames, fnv1a_32, partition_of
+from consumers.nats.partitions import fair_share, lock_classes
+from consumers.runtime.settings import nats_servers
 from ledger.events import RejectReason, event_to_json
 from tests.factories import adjusted
 

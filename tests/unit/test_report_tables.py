@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 from rich.console import Console, Group
 
-from consumers.report_cli import Format, instant_at, parse_when, period, render, render_to_string
-from consumers.user_errors import UserError
+from consumers.cli.report import Format, instant_at, parse_when, period, render, render_to_string
+from consumers.runtime.user_errors import UserError
 from devtools import demo
 from ledger.money import display_usd
 from projections.reports import STATEMENT_LINE_COLUMNS, Report

@@ -1,4 +1,4 @@
-"""The checks `billing up` makes before anything starts (consumers/up.py): URLs, tokens, redaction."""
+"""The checks `billing up` makes before anything starts (consumers/service/up.py): URLs, tokens, redaction."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
-from consumers.preflight import (
+from consumers.runtime.preflight import (
     check_database_url,
     data_dir_lock,
     load_settings,
@@ -15,9 +15,9 @@ from consumers.preflight import (
     redacted_database_url,
     redacted_nats_url,
 )
-from consumers.settings import Settings
-from consumers.up import check_tokens, dev_token
-from consumers.user_errors import UserError
+from consumers.runtime.settings import Settings
+from consumers.runtime.user_errors import UserError
+from consumers.service.up import check_tokens, dev_token
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,6 @@
 """Who last owned each durable consumer of billing.in, and whether it let go cleanly.
 
-Written by the intake's ownership (consumers/partitions.py) on the connection holding the consumer's
+Written by the intake's ownership (consumers/nats/partitions.py) on the connection holding the consumer's
 advisory lock: 'held' by an acquisition token before the first pull, 'released' after a stop that
 settled every delivery. A new owner that does not find 'released' lets the previous owner's
 un-acked deliveries expire before it pulls anything newer (a wallet's events stay in stream order).

@@ -2,7 +2,7 @@
 and ``billing report stripe-reconciliation``): Stripe's own records of a period (its list APIs, all
 pages) matched against the ledger's, by Stripe id.
 
-Stripe's failures come out as :class:`consumers.stripe_gateway.StripeUnavailable` (Stripe failed, or
+Stripe's failures come out as :class:`consumers.stripe.gateway.StripeUnavailable` (Stripe failed, or
 answered something not shaped as Stripe's) or ``StripeRefused``, each with a one-line ``detail``
 that carries Stripe's message; a period with more records than :data:`MAX_STRIPE_ITEMS` as
 :class:`PeriodTooLarge` (a ``StripeRefused`` of status 422). Nothing here knows HTTP or the terminal.
@@ -16,7 +16,7 @@ from typing import Any, Final
 import stripe
 from sqlalchemy import Connection
 
-from consumers.stripe_gateway import StripeRefused, StripeUnavailable, _call
+from consumers.stripe.gateway import StripeRefused, StripeUnavailable, _call
 from ledger.money import cents_to_micros
 from projections import reports
 from projections.reports import Report, StripeRecord

@@ -27,7 +27,7 @@ from nats.js import JetStreamContext
 from nats.js.api import RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 
-from consumers.names import NatsNames
+from consumers.nats.names import NatsNames
 
 log = logging.getLogger("billing.streams")
 

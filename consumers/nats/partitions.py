@@ -100,7 +100,7 @@ bench/README.md.
   releases; requeueing at every rebalance and deploy would bring parked readings back for nothing. So,
   on the lock's own connection (only the holder writes): on acquiring, the owner reads the row and marks
   it ``held`` by a token unique to this acquisition, before its first pull; after a clean stop (its
-  :class:`~consumers.intake.Intake` returned with ``unsettled`` False: everything delivered settled,
+  :class:`~consumers.nats.intake.Intake` returned with ``unsettled`` False: everything delivered settled,
   acks flushed) it marks it ``released`` (where the owner is still its token), and only then unlocks.
   A new owner pulls at once when it finds ``released``, or its own earlier token for a unit it stopped
   cleanly but could not mark (its lock's connection had dropped); anything else (``held`` by another:
@@ -108,7 +108,7 @@ bench/README.md.
   owner is harmless: the next owner overwrites it. A clean hand-over never touches the consumer.
 * *Failures.* ``ack_wait`` is set back before any pull, whatever happens; if that update fails the
   unit's intake fails before pulling and is restarted (back-off), and the next attempt, or the next
-  owner, starts with :func:`~consumers.intake.ensure_consumer`, which sets the configured ``ack_wait``
+  owner, starts with :func:`~consumers.nats.intake.ensure_consumer`, which sets the configured ``ack_wait``
   again (a short one left by an owner that died in the middle is recognised and replaced). If the
   server refuses the short ``ack_wait``, or the consumer has a ``backoff`` (its deadlines are not
   ``ack_wait``), the new owner falls back to waiting until they have expired by themselves (the
@@ -168,9 +168,9 @@ from prometheus_client import Counter, Gauge
 from psycopg.sql import SQL, Identifier
 from sqlalchemy import Engine
 
-from consumers.intake import ConsumerSpec, Intake, IntakeConfig, ensure_consumer
-from consumers.metrics import Metrics
-from consumers.names import NatsNames, fnv1a_32, partition_of
+from consumers.nats.intake import ConsumerSpec, Intake, IntakeConfig, ensure_consumer
+from consumers.nats.names import NatsNames, fnv1a_32, partition_of
+from consumers.runtime.metrics import Metrics
 from ledger.invariants import fail
 
 __all__ = [
@@ -567,7 +567,7 @@ class _OwnershipMetrics:
 
 class OwnedIntake:
     """Owns a fair share of the units (the N partitions, or the one unpartitioned durable) and runs one
-    :class:`~consumers.intake.Intake` per owned unit (see the module's documentation)."""
+    :class:`~consumers.nats.intake.Intake` per owned unit (see the module's documentation)."""
 
     def __init__(
         self,

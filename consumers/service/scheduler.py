@@ -42,9 +42,9 @@ from nats.js import JetStreamContext
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from sqlalchemy import Engine
 
-from consumers.loops import ThreadedUnitOfWork, utc_now, wait_any
-from consumers.names import NatsNames
+from consumers.nats.names import NatsNames
 from consumers.runtime.errors import DEFAULT_BACKOFF_INITIAL_S, DEFAULT_BACKOFF_MAX_S, Backoff, is_transient
+from consumers.runtime.loops import ThreadedUnitOfWork, utc_now, wait_any
 from ledger.invariants import require
 from projections.wakeups import due_wallets_with_instants, earliest_wakeup, stops_issued_at
 from projections.write_path import Tick, Written, write

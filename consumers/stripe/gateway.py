@@ -23,7 +23,7 @@ from typing import Annotated, Any, Final, TypeVar
 import stripe
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictInt, StringConstraints, ValidationError
 
-from consumers.settings import Settings
+from consumers.runtime.settings import Settings
 
 WEBHOOK_TOLERANCE_SECONDS: Final = 300
 """How far a webhook's signed timestamp may be from the service clock, either way."""

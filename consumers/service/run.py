@@ -1,13 +1,13 @@
 """`billing up`: one process runs the whole service (DESIGN section 7).
 
-* the JetStream intake (``consumers.intake``): ``billing.in.>`` into the ledger, batch by batch, run
-  only while this instance owns its durable consumer (``consumers.partitions``: a PostgreSQL advisory
+* the JetStream intake (``consumers.nats.intake``): ``billing.in.>`` into the ledger, batch by batch, run
+  only while this instance owns its durable consumer (``consumers.nats.partitions``: a PostgreSQL advisory
   lock per durable, so a wallet's events are applied in stream order): unpartitioned, one instance
   pulls ``billing-intake`` and the others stand by; with ``BILLING_INTAKE_PARTITIONS=N`` one intake
   per partition this instance owns, a fair share per instance;
-* the outbox relay (``consumers.relay``): stop commands, notices and settlements out;
-* the auto-stop scheduler (``consumers.scheduler``): predicted zero instants into stop commands;
-* the admission replies (``consumers.admission``): NATS request-reply;
+* the outbox relay (``consumers.nats.relay``): stop commands, notices and settlements out;
+* the auto-stop scheduler (``consumers.service.scheduler``): predicted zero instants into stop commands;
+* the admission replies (``consumers.nats.admission``): NATS request-reply;
 * HTTP (FastAPI on uvicorn, ``settings.http_port``): the API of ``consumers.http`` (wallet,
   Stripe, reads), and ``GET /healthz`` (liveness), ``GET /readyz`` (PostgreSQL answers ``SELECT 1``,
   NATS is connected, the intake and admission are running; 503 otherwise) and ``GET /metrics``
@@ -47,20 +47,20 @@ from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 from sqlalchemy.engine import make_url
 
-from consumers import intake
-from consumers.admission import run_admission
 from consumers.http.app import create_service_app, install_api
 from consumers.http.limits import uvicorn_config
 from consumers.http.operations import Readiness
-from consumers.metrics import Metrics
-from consumers.names import NatsNames
-from consumers.partitions import run_owned
-from consumers.relay import run_relay
-from consumers.runtime import ServiceUrls
-from consumers.scheduler import run_scheduler
-from consumers.settings import Settings, nats_servers
-from consumers.streams import ensure_streams
-from consumers.user_errors import UserError
+from consumers.nats import intake
+from consumers.nats.admission import run_admission
+from consumers.nats.names import NatsNames
+from consumers.nats.partitions import run_owned
+from consumers.nats.relay import run_relay
+from consumers.nats.streams import ensure_streams
+from consumers.runtime.instance import ServiceUrls
+from consumers.runtime.metrics import Metrics
+from consumers.runtime.settings import Settings, nats_servers
+from consumers.runtime.user_errors import UserError
+from consumers.service.scheduler import run_scheduler
 from ledger.db import make_engine
 
 log = logging.getLogger("billing")
@@ -235,7 +235,7 @@ def _components(
 ) -> dict[str, Coroutine[Any, Any, None]]:
     """The service's components, each a coroutine the supervisor runs as a task."""
     relay_kick, scheduler_kick = asyncio.Event(), asyncio.Event()
-    # Both modes through the ownership of consumers.partitions: two instances pulling one durable
+    # Both modes through the ownership of consumers.nats.partitions: two instances pulling one durable
     # would apply a wallet's events out of stream order.
     intake_run = run_owned(
         nc,

@@ -51,9 +51,9 @@ from pydantic.alias_generators import to_camel
 from pydantic_core import ErrorDetails
 from sqlalchemy import Engine
 
-from consumers.loops import utc_now, wait_any
-from consumers.names import NatsNames
+from consumers.nats.names import NatsNames
 from consumers.runtime.errors import Backoff, is_transient
+from consumers.runtime.loops import utc_now, wait_any
 from ledger.db import unit_of_work
 from ledger.events import ID_PATTERN, MAX_PRICE_PER_HOUR_MICROS
 from ledger.invariants import fail, require
@@ -419,7 +419,7 @@ class _Asks:
                 log.warning("admission: ask on %s without a reply subject ignored (use request-reply)", msg.subject)
                 return
             if not _answerable(msg.reply):
-                # Not UTF-8 (read through consumers.nats_safety): nats-py cannot publish to it
+                # Not UTF-8 (read through consumers.nats.safety): nats-py cannot publish to it
                 # (UnicodeEncodeError), so decide nothing: an admitted ask would hold money for an
                 # answer nobody gets. One line, the subject's bytes as escapes.
                 log.warning(

@@ -16,7 +16,7 @@ The path of a batch (DESIGN sections 3 and 10):
 A crash anywhere before the ack means redelivery, which the ``(source, id)`` key of the log turns
 into a no-op: every event is counted exactly once.
 
-**Any bytes** (issue 13). nats-py is patched (``consumers.nats_safety``) so that a subject that is not
+**Any bytes** (issue 13). nats-py is patched (``consumers.nats.safety``) so that a subject that is not
 UTF-8 reads as a ``surrogateescape`` string instead of ending the client's read loop; a refusal's
 subject and detail are stored and published printable (``ledger.text``: NUL, control characters
 and such bytes escaped, the subject reversibly), so every refused input is in rejected_inputs on its
@@ -31,7 +31,7 @@ the default: single node, embedded server, tests): one durable ``billing-intake`
 and a wallet's facts must arrive on ``billing.in.<walletId>``. Partitioned (N > 0, the cluster of
 DESIGN section 8 whose NATS mapping stores ``billing.in.<p>.<walletId>``): one durable
 ``billing-intake-<p>`` per partition on ``billing.in.<p>.*``, run by the instance that owns the
-partition (``consumers.partitions``), and a fact is accepted only when ``p`` is
+partition (``consumers.nats.partitions``), and a fact is accepted only when ``p`` is
 ``FNV-1a-32(walletId) mod N`` (a producer can address a partition by hand); anything else is
 ``subject_mismatch``. This class is one consumer's loop either way.
 
@@ -77,7 +77,7 @@ in hand and whatever was already delivered, commits, acks, flushes and returns.
 
 **Who runs this loop.** One consumer's loop, nothing more: it does not know whether another process
 pulls the same durable. ``billing up`` runs it only while it owns the durable
-(``consumers.partitions``: one owner at a time, unpartitioned or per partition), because two
+(``consumers.nats.partitions``: one owner at a time, unpartitioned or per partition), because two
 instances pulling one durable apply a wallet's events out of stream order (a rental start before
 the wallet's credit: a spurious stop command). The owner needs one fact from the loop when it ends:
 :attr:`Intake.unsettled`, whether something delivered to it may have been left un-acked (it failed,
@@ -113,22 +113,23 @@ from nats.js.api import AckPolicy, ConsumerConfig, ConsumerInfo, DeliverPolicy
 from nats.js.errors import BadRequestError
 from sqlalchemy import Engine
 
-from consumers import nats_safety
-from consumers.metrics import Metrics
-from consumers.names import NatsNames, partition_of
-from consumers.settings import Settings
+from consumers.nats import safety as nats_safety
+from consumers.nats.names import NatsNames, partition_of
+from consumers.runtime.metrics import Metrics
+from consumers.runtime.settings import Settings
 from ledger.db import unit_of_work
 from ledger.events import MAX_DETAIL_CHARS, MAX_EVENT_BYTES, Rejection, RejectReason, parse_event
 from ledger.invariants import require
 from ledger.text import printable
 from projections.processor import BatchResult, Disposition, Incoming, RejectedInput, process_batch
+from projections.rejected import too_old_refusals
 from projections.wallet_store import WalletCache
 
 log = logging.getLogger("billing.intake")
 
 # Any bytes in a delivered subject or reply must not end the NATS client's read loop (the intake and
-# admission share the connection): see consumers/nats_safety.py. Every process that imports the
-# intake (the service, its lane workers, tools) reads messages the same way.
+# admission share the connection): see consumers/nats/safety.py. Every process that imports the
+# intake (the service, tools) reads messages the same way.
 nats_safety.install()
 
 ACCEPT_OLD_HEADER: Final = "Billing-Accept-Old"
@@ -165,7 +166,7 @@ CACHE_WALLETS: Final = 50_000
 @dataclass(frozen=True, slots=True)
 class IntakeConfig:
     durable: str = "billing-intake"
-    batch_size: int = 4000  # as consumers.settings (see the reason there)
+    batch_size: int = 4000  # as consumers.runtime.settings (see the reason there)
     max_wait_s: float = 1.0
     ack_wait_s: float = 30.0
     max_deliver: int = 20
@@ -223,7 +224,7 @@ class ConsumerSpec:
     """Which durable consumer an :class:`Intake` pulls, and which subjects its messages must have.
 
     Unpartitioned (``partitions == 0``): one durable on ``billing.in.>``, a wallet's facts on
-    ``billing.in.<walletId>``. Partitioned (``consumers.partitions``): one durable per partition on
+    ``billing.in.<walletId>``. Partitioned (``consumers.nats.partitions``): one durable per partition on
     ``billing.in.<p>.*``, and one for the strays (subjects no partition takes, all refused)."""
 
     durable: str
@@ -520,12 +521,7 @@ def verify_accept_old(conn: psycopg.Connection[Any], items: Sequence[_Item], *, 
     claims = {i.accept_old for i in items if i.accept_old is not None and i.incoming is not None}
     if not claims:
         return list(items)
-    with conn.cursor() as cur:
-        cur.execute(
-            "SELECT id, source, event_id, raw FROM rejected_inputs WHERE id = ANY(%s) AND reason = 'too_old'",
-            (sorted(claims),),
-        )
-        rows = {int(r[0]): (r[1], r[2], bytes(r[3])) for r in cur.fetchall()}
+    rows = too_old_refusals(conn, claims)
     out = []
     for item in items:
         incoming = item.incoming
@@ -1095,7 +1091,7 @@ async def run(
     """Run the intake until ``stop`` is set; then finish the batch in hand and return.
 
     One consumer's loop with no ownership: for one process alone on the durable (tests, tools).
-    ``billing up`` runs :func:`consumers.partitions.run_owned`, which runs this loop only while the
+    ``billing up`` runs :func:`consumers.nats.partitions.run_owned`, which runs this loop only while the
     instance owns the durable.
 
     ``relay_kick`` / ``scheduler_kick``: set after a commit that wrote outbox rows / moved a

@@ -9,7 +9,7 @@ data dir is refused and never touches the running one's servers; the embedded se
 first connects to PostgreSQL and NATS are retried for ``connect_timeout_s`` with a log line per
 attempt; migrations run as the owner; in embedded mode the service then logs in as ``billing_svc``
 (not a superuser, member of ``billing_app``); ``runtime.json`` says where everything is; then
-``consumers.app.run_service`` runs until a signal.
+``consumers.service.run.run_service`` runs until a signal.
 
 SIGTERM, SIGINT and SIGHUP set one ``stop`` event from the first instruction of the event loop on:
 a start-up step in hand (an embedded server starting, the migrations; each bounded by its own
@@ -34,7 +34,8 @@ import psycopg
 from pydantic import SecretStr
 from sqlalchemy.engine import make_url
 
-from consumers.preflight import (
+from consumers.runtime.instance import EMBEDDED_DB_NAME, ServiceUrls, ensure_database, write_runtime_file
+from consumers.runtime.preflight import (
     check_data_dir,
     check_http_port,
     data_dir_lock,
@@ -42,9 +43,8 @@ from consumers.preflight import (
     redacted_database_url,
     redacted_nats_url,
 )
-from consumers.runtime import EMBEDDED_DB_NAME, ServiceUrls, ensure_database, write_runtime_file
-from consumers.settings import Settings, nats_servers
-from consumers.user_errors import UserError
+from consumers.runtime.settings import Settings, nats_servers
+from consumers.runtime.user_errors import UserError
 
 log = logging.getLogger("billing")
 
@@ -331,7 +331,7 @@ async def _step(stop: asyncio.Event, executor: ThreadPoolExecutor, fn: Callable[
 async def _start_and_run(
     settings: Settings, stop: asyncio.Event, stack: contextlib.ExitStack, executor: ThreadPoolExecutor
 ) -> int:
-    from consumers.app import run_service
+    from consumers.service.run import run_service
     from ledger.migrate import upgrade
 
     timeout_s = settings.connect_timeout_s
@@ -364,7 +364,7 @@ async def _start_and_run(
             flush=True,
         )
 
-    from consumers.gc_tuning import tune_gc
+    from consumers.runtime.gc_tuning import tune_gc
 
     tune_gc()
     return await run_service(settings, urls, stop, on_ready=ready, connect_timeout_s=timeout_s)
@@ -388,7 +388,7 @@ def _with_dev_token(settings: Settings, *, embedded_database: bool) -> Settings:
 
 
 def _start_embedded_postgres(settings: Settings, stack: contextlib.ExitStack) -> str:
-    from consumers.embedded import EmbeddedPostgres, EmbeddedServerError
+    from consumers.runtime.embedded import EmbeddedPostgres, EmbeddedServerError
 
     pg = EmbeddedPostgres(settings.data_dir / "postgres")
     stack.callback(_stopping, "embedded PostgreSQL", pg.stop)
@@ -404,7 +404,7 @@ def _start_embedded_postgres(settings: Settings, stack: contextlib.ExitStack) ->
 
 
 def _start_embedded_nats(settings: Settings, stack: contextlib.ExitStack) -> str:
-    from consumers.embedded import EmbeddedNats, EmbeddedServerError
+    from consumers.runtime.embedded import EmbeddedNats, EmbeddedServerError
 
     wanted = settings.embedded_nats_port
     nats = EmbeddedNats(settings.data_dir / "nats", port=wanted, fallback_to_free_port=True)

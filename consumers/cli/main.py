@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from consumers.user_errors import INTERNAL_ERROR_EXIT, USER_ERROR_EXIT, UserError
+from consumers.runtime.user_errors import INTERNAL_ERROR_EXIT, USER_ERROR_EXIT, UserError
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -22,10 +22,10 @@ app = typer.Typer(
 
 
 def _add_subcommands() -> None:
-    from consumers.dlq_cli import dlq_app
+    from consumers.cli.dlq import dlq_app
 
     app.add_typer(dlq_app, name="dlq")
-    from consumers.report_cli import report_app
+    from consumers.cli.report import report_app
 
     app.add_typer(report_app, name="report")
     from devtools.demo import demo
@@ -52,7 +52,7 @@ def migrate(
     import psycopg
     from sqlalchemy.exc import DBAPIError, OperationalError
 
-    from consumers.preflight import check_database_url, probe_database, redacted_database_url
+    from consumers.runtime.preflight import check_database_url, probe_database, redacted_database_url
     from ledger.migrate import upgrade
 
     _logging()
@@ -80,8 +80,8 @@ def up() -> None:
 
     With BILLING_DATABASE_URL / BILLING_NATS_URL unset, starts embedded servers under
     BILLING_DATA_DIR (default .billing); one `billing up` per data dir."""
-    from consumers.preflight import load_settings
-    from consumers.up import run_up
+    from consumers.runtime.preflight import load_settings
+    from consumers.service.up import run_up
 
     _logging()
     try:
@@ -106,8 +106,8 @@ def verify(
 
     Finds the database like every one-shot command: the URL given, else the running `billing up`
     of BILLING_DATA_DIR, else the embedded database of the data dir."""
-    from consumers.preflight import load_settings
-    from consumers.runtime import client_services
+    from consumers.runtime.instance import client_services
+    from consumers.runtime.preflight import load_settings
     from projections.verify import verify_command
 
     settings = load_settings(**({"database_url": database_url} if database_url else {}))
@@ -120,8 +120,8 @@ def verify(
 def token() -> None:
     """Print the development token of the data dir (embedded mode, BILLING_API_TOKENS unset):
     `curl -H "Authorization: Bearer $(billing token)" ...`."""
-    from consumers.preflight import load_settings
-    from consumers.up import DEV_TOKEN_FILE, read_dev_token
+    from consumers.runtime.preflight import load_settings
+    from consumers.service.up import DEV_TOKEN_FILE, read_dev_token
 
     settings = load_settings()
     found = read_dev_token(settings.data_dir)
@@ -139,7 +139,7 @@ def status(
 ) -> None:
     """Whether `billing up` runs on BILLING_DATA_DIR: its pid, HTTP and NATS addresses, readiness,
     versions and intake lag. Exit 0 running and ready, 1 not running, 3 running but not ready."""
-    from consumers.status import print_status
+    from consumers.cli.status import print_status
 
     if output not in ("table", "json"):
         raise UserError(f"--format: {output!r} is not one of table, json")

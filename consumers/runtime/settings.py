@@ -37,7 +37,7 @@ class Settings(BaseSettings):
     # cancelled (its messages are redelivered) and the process exits.
     shutdown_timeout_s: float = Field(default=20.0, gt=0, le=600)
 
-    # --- JetStream intake (consumers/intake.py) ------------------------------------------------------
+    # --- JetStream intake (consumers/nats/intake.py) ------------------------------------------------------
     intake_durable: str = Field(default="billing-intake", pattern=r"^[A-Za-z0-9_-]{1,64}$")
     # Messages per pull and per batch at most (the processor takes at most 5,000 a transaction).
     # Under load a batch is as full as this; when quiet, a pull takes what is there (small batches,
@@ -59,7 +59,7 @@ class Settings(BaseSettings):
     intake_nak_delay_max_s: float = Field(default=60.0, ge=0, le=3600)
     # Back-off between attempts at a batch whose transaction failed (database down): doubling, capped.
     intake_db_retry_max_s: float = Field(default=5.0, gt=0, le=300)
-    # Partitions of billing.in (DESIGN section 8, consumers/partitions.py). 0: one durable consumer on
+    # Partitions of billing.in (DESIGN section 8, consumers/nats/partitions.py). 0: one durable consumer on
     # billing.in.> with subjects billing.in.<walletId> (single node, embedded server, tests), pulled by
     # one instance at a time while the others stand by. N > 0: the NATS mapping stores
     # billing.in.<p>.<walletId>; one durable per partition, each pulled by exactly one instance at a
@@ -69,13 +69,13 @@ class Settings(BaseSettings):
     # How often an instance checks its locks, counts the live instances and takes or gives up durables
     # (a dead instance's durables move within about this long; after an unclean loss the new owner
     # has the server requeue the dead one's un-acked messages before it pulls, so they come first:
-    # consumers/partitions.py).
+    # consumers/nats/partitions.py).
     intake_rebalance_s: float = Field(default=2.0, gt=0, le=60)
     # Wallet states the owner of an intake consumer keeps in memory (projections.wallet_store.WalletCache:
     # least recently used dropped beyond it; a few KB each). Each owned partition has its own.
     intake_cache_wallets: int = Field(default=50_000, ge=5_000, le=10_000_000)
 
-    # --- `billing up`: start-up and the embedded servers (consumers/up.py) ---------------------------
+    # --- `billing up`: start-up and the embedded servers (consumers/service/up.py) ---------------------------
     # The first connect to PostgreSQL and to NATS is retried (a log line per attempt) for this long,
     # then `billing up` exits 2 naming the setting. After the start, reconnects go on for ever.
     connect_timeout_s: float = Field(default=10.0, gt=0, le=600)

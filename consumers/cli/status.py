@@ -1,6 +1,6 @@
 """`billing status`: where the service of a data dir runs and how it is doing.
 
-Reads ``<data_dir>/runtime.json`` of a live ``billing up`` (consumers.runtime), asks its ``/readyz``,
+Reads ``<data_dir>/runtime.json`` of a live ``billing up`` (consumers.runtime.instance), asks its ``/readyz``,
 the versions of PostgreSQL and nats-server, and the intake's lag (the messages of ``billing.in``
 its durable consumers have not been delivered yet). Every probe is bounded by ``PROBE_TIMEOUT_S``;
 a probe that fails says so in its field instead of failing the command.
@@ -15,8 +15,8 @@ from typing import Any, Final
 
 import typer
 
-from consumers.runtime import read_runtime_file
-from consumers.settings import Settings, nats_servers
+from consumers.runtime.instance import read_runtime_file
+from consumers.runtime.settings import Settings, nats_servers
 
 PROBE_TIMEOUT_S: Final = 3.0
 EXIT_READY: Final = 0
@@ -88,7 +88,7 @@ async def _nats_probe(url: str, namespace: str) -> tuple[str, int | str]:
     """(nats-server version, messages not yet delivered to the intake's consumers)."""
     import nats
 
-    from consumers.names import NatsNames
+    from consumers.nats.names import NatsNames
 
     try:
         nc = await nats.connect(
@@ -110,7 +110,7 @@ async def _nats_probe(url: str, namespace: str) -> tuple[str, int | str]:
 
 
 def print_status(output: str, settings: Settings | None = None) -> int:
-    from consumers.preflight import load_settings
+    from consumers.runtime.preflight import load_settings
 
     settings = settings or load_settings()
     status = collect_status(settings)

@@ -70,7 +70,7 @@ class Metrics:
 
 class ProcessCounter:
     """A count shared by every thread of this process, for the code that has no registry at hand
-    (the nats-py patch of consumers.nats_safety counts unreadable messages here)."""
+    (the nats-py patch of consumers.nats.safety counts unreadable messages here)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -91,7 +91,7 @@ UNREADABLE_MESSAGES: Final = ProcessCounter()
 
 class _UnreadableMessages(Collector):
     """``billing_intake_unreadable_messages_total``: messages this process's NATS client could not
-    read at all and dropped (consumers.nats_safety counts them process-wide, for every connection)."""
+    read at all and dropped (consumers.nats.safety counts them process-wide, for every connection)."""
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         yield CounterMetricFamily(

@@ -1,5 +1,5 @@
 """A database connection for one-shot commands (`billing report`, `billing dlq list|show`): found
-like `billing verify` finds it (`consumers.runtime.client_services`): the configured URL, else the
+like `billing verify` finds it (`consumers.runtime.instance.client_services`): the configured URL, else the
 running `billing up` of the data dir, else the data dir's embedded server (started for the command).
 A data dir without a database is one line, not an initialised PostgreSQL without tables."""
 
@@ -10,19 +10,19 @@ from collections.abc import Iterator
 
 from sqlalchemy import Connection, text
 
-from consumers.settings import Settings
+from consumers.runtime.settings import Settings
 from ledger.db import make_engine
 
 
 def _settings(settings: Settings | None) -> Settings:
-    from consumers.preflight import load_settings
+    from consumers.runtime.preflight import load_settings
 
     return settings or load_settings()  # a bad environment value as one line naming the variable
 
 
 @contextlib.contextmanager
 def database_url(settings: Settings | None = None) -> Iterator[str]:
-    from consumers.runtime import client_services
+    from consumers.runtime.instance import client_services
 
     with client_services(_settings(settings), need_nats=False) as urls:
         yield urls.database_url

@@ -38,7 +38,7 @@ from typing import Any, Final
 
 from nats.aio.client import Client
 
-from consumers.metrics import UNREADABLE_MESSAGES
+from consumers.runtime.metrics import UNREADABLE_MESSAGES
 from ledger.text import printable
 
 log = logging.getLogger("billing.nats")
@@ -64,11 +64,11 @@ def check_compatible() -> None:
     ):
         method = getattr(Client, name, None)
         if method is None:
-            raise RuntimeError(f"nats-py has no Client.{name}: consumers/nats_safety.py must be updated")
+            raise RuntimeError(f"nats-py has no Client.{name}: consumers/nats/safety.py must be updated")
         original = getattr(method, "__wrapped_by_billing__", method)
         found = tuple(inspect.signature(original).parameters)
         if found != params:
-            raise RuntimeError(f"nats-py Client.{name}{found} changed: consumers/nats_safety.py must be updated")
+            raise RuntimeError(f"nats-py Client.{name}{found} changed: consumers/nats/safety.py must be updated")
 
 
 def _build_message(self: Client, sid: int, subject: bytes, reply: bytes, data: bytes, headers: Any) -> Any:

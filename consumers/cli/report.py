@@ -30,7 +30,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from consumers.user_errors import UserError
+from consumers.runtime.user_errors import UserError
 from ledger.money import display_usd
 from projections import reports
 from projections.reports import Report
@@ -509,7 +509,7 @@ def _now() -> datetime:
 def _run(fn: Callable[..., Report], fmt: Format, precision: Precision, *args: Any, detail: bool = False) -> None:
     from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
-    from consumers.runtime_db import report_connection
+    from consumers.runtime.db import report_connection
 
     try:
         with report_connection() as conn:
@@ -607,8 +607,8 @@ def rejected_cmd(
 
 def stripe_client() -> Any:
     """The Stripe client of the settings (BILLING_STRIPE_API_KEY, BILLING_STRIPE_API_BASE)."""
-    from consumers.settings import Settings
-    from consumers.stripe_gateway import client_from_settings
+    from consumers.runtime.settings import Settings
+    from consumers.stripe.gateway import client_from_settings
 
     client = client_from_settings(Settings())
     if client is None:
@@ -620,8 +620,8 @@ def stripe_client() -> Any:
 
 
 def _reconciliation(conn: Any, client: Any, start: datetime, end: datetime) -> Report:
-    from consumers.reconciliation import PeriodTooLarge, stripe_reconciliation
-    from consumers.stripe_gateway import StripeRefused, StripeUnavailable
+    from consumers.stripe.gateway import StripeRefused, StripeUnavailable
+    from consumers.stripe.reconciliation import PeriodTooLarge, stripe_reconciliation
 
     try:
         return stripe_reconciliation(conn, client, start, end)

@@ -12,7 +12,7 @@ once per ``(source, id, reason)``.
 
 ``--accept-old`` is the deliberate backfill of ``too_old`` dead letters: each is sent with the header
 ``Billing-Accept-Old: <row id>``, and the intake skips the age check only for the replay of that very
-row (``consumers.intake.verify_accept_old``).
+row (``consumers.nats.intake.verify_accept_old``).
 
 With ``BILLING_DATABASE_URL`` / ``BILLING_NATS_URL`` unset, the commands use the embedded servers
 of the running ``billing up`` in the data dir (``runtime.json``), or start them.
@@ -38,9 +38,9 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy import Connection, Engine
 
-from consumers.names import NatsNames, partition_of
-from consumers.settings import Settings, nats_servers
-from consumers.user_errors import UserError
+from consumers.nats.names import NatsNames, partition_of
+from consumers.runtime.settings import Settings, nats_servers
+from consumers.runtime.user_errors import UserError
 from ledger.events import ID_PATTERN, RejectReason
 from ledger.invariants import require
 from ledger.text import printable, unprintable
@@ -58,7 +58,7 @@ POLL_S: Final = 0.25
 SHOW_TEXT_BYTES: Final = 16_384
 # Narrower than this, `dlq list` prints a record per dead letter instead of a table.
 TABLE_MIN_COLUMNS: Final = 120
-ACCEPT_OLD_HEADER: Final = "Billing-Accept-Old"  # consumers.intake.ACCEPT_OLD_HEADER (not imported: slow)
+ACCEPT_OLD_HEADER: Final = "Billing-Accept-Old"  # consumers.nats.intake.ACCEPT_OLD_HEADER (not imported: slow)
 
 _REASONS: Final = [r.value for r in RejectReason] + ["processing_error"]
 _WALLET_RE: Final = re.compile(ID_PATTERN)
@@ -170,7 +170,7 @@ def list_(
     fmt: str = typer.Option("table", "--format", help="table or json (one object per dead letter, camelCase)."),
 ) -> None:
     """Print the dead letters, oldest first (`billing dlq show ID` for one in full)."""
-    from consumers.runtime_db import report_connection
+    from consumers.runtime.db import report_connection
 
     _check_reason(reason)
     _check_format(fmt, ("table", "json"))
@@ -248,7 +248,7 @@ def show(
     fmt: str = typer.Option("text", "--format", help="text or json (the whole input, base64 if not UTF-8)."),
 ) -> None:
     """Print one dead letter in full: reason, detail, identity, subject, and the input as received."""
-    from consumers.runtime_db import report_connection
+    from consumers.runtime.db import report_connection
 
     _check_format(fmt, ("text", "json"))
     with report_connection() as conn:
@@ -323,7 +323,7 @@ def replay(
     Oldest first, all reasons unless filtered; the table is not marked (it is append-only). A dead
     letter with no wallet id that can be a subject is skipped and reported, as is one whose publish
     fails; the others are replayed all the same."""
-    from consumers.runtime import client_services
+    from consumers.runtime.instance import client_services
     from ledger.db import make_engine
 
     _check_reason(reason)
@@ -376,7 +376,7 @@ async def _replay(
 ) -> tuple[int, list[tuple[DeadLetterRow, str]]]:
     import nats
 
-    from consumers import nats_safety
+    from consumers.nats import safety as nats_safety
 
     nats_safety.install()
     try:

@@ -1,8 +1,8 @@
 """The checks before anything starts, and the data dir's lock: one line naming the setting to fix.
 
-Used by `billing up` (consumers/up.py) and by the one-shot commands (report, dlq, verify, status) that
-find or start the servers of a data dir (consumers/runtime.py, consumers/runtime_db.py). Each mistake
-is a :class:`~consumers.user_errors.UserError`: one line, exit 2.
+Used by `billing up` (consumers/service/up.py) and by the one-shot commands (report, dlq, verify, status) that
+find or start the servers of a data dir (consumers/runtime/instance.py, consumers/runtime/db.py). Each mistake
+is a :class:`~consumers.runtime.user_errors.UserError`: one line, exit 2.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ from pydantic import ValidationError
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
-from consumers.settings import Settings, nats_servers
-from consumers.user_errors import UserError
+from consumers.runtime.settings import Settings, nats_servers
+from consumers.runtime.user_errors import UserError
 
 LOCK_FILE: Final = "billing.lock"
-# Where a running `billing up` says it is (consumers/runtime.py writes it).
+# Where a running `billing up` says it is (consumers/runtime/instance.py writes it).
 RUNTIME_FILE: Final = "runtime.json"
 
 

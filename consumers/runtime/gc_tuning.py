@@ -1,4 +1,4 @@
-"""Garbage collector settings of the service's processes (``billing up`` and its lane workers)."""
+"""Garbage collector settings of the service's processes (``billing up`` and its one-shot commands)."""
 
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import Decimal
@@ -54,8 +54,7 @@ import psycopg
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import Engine
 
-from consumers.http.errors import ApiError
-from consumers.stripe_gateway import (
+from consumers.stripe.gateway import (
     WEBHOOK_TOLERANCE_SECONDS,
     ChargeView,
     DisputeView,
@@ -100,6 +99,18 @@ _WALLET_RE: Final = re.compile(ID_PATTERN)
 
 Clock = Callable[[], datetime]
 _V = TypeVar("_V", bound=BaseModel)
+
+
+class TopUpRefused(Exception):
+    """A confirm that books nothing, as a domain refusal: ``error`` is a stable code
+    (``payment_intent_not_found``, ``payment_not_succeeded``, ``not_a_wallet_topup``), ``detail``
+    says what to do; the HTTP side maps the code to its status (consumers.http.errors)."""
+
+    def __init__(self, error: str, detail: str, *, extra: Mapping[str, Any] | None = None) -> None:
+        super().__init__(f"{error}: {detail}")
+        self.error = error
+        self.detail = detail
+        self.extra = dict(extra or {})
 
 
 class InvalidWebhook(Exception):
@@ -186,15 +197,13 @@ class StripeFacts:
         """Retrieve the PaymentIntent; if it succeeded, credit its wallet once (``via="confirm"``)."""
         intent = self._stripe().retrieve_payment_intent(payment_intent_id)
         if intent is None:
-            raise ApiError(
-                404,
+            raise TopUpRefused(
                 "payment_intent_not_found",
                 f"Stripe has no PaymentIntent {payment_intent_id}; use the paymentIntentId that "
                 "POST /wallet/create-intent returned",
             )
         if intent.status != "succeeded":
-            raise ApiError(
-                409,
+            raise TopUpRefused(
                 "payment_not_succeeded",
                 f"PaymentIntent {intent.id} is {intent.status}, not succeeded; nothing was credited. "
                 "Confirm again once the payment has succeeded (the webhook will credit it too).",
@@ -202,8 +211,7 @@ class StripeFacts:
             )
         wallet_id = intent.metadata.get("walletId")
         if wallet_id is None:
-            raise ApiError(
-                422,
+            raise TopUpRefused(
                 "not_a_wallet_topup",
                 f"PaymentIntent {intent.id} has no metadata.walletId: it was not created by POST /wallet/create-intent",
             )
@@ -212,7 +220,7 @@ class StripeFacts:
             wallet_id = self._wallet_of(intent.id, intent.metadata)  # the ledger's, if it knows the payment
             fact = self._payment_fact(intent, wallet_id, via="confirm", at=now)
         except _Unattributable as why:
-            raise ApiError(422, "not_a_wallet_topup", str(why)) from None
+            raise TopUpRefused("not_a_wallet_topup", str(why)) from None
         with unit_of_work(self._engine) as uow:
             result = write(uow.pg, Facts([Incoming(fact, event_to_json(fact))]), now=now)
             balance = result.balances_micros[wallet_id]

@@ -42,9 +42,9 @@ from nats.js.api import PubAck
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from sqlalchemy import Engine
 
-from consumers.loops import ThreadedUnitOfWork, utc_now, wait_any
-from consumers.names import NatsNames
+from consumers.nats.names import NatsNames
 from consumers.runtime.errors import DEFAULT_BACKOFF_INITIAL_S, DEFAULT_BACKOFF_MAX_S, Backoff, is_transient
+from consumers.runtime.loops import ThreadedUnitOfWork, utc_now, wait_any
 from ledger.db import unit_of_work
 from ledger.invariants import require
 from projections.outbox import MAX_CLAIM_ROWS, ClaimedMessage, claim, delete_published, mark_published

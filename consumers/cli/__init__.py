@@ -1,0 +1,1 @@
+"""The `billing` console command and its sub-commands (report, dlq, status)."""
