@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine
 
-from consumers import intake as intake_module
+from consumers.nats import intake as intake_module
 from ledger.db import unit_of_work
 from ledger.events import Event
 from projections.processor import process_batch, tick_wallets
