@@ -229,6 +229,25 @@ class StateSource(Protocol):
     ) -> None: ...
 
 
+def _load(
+    conn: psycopg.Connection[Any], locked: Locked, keys: Keys, *, known: Mapping[str, WalletState] | None = None
+) -> Loaded:
+    """The locked wallets and what ``keys`` names, read from the tables except the ``known`` states."""
+    stored: dict[str, datetime | None] = {}
+    states, foreign = load_wallets(
+        conn,
+        locked.wallet_ids,
+        resource_ids=keys.resources,
+        endpoint_keys=keys.endpoints,
+        job_keys=keys.jobs,
+        payment_ids=keys.payments,
+        wallet_rows=locked.rows or None,
+        stored_wakeups=stored,
+        known=known,
+    )
+    return Loaded(states, foreign, stored)
+
+
 class PostgresState:
     """Lock ``FOR UPDATE`` in id order and load from the tables, every time (no cache)."""
 
@@ -237,18 +256,7 @@ class PostgresState:
         return Locked(ids, rows)
 
     def load(self, conn: psycopg.Connection[Any], locked: Locked, keys: Keys) -> Loaded:
-        stored: dict[str, datetime | None] = {}
-        states, foreign = load_wallets(
-            conn,
-            locked.wallet_ids,
-            resource_ids=keys.resources,
-            endpoint_keys=keys.endpoints,
-            job_keys=keys.jobs,
-            payment_ids=keys.payments,
-            wallet_rows=locked.rows,
-            stored_wakeups=stored,
-        )
-        return Loaded(states, foreign, stored)
+        return _load(conn, locked, keys)
 
     def save(
         self,
@@ -287,18 +295,7 @@ class CachedState:
         return Locked(ids)
 
     def load(self, conn: psycopg.Connection[Any], locked: Locked, keys: Keys) -> Loaded:
-        stored: dict[str, datetime | None] = {}
-        states, foreign = load_wallets(
-            conn,
-            locked.wallet_ids,
-            resource_ids=keys.resources,
-            endpoint_keys=keys.endpoints,
-            job_keys=keys.jobs,
-            payment_ids=keys.payments,
-            stored_wakeups=stored,
-            known=self.cache.current(self.versions),
-        )
-        return Loaded(states, foreign, stored)
+        return _load(conn, locked, keys, known=self.cache.current(self.versions))
 
     def save(
         self,
