@@ -34,7 +34,9 @@ import psycopg
 from pydantic import SecretStr
 from sqlalchemy.engine import make_url
 
+from consumers.runtime.errors import Backoff
 from consumers.runtime.instance import EMBEDDED_DB_NAME, ServiceUrls, ensure_database, write_runtime_file
+from consumers.runtime.loops import wait_any
 from consumers.runtime.preflight import (
     check_data_dir,
     check_http_port,
@@ -188,7 +190,7 @@ async def _retry_connect(
 ) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    delay = CONNECT_RETRY_FIRST_S
+    backoff = Backoff(CONNECT_RETRY_FIRST_S, CONNECT_RETRY_MAX_S, jitter=0.0)
     for number in range(1, 10_000):  # bounded by the deadline long before this
         if stop.is_set():
             raise Stopped
@@ -206,11 +208,9 @@ async def _retry_connect(
                 f"{setting}: cannot connect to {what} within {timeout_s:g} s ({reason}); is it running? "
                 "(BILLING_CONNECT_TIMEOUT_S sets the bound)"
             )
-        wait_s = min(delay, left)
+        wait_s = min(backoff.next(), left)
         log.warning("cannot connect to %s (attempt %d: %s); again in %.1f s", what, number, reason, wait_s)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=wait_s)
-        delay = min(delay * 2, CONNECT_RETRY_MAX_S)
+        await wait_any(stop, seconds=wait_s)
     raise UserError(f"{setting}: cannot connect to {what}")
 
 
