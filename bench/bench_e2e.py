@@ -36,8 +36,8 @@ With --runs 1 it takes 1.5-2.5 minutes on the 2-core machines here, depending on
 (workload build ~12 s, A ~5 s, B ~6 s, the drain's run ~25-45 s, the burst's ~40-60 s); the same for
 --instances 2 --partitions 8; the default --runs 3 about three times that. The output names the
 service's effective intake settings (from ``consumers.runtime.settings`` over the instances' environment,
-``--service-env`` included), the child processes each instance was seen with (the intake's lane
-workers), and the load averages.
+``--service-env`` included), the child processes each instance was seen with (the intake has none:
+one writer per owned consumer, in the service's process), and the load averages.
 
 Two configurations, each measured with its own baselines on its own servers:
 
@@ -95,8 +95,8 @@ Each run measures, in an order that alternates between runs:
   delay from each dry wallet's predicted zero to its stop command arriving on
   ``<ns>.compute.commands.stop`` (from any instance's relay).
 
-Commit instants: the intake's transactions commit concurrently (a batch's lanes; partitioned, one
-intake per partition), so positions become visible out of order and ``max(position)`` dates no row in
+Commit instants: partitioned, the intake's transactions commit concurrently (one writer per owned
+partition), so positions become visible out of order and ``max(position)`` dates no row in
 particular: a 25 ms poll looks up the sampled rows themselves. The end of the burst or the drain,
 the last commit, is the first count of ``events`` that finds them all (every 200 ms, every 50 ms once everything has
 been delivered to the intake).
@@ -557,12 +557,12 @@ class CommitPoller(threading.Thread):
     watched keys (the sampled events of the burst, every event of the paced probe) once they are
     published; the first poll that sees a row is its commit instant, to within one poll.
 
-    Keyed rows, not ``max(position)``: the intake's transactions commit concurrently (a batch's lanes;
-    partitioned, one intake per partition), so positions become visible out of order and the instant
+    Keyed rows, not ``max(position)``: partitioned, the intake's transactions commit concurrently (one
+    writer per owned partition), so positions become visible out of order and the instant
     ``max(position)`` passed a row's position need not be the row's commit. Keys are watched per lane
     (the partition, or one lane unpartitioned) in publish order, and a lane's batches commit one after
-    another in stream order, so each poll looks up only the first ``LANE_WINDOW`` unseen keys of each
-    lane (a batch of 1,000 holds about 10 sampled events)."""
+    another in stream order (its one writer), so each poll looks up only the first ``LANE_WINDOW``
+    unseen keys of each lane (a batch of 1,000 holds about 10 sampled events)."""
 
     def __init__(self, dsn: str) -> None:
         super().__init__(daemon=True, name="commit-poller")
@@ -655,8 +655,8 @@ class ProcSampler(threading.Thread):
 
 
 def child_kinds(children: list[psutil.Process]) -> collections.Counter[str]:
-    """What a service's child processes are: multiprocessing's spawned workers (the intake's lane
-    workers), its resource tracker or forkserver, anything else by name."""
+    """What a service's child processes are: multiprocessing's spawned workers (the intake starts none
+    now), its resource tracker or forkserver, anything else by name."""
     out: collections.Counter[str] = collections.Counter()
     for child in children:
         with contextlib.suppress(psutil.Error):
@@ -756,7 +756,7 @@ class CpuMeter:
         machine = out.pop("whole machine")
         out["everything else on the machine"] = machine - sum(v for v in out.values() if v == v)  # v == v: not NaN
         # Not a further share (already in ``service``): how much of it the instances' own processes
-        # (NATS: pulls, acks, the lanes' hand-over) took, the rest being their child processes.
+        # (NATS, parsing, the writer's transactions) took, the rest being their child processes.
         out[SERVICE_OWN] = sum(
             self._tree(p).get(p.pid, 0.0) - t0.get(p.pid, 0.0) for p, t0 in zip(self.services, self.trees0, strict=True)
         )
@@ -1629,8 +1629,8 @@ def _print_cpu_and_batches(
     if SERVICE_OWN in runs[0].cpu:
         own = statistics.median([r.cpu[SERVICE_OWN] for r in runs])
         print(
-            f"    of the service's: its own process{'es' if topo.instances > 1 else ''} (NATS: pulls, acks, hand-over"
-            f" to the lanes) {own:.2f}, child processes "
+            f"    of the service's: its own process{'es' if topo.instances > 1 else ''} (NATS, parsing, the"
+            f" writer's transactions) {own:.2f}, child processes "
             f"{statistics.median([r.cpu['service'] - r.cpu[SERVICE_OWN] for r in runs]):.2f}"
         )
     print(
@@ -1688,8 +1688,8 @@ def parse_service_env(ap: argparse.ArgumentParser, values: list[str]) -> dict[st
 
 def intake_settings(topo: Topology, extra: Mapping[str, str]) -> str:
     """The intake's settings as an instance reads them: ``consumers.runtime.settings.Settings`` over the
-    environment the instances get (this one, ``--service-env``, the bench's own keys), with its
-    effective workers and lanes where it has them. Raises ValueError if the service would refuse it."""
+    environment the instances get (this one, ``--service-env``, the bench's own keys). Raises
+    ValueError if the service would refuse it."""
     from consumers.runtime.settings import Settings
 
     env = {**os.environ, **extra, "BILLING_INTAKE_DURABLE": DURABLE, "BILLING_INTAKE_PARTITIONS": str(topo.partitions)}
@@ -1705,14 +1705,8 @@ def intake_settings(topo: Topology, extra: Mapping[str, str]) -> str:
         for name in type(s).model_fields
         if name.startswith("intake_") and name not in ("intake_durable", "intake_partitions")
     ]
-    effective = [
-        f"{label} {getattr(s, method)()}"
-        for method, label in (("effective_intake_workers", "worker processes"), ("effective_intake_lanes", "lanes"))
-        if callable(getattr(s, method, None))
-    ]
     return (
         f"--service-env {given}; intake settings (consumers.runtime.settings over the instances' environment): "
-        + (f"effective: {', '.join(effective)}; " if effective else "")
         + "as set: "
         + ", ".join(fields)
     )

@@ -72,13 +72,16 @@ from rich.console import Console, Group, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Column, Table
 from rich.text import Text
-from sqlalchemy import Engine, text
+from sqlalchemy import Engine
 
 from consumers.nats.names import NatsNames
 from consumers.runtime.instance import ServiceUrls, running_service_urls
 from consumers.runtime.preflight import RUNTIME_FILE
 from consumers.runtime.settings import Settings
 from ledger.money import display_usd, rental_cost_micros, serverless_cost_micros, serverless_exact_millimicros
+from projections.queries import charged_to_wallets_micros, events_of_wallets
+from projections.read_models import read_rental, read_snapshot, read_wallet
+from projections.rejected import refusals_by_reason
 
 # --- simulated time ---------------------------------------------------------------------------------
 
@@ -221,138 +224,170 @@ def _poisson(rng: random.Random, lam: float) -> int:
 
 def make_plan(run_id: str, wallets: int, minutes: int, seed: int) -> Plan:
     """Who does what in the simulated hour (deterministic for a seed)."""
-    rng = random.Random(f"{seed}-{wallets}-{minutes}")
-    ticks = minutes * TICKS_PER_MINUTE
-    prefix = f"demo-{run_id}"
-    counter = Counter[str]()
-
-    def rid(kind: str) -> str:
-        counter[kind] += 1
-        return f"{prefix}-{kind}{counter[kind]:04d}"
-
-    def host() -> str:
-        return f"host{rng.randrange(1, 97):02d}"
-
-    plan_wallets: list[Wallet] = []
-    rentals: list[Rental] = []
-    endpoints: list[Endpoint] = []
-    late_start = max(1, int(ticks * 0.6))
-
-    def lifetime(rental: Rental) -> None:
-        """Some rentals end before the hour is over; the rest are stopped at its end."""
-        if rng.random() < 0.35:
-            rental.end_tick = rng.randrange(rental.start_tick + 1, ticks + 1)
-            rental.end_reason = rng.choices(["stopped", "destroyed", "failed"], [70, 28, 2])[0]
-
-    # Wallet 0 runs dry; wallet 1 runs the cluster.
-    dry_wallet = f"{prefix}-w0000"
-    plan_wallets.append(Wallet(dry_wallet, "runs dry", DRY_TOPUP))
-    rentals.append(
-        Rental(rid("pod"), dry_wallet, "pod", "on_demand", "L40S", 1, DRY_POD_PRICE, host(), start_tick=0, dry=True)
-    )
-    dry_endpoint = Endpoint(f"{prefix}-ep-heavy", dry_wallet, "H100 SXM", DRY_JOB_PRICE_PER_SECOND, 0.0)
-    endpoints.append(dry_endpoint)
-
-    cluster_wallet = f"{prefix}-w0001"
-    plan_wallets.append(Wallet(cluster_wallet, "cluster", 1_000 * USD))
-    gpu_type, per_gpu = CLUSTER_GPU
-    cluster_start = int(ticks * 0.1)
-    cluster_end = max(cluster_start + 1, int(ticks * 0.85))
-    for n in range(CLUSTER_NODES):
-        rentals.append(
-            Rental(
-                f"{prefix}-cluster1-node{n}",
-                cluster_wallet,
-                "cluster",
-                "on_demand",
-                gpu_type,
-                CLUSTER_GPUS_PER_NODE,
-                per_gpu * CLUSTER_GPUS_PER_NODE,
-                f"rack7-node{n}",
-                start_tick=cluster_start,
-                end_tick=cluster_end,
-                end_reason="destroyed",
-            )
-        )
-
-    # Wallet 2 asks for more than it can afford: an 8x H200 pod is refused (R2), one H200 is admitted.
-    modest_wallet = f"{prefix}-w0002"
-    plan_wallets.append(Wallet(modest_wallet, "refused, then smaller", 25 * USD))
-    h200 = dict(GPUS)["H200"]
-    rentals.append(Rental(rid("pod"), modest_wallet, "pod", "on_demand", "H200", 8, 8 * h200, host(), start_tick=0))
-    rentals.append(Rental(rid("pod"), modest_wallet, "pod", "on_demand", "H200", 1, h200, host(), start_tick=0))
-
+    planner = _Planner(random.Random(f"{seed}-{wallets}-{minutes}"), minutes * TICKS_PER_MINUTE, f"demo-{run_id}")
+    dry_wallet, dry_endpoint = planner.special_wallets()
     for i in range(3, wallets):
-        wallet_id = f"{prefix}-w{i:04d}"
+        planner.customer(f"{planner.prefix}-w{i:04d}")
+    # About 12 jobs per wallet per simulated hour, spread over the serverless endpoints.
+    planner.spread_jobs(12 * wallets * minutes / 60, dry_endpoint)
+    return Plan(run_id, planner.ticks, planner.wallets, planner.rentals, planner.endpoints, dry_wallet, dry_endpoint)
+
+
+@dataclass
+class _Planner:
+    """What :func:`make_plan` builds, and its one random generator: drawn from in a fixed order, so
+    that a seed gives one plan."""
+
+    rng: random.Random
+    ticks: int
+    prefix: str
+    wallets: list[Wallet] = field(default_factory=list)
+    rentals: list[Rental] = field(default_factory=list)
+    endpoints: list[Endpoint] = field(default_factory=list)
+    counter: Counter[str] = field(default_factory=Counter)
+
+    def rid(self, kind: str) -> str:
+        self.counter[kind] += 1
+        return f"{self.prefix}-{kind}{self.counter[kind]:04d}"
+
+    def host(self) -> str:
+        return f"host{self.rng.randrange(1, 97):02d}"
+
+    @property
+    def late_start(self) -> int:
+        return max(1, int(self.ticks * 0.6))
+
+    def lifetime(self, rental: Rental) -> None:
+        """Some rentals end before the hour is over; the rest are stopped at its end."""
+        if self.rng.random() < 0.35:
+            rental.end_tick = self.rng.randrange(rental.start_tick + 1, self.ticks + 1)
+            rental.end_reason = self.rng.choices(["stopped", "destroyed", "failed"], [70, 28, 2])[0]
+
+    def special_wallets(self) -> tuple[str, Endpoint]:
+        """Wallet 0 runs dry; wallet 1 runs the cluster; wallet 2 asks for more than it can afford:
+        an 8x H200 pod is refused (R2), one H200 is admitted. Returns the dry wallet and endpoint."""
+        prefix, ticks = self.prefix, self.ticks
+        dry_wallet = f"{prefix}-w0000"
+        self.wallets.append(Wallet(dry_wallet, "runs dry", DRY_TOPUP))
+        self.rentals.append(
+            Rental(self.rid("pod"), dry_wallet, "pod", "on_demand", "L40S", 1, DRY_POD_PRICE, self.host(), 0, dry=True)
+        )
+        dry_endpoint = Endpoint(f"{prefix}-ep-heavy", dry_wallet, "H100 SXM", DRY_JOB_PRICE_PER_SECOND, 0.0)
+        self.endpoints.append(dry_endpoint)
+
+        cluster_wallet = f"{prefix}-w0001"
+        self.wallets.append(Wallet(cluster_wallet, "cluster", 1_000 * USD))
+        gpu_type, per_gpu = CLUSTER_GPU
+        cluster_start = int(ticks * 0.1)
+        cluster_end = max(cluster_start + 1, int(ticks * 0.85))
+        for n in range(CLUSTER_NODES):
+            self.rentals.append(
+                Rental(
+                    f"{prefix}-cluster1-node{n}",
+                    cluster_wallet,
+                    "cluster",
+                    "on_demand",
+                    gpu_type,
+                    CLUSTER_GPUS_PER_NODE,
+                    per_gpu * CLUSTER_GPUS_PER_NODE,
+                    f"rack7-node{n}",
+                    start_tick=cluster_start,
+                    end_tick=cluster_end,
+                    end_reason="destroyed",
+                )
+            )
+
+        modest = f"{prefix}-w0002"
+        self.wallets.append(Wallet(modest, "refused, then smaller", 25 * USD))
+        h200 = dict(GPUS)["H200"]
+        self.rentals.append(Rental(self.rid("pod"), modest, "pod", "on_demand", "H200", 8, 8 * h200, self.host(), 0))
+        self.rentals.append(Rental(self.rid("pod"), modest, "pod", "on_demand", "H200", 1, h200, self.host(), 0))
+        return dry_wallet, dry_endpoint
+
+    def customer(self, wallet_id: str) -> None:
+        """One of the other wallets: pods, spot pods, marketplace rentals or serverless endpoints."""
+        rng = self.rng
         role = rng.choices(["pods", "spot", "marketplace", "serverless"], [45, 10, 15, 30])[0]
         burn = 0
         if role in ("pods", "spot"):
-            for _ in range(rng.choice([1, 1, 1, 2, 2, 3] if role == "spot" else [1, 1, 1, 2])):
-                gpu_type, per_gpu = rng.choice(GPUS)
-                count = rng.choice([1, 1, 1, 2, 4, 8])
-                spot = role == "spot" or rng.random() < 0.1
-                price = per_gpu * count // (2 if spot else 1)
-                rental = Rental(
-                    rid("pod"),
-                    wallet_id,
-                    "pod",
-                    "spot" if spot else "on_demand",
-                    gpu_type,
-                    count,
-                    price,
-                    host(),
-                    start_tick=rng.randrange(0, late_start),
-                )
-                lifetime(rental)
-                last = rental.end_tick if rental.end_tick is not None else ticks
-                if spot and rng.random() < 0.35 and last - rental.start_tick > 2:
-                    rental.preempt_tick = rng.randrange(rental.start_tick + 1, last)
-                    rental.end_tick = None
-                elif not spot and rng.random() < 0.12 and last - rental.start_tick > 8:
-                    rental.pause_tick = rng.randrange(rental.start_tick + 2, last - 4)
-                    rental.resume_tick = min(rental.pause_tick + rng.randrange(4, 40), last - 1)
-                rentals.append(rental)
-                burn += price
+            burn += self._pods(wallet_id, role)
         elif role == "marketplace":
-            for _ in range(rng.choice([1, 1, 2])):
-                gpu_type, per_gpu = rng.choice(MARKETPLACE_GPUS)
-                count = rng.choice([1, 2, 4])
-                spot = rng.random() < 0.3
-                price = per_gpu * count // (2 if spot else 1)
-                rental = Rental(
-                    rid("mkt"),
-                    wallet_id,
-                    "marketplace",
-                    "spot" if spot else "on_demand",
-                    gpu_type,
-                    count,
-                    price,
-                    f"community-{rng.randrange(1000, 9999)}",
-                    start_tick=rng.randrange(0, late_start),
-                )
-                lifetime(rental)
-                rentals.append(rental)
-                burn += price
+            burn += self._marketplace(wallet_id)
         if role == "serverless" or (role == "pods" and rng.random() < 0.2):
             for _ in range(rng.choice([1, 1, 2])):
                 gpu_type, per_gpu = rng.choice(GPUS[:5])
-                endpoints.append(Endpoint(rid("ep"), wallet_id, gpu_type, max(1, per_gpu // 3600), 0.0))
+                self.endpoints.append(Endpoint(self.rid("ep"), wallet_id, gpu_type, max(1, per_gpu // 3600), 0.0))
             burn += 5 * USD
         # At least three hours of the wallet's burn, so that only the dry wallet runs dry.
         topup = next((p * USD for p in TOPUP_PRESETS_USD if p * USD >= 3 * burn), burn * 3 + 100 * USD)
         wallet = Wallet(wallet_id, role, topup)
-        if rng.random() < 0.1 and ticks > 2:
-            wallet.extra_topup_tick = rng.randrange(1, ticks)
+        if rng.random() < 0.1 and self.ticks > 2:
+            wallet.extra_topup_tick = rng.randrange(1, self.ticks)
             wallet.extra_topup = rng.choice(TOPUP_PRESETS_USD[:3]) * USD
-        plan_wallets.append(wallet)
+        self.wallets.append(wallet)
 
-    # About 12 jobs per wallet per simulated hour, spread over the serverless endpoints.
-    regular = [e for e in endpoints if e is not dry_endpoint]
-    if regular:
-        rate = 12 * wallets * minutes / 60 / (len(regular) * ticks)
-        for e in regular:
-            e.jobs_per_tick = rate * rng.uniform(0.5, 1.5)
-    return Plan(run_id, ticks, plan_wallets, rentals, endpoints, dry_wallet, dry_endpoint)
+    def _pods(self, wallet_id: str, role: str) -> int:
+        """A wallet's pods (spot ones may be preempted, on-demand ones paused and resumed); their burn."""
+        rng, burn = self.rng, 0
+        for _ in range(rng.choice([1, 1, 1, 2, 2, 3] if role == "spot" else [1, 1, 1, 2])):
+            gpu_type, per_gpu = rng.choice(GPUS)
+            count = rng.choice([1, 1, 1, 2, 4, 8])
+            spot = role == "spot" or rng.random() < 0.1
+            price = per_gpu * count // (2 if spot else 1)
+            rental = Rental(
+                self.rid("pod"),
+                wallet_id,
+                "pod",
+                "spot" if spot else "on_demand",
+                gpu_type,
+                count,
+                price,
+                self.host(),
+                start_tick=rng.randrange(0, self.late_start),
+            )
+            self.lifetime(rental)
+            last = rental.end_tick if rental.end_tick is not None else self.ticks
+            if spot and rng.random() < 0.35 and last - rental.start_tick > 2:
+                rental.preempt_tick = rng.randrange(rental.start_tick + 1, last)
+                rental.end_tick = None
+            elif not spot and rng.random() < 0.12 and last - rental.start_tick > 8:
+                rental.pause_tick = rng.randrange(rental.start_tick + 2, last - 4)
+                rental.resume_tick = min(rental.pause_tick + rng.randrange(4, 40), last - 1)
+            self.rentals.append(rental)
+            burn += price
+        return burn
+
+    def _marketplace(self, wallet_id: str) -> int:
+        """A wallet's marketplace rentals (community hosts); their burn."""
+        rng, burn = self.rng, 0
+        for _ in range(rng.choice([1, 1, 2])):
+            gpu_type, per_gpu = rng.choice(MARKETPLACE_GPUS)
+            count = rng.choice([1, 2, 4])
+            spot = rng.random() < 0.3
+            price = per_gpu * count // (2 if spot else 1)
+            rental = Rental(
+                self.rid("mkt"),
+                wallet_id,
+                "marketplace",
+                "spot" if spot else "on_demand",
+                gpu_type,
+                count,
+                price,
+                f"community-{rng.randrange(1000, 9999)}",
+                start_tick=rng.randrange(0, self.late_start),
+            )
+            self.lifetime(rental)
+            self.rentals.append(rental)
+            burn += price
+        return burn
+
+    def spread_jobs(self, jobs: float, dry_endpoint: Endpoint) -> None:
+        """``jobs`` in the hour, spread over the endpoints but the dry wallet's (its own rate)."""
+        regular = [e for e in self.endpoints if e is not dry_endpoint]
+        if regular:
+            rate = jobs / (len(regular) * self.ticks)
+            for e in regular:
+                e.jobs_per_tick = rate * self.rng.uniform(0.5, 1.5)
 
 
 # ------------------------------------------------------------------------------------------ the summary
@@ -865,22 +900,13 @@ class Traffic:
 
     # --- reading the ledger ------------------------------------------------------------------------
 
-    def _count(self, sql: str, **params: Any) -> int:
-        with self.engine.connect() as conn:
-            return int(conn.execute(text(sql), params).scalar_one())
-
     def events_in_ledger(self) -> int:
-        return self._count("SELECT count(*) FROM events WHERE wallet_id LIKE :p", p=f"{self.prefix}%")
+        with self.engine.connect() as conn:
+            return events_of_wallets(conn, self.prefix)
 
     def dead_letters(self) -> dict[str, int]:
         with self.engine.connect() as conn:
-            rows = conn.execute(
-                text(
-                    "SELECT reason, count(*) FROM rejected_inputs WHERE subject LIKE :s GROUP BY reason ORDER BY reason"
-                ),
-                {"s": f"{self.names.in_subject(self.prefix)}%"},
-            ).all()
-        return {str(r[0]): int(r[1]) for r in rows}
+            return refusals_by_reason(conn, self.names.in_subject(self.prefix))
 
     def read_summary(self) -> None:
         """The ledger's side of the summary."""
@@ -889,22 +915,12 @@ class Traffic:
         s = self.summary
         s.events_in_ledger = self.events_in_ledger()
         s.dead_letters = self.dead_letters()
+        with read_snapshot(self.engine) as pg:
+            rental, wallet = read_rental(pg, s.dry_rental), read_wallet(pg, s.dry_wallet)
+        s.dry_rental_status = str(rental.status) if rental else "unknown"
+        s.dry_wallet_balance_micros = wallet.balance_micros if wallet else 0
         with self.engine.connect() as conn:
-            s.charged_micros = int(
-                conn.execute(
-                    text(
-                        "SELECT coalesce(-sum(amount_micros), 0) FROM journal_entries"
-                        " WHERE kind = 'charge' AND wallet_id LIKE :p AND account = 'wallet:' || wallet_id"
-                    ),
-                    {"p": f"{self.prefix}%"},
-                ).scalar_one()
-            )
-            row = conn.execute(text("SELECT status FROM rentals WHERE resource_id = :r"), {"r": s.dry_rental}).first()
-            s.dry_rental_status = str(row[0]) if row else "unknown"
-            balance = conn.execute(
-                text("SELECT balance_micros FROM account_balances WHERE account = :a"), {"a": f"wallet:{s.dry_wallet}"}
-            ).scalar()
-            s.dry_wallet_balance_micros = int(balance or 0)
+            s.charged_micros = charged_to_wallets_micros(conn, self.prefix)
             try:
                 report = trial_balance(conn, _now())
                 s.trial_balance_total_micros = int(report.summary["totalMicros"])
@@ -915,7 +931,6 @@ class Traffic:
     # --- the whole run ----------------------------------------------------------------------------
 
     async def run(self, progress: Progress) -> Summary:
-        s = self.summary
         subs = [
             await self.nc.subscribe(self.names.stop_subject, cb=self.on_stop),
             await self.nc.subscribe(self.names.subject("billing.out.notices.*"), cb=self.on_notice),
@@ -928,72 +943,76 @@ class Traffic:
             self.fund()
             await self.flush()
             await self._wait(progress, funding, target=len(self.plan.wallets), what="the top-ups to be booked")
-
-            hour = progress.add_task("simulated time", total=self.plan.ticks, info="")
-            t0 = time.monotonic()
-            for tick in range(self.plan.ticks):
-                await self.step(tick)
-                sim = (tick + 1) * TICK_S
-                running = sum(1 for r in self.plan.rentals if r.status == "running")
-                progress.update(
-                    hour,
-                    completed=tick + 1,
-                    description=f"simulated time {sim // 3600:02d}:{sim // 60 % 60:02d}:{sim % 60:02d}",
-                    info=(
-                        f"events {len(self.good):,} · running {running} · jobs {s.jobs_completed:,} · "
-                        f"stops {len(self.commands_seen)}"
-                    ),
-                )
-                delay = t0 + (tick + 1) * self.tick_s - time.monotonic()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-
-            # Drain: the ledger catches up, the dry wallet's pod is stopped and answered.
-            catching_up = progress.add_task("ledger catching up", total=len(self.good), info="")
-            deadline = time.monotonic() + self.drain_timeout_s
-            dry = self.rentals[s.dry_rental]
-            while True:
-                self.answer_stops()
-                if dry.status == "running":
-                    # Not stopped yet: the pod runs on past the hour (and is charged) until it is.
-                    dry.uptime += TICK_S
-                    self._event(
-                        dry.wallet_id,
-                        "gpu.rental.metered",
-                        dry.source,
-                        {"resourceId": dry.resource_id, "uptimeSecondsTotal": dry.uptime},
-                    )
-                await self.flush()
-                in_ledger = await asyncio.to_thread(self.events_in_ledger)
-                letters = sum((await asyncio.to_thread(self.dead_letters)).values())
-                ended = sum(1 for r in self.plan.rentals if r.status == "ended")
-                progress.update(
-                    catching_up,
-                    total=len(self.good),
-                    completed=in_ledger,
-                    info=(
-                        f"dead letters {letters} of {self.bad.total()} · settlements {len(self.settlements)} of {ended}"
-                    ),
-                )
-                settled = (
-                    in_ledger == len(self.good)
-                    and letters == self.bad.total()
-                    and dry.status != "running"
-                    and len(self.settlements) >= ended
-                    and self.stop_queue.empty()
-                )
-                if settled or time.monotonic() > deadline:
-                    break
-                await asyncio.sleep(POLL_S)
+            await self._simulate(progress)
+            await self._drain(progress)
         finally:
             for sub in subs:
                 with contextlib.suppress(Exception):
                     await sub.unsubscribe()
-        s.real_seconds = round(time.monotonic() - started, 1)
+        self.summary.real_seconds = round(time.monotonic() - started, 1)
         self._finish()
         await asyncio.to_thread(self.read_summary)
         self._checks()
-        return s
+        return self.summary
+
+    async def _simulate(self, progress: Progress) -> None:
+        """The simulated hour, one tick every ``tick_s`` real seconds."""
+        s = self.summary
+        hour = progress.add_task("simulated time", total=self.plan.ticks, info="")
+        t0 = time.monotonic()
+        for tick in range(self.plan.ticks):
+            await self.step(tick)
+            sim = (tick + 1) * TICK_S
+            running = sum(1 for r in self.plan.rentals if r.status == "running")
+            progress.update(
+                hour,
+                completed=tick + 1,
+                description=f"simulated time {sim // 3600:02d}:{sim // 60 % 60:02d}:{sim % 60:02d}",
+                info=(
+                    f"events {len(self.good):,} · running {running} · jobs {s.jobs_completed:,} · "
+                    f"stops {len(self.commands_seen)}"
+                ),
+            )
+            delay = t0 + (tick + 1) * self.tick_s - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+
+    async def _drain(self, progress: Progress) -> None:
+        """The ledger catches up, the dry wallet's pod is stopped and answered (or the drain times out)."""
+        catching_up = progress.add_task("ledger catching up", total=len(self.good), info="")
+        deadline = time.monotonic() + self.drain_timeout_s
+        dry = self.rentals[self.summary.dry_rental]
+        while True:
+            self.answer_stops()
+            if dry.status == "running":
+                # Not stopped yet: the pod runs on past the hour (and is charged) until it is.
+                dry.uptime += TICK_S
+                self._event(
+                    dry.wallet_id,
+                    "gpu.rental.metered",
+                    dry.source,
+                    {"resourceId": dry.resource_id, "uptimeSecondsTotal": dry.uptime},
+                )
+            await self.flush()
+            in_ledger = await asyncio.to_thread(self.events_in_ledger)
+            letters = sum((await asyncio.to_thread(self.dead_letters)).values())
+            ended = sum(1 for r in self.plan.rentals if r.status == "ended")
+            progress.update(
+                catching_up,
+                total=len(self.good),
+                completed=in_ledger,
+                info=f"dead letters {letters} of {self.bad.total()} · settlements {len(self.settlements)} of {ended}",
+            )
+            settled = (
+                in_ledger == len(self.good)
+                and letters == self.bad.total()
+                and dry.status != "running"
+                and len(self.settlements) >= ended
+                and self.stop_queue.empty()
+            )
+            if settled or time.monotonic() > deadline:
+                return
+            await asyncio.sleep(POLL_S)
 
     async def _wait(self, progress: Progress, task: TaskID, *, target: int, what: str) -> None:
         deadline = time.monotonic() + self.drain_timeout_s

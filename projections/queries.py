@@ -1,6 +1,6 @@
-"""Read queries for the adapters (the HTTP finance routes), so that no adapter holds SQL: a
-read-only snapshot for the reports, and the reads that end in a domain error (never an HTTP one;
-``consumers.http.errors`` maps them)."""
+"""Read queries for the adapters (the HTTP finance routes) and the demo, so that no adapter holds
+SQL: a read-only snapshot for the reports, the reads that end in a domain error (never an HTTP one;
+``consumers.http.errors`` maps them), and the counts of a group of wallets (ids with one prefix)."""
 
 from __future__ import annotations
 
@@ -44,6 +44,35 @@ def known_wallet_statement(conn: Connection, wallet_id: str, start: datetime, en
     if not reports.wallet_known(conn, wallet_id):
         raise UnknownWallet(wallet_id)
     return reports.statement(conn, wallet_id, start, end)
+
+
+def like_prefix(prefix: str) -> str:
+    """A ``LIKE`` pattern for the strings that start with ``prefix`` (its ``%``, ``_`` and ``\\``
+    taken literally)."""
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+
+
+def events_of_wallets(conn: Connection, wallet_prefix: str) -> int:
+    """Events in the log of the wallets whose id starts with ``wallet_prefix``."""
+    return int(
+        conn.execute(
+            text("SELECT count(*) FROM events WHERE wallet_id LIKE :p"), {"p": like_prefix(wallet_prefix)}
+        ).scalar_one()
+    )
+
+
+def charged_to_wallets_micros(conn: Connection, wallet_prefix: str) -> int:
+    """What the journal charged (kind ``charge``, the wallet's own account debited) to the wallets
+    whose id starts with ``wallet_prefix``, in micro-USD."""
+    return int(
+        conn.execute(
+            text(
+                "SELECT coalesce(-sum(amount_micros), 0) FROM journal_entries"
+                " WHERE kind = 'charge' AND wallet_id LIKE :p AND account = 'wallet:' || wallet_id"
+            ),
+            {"p": like_prefix(wallet_prefix)},
+        ).scalar_one()
+    )
 
 
 def ping(engine: Engine) -> None:

@@ -11,6 +11,7 @@ import psycopg
 from sqlalchemy import Connection, text
 
 from ledger import schema
+from projections.queries import like_prefix
 from projections.write_path import columns_of
 
 COLUMNS: Final = tuple(columns_of(schema.rejected_inputs))
@@ -79,13 +80,9 @@ def refusals_by_reason(conn: Connection, subject_prefix: str) -> dict[str, int]:
     ``subject_prefix``."""
     rows = conn.execute(
         text("SELECT reason, count(*) FROM rejected_inputs WHERE subject LIKE :s GROUP BY reason ORDER BY reason"),
-        {"s": f"{_like_escaped(subject_prefix)}%"},
+        {"s": like_prefix(subject_prefix)},
     ).all()
     return {str(r[0]): int(r[1]) for r in rows}
-
-
-def _like_escaped(prefix: str) -> str:
-    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
 def too_old_refusals(conn: psycopg.Connection[Any], ids: Iterable[int]) -> dict[int, tuple[str, str, bytes]]:

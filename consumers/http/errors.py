@@ -1,7 +1,8 @@
 """The one error shape of the HTTP API: ``{"error": "<code>", "detail": "<what to fix>"}``, and the
 mapping to it of everything a route can meet: :class:`ApiError` (raised anywhere below a route),
 request validation, Starlette's own HTTP errors, Stripe's failures, the domain errors of the
-projections, and a database that is unavailable (transient: 503 with ``Retry-After``).
+projections, and a database that is unavailable (``consumers.runtime.errors.is_transient``: 503 with
+``Retry-After``).
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Final
 
-import psycopg
-import sqlalchemy.exc
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -66,15 +65,6 @@ def error_response(
 
 
 # ------------------------------------------------------------------------ transient errors
-
-
-_TRANSIENT: Final = (sqlalchemy.exc.OperationalError, sqlalchemy.exc.TimeoutError, psycopg.OperationalError)
-
-
-def is_transient(exc: BaseException) -> bool:
-    """The database is unavailable or overloaded: the client may retry. Local until
-    ``consumers.runtime.errors.is_transient`` is merged; then this becomes that one."""
-    return isinstance(exc, _TRANSIENT)
 
 
 def database_unavailable_response() -> Response:

@@ -18,9 +18,9 @@ from consumers.http.errors import (
     ApiError,
     database_unavailable_response,
     http_error_response,
-    is_transient,
     validation_error_response,
 )
+from consumers.runtime.errors import is_transient
 from consumers.stripe.facts import load_json
 
 log = logging.getLogger("billing.http")

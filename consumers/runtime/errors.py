@@ -3,11 +3,13 @@
 :func:`is_transient` says whether a failure is the outside world being unavailable (PostgreSQL down,
 restarting or unreachable; a connection reset; a timeout), worth holding the work and trying again,
 rather than something the work itself causes (a bug, a row the rules refuse), which must be narrowed
-down or refused instead. :class:`Backoff` spaces the retries: bounded doubling with jitter.
+down or refused instead. :class:`Backoff` spaces the retries: bounded doubling with jitter
+(``jitter=0.0``: plain doubling), and :meth:`Backoff.next_logged` says so in the log.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from typing import Final
 
@@ -76,6 +78,29 @@ class Backoff:
         base = min(self.maximum, self.initial * self.factor ** min(self.failures, 64))
         self.failures += 1
         return base * (1 - self.jitter * random.random())
+
+    def next_logged(
+        self,
+        log: logging.Logger,
+        what: str,
+        exc: BaseException,
+        *,
+        expected: tuple[type[BaseException], ...] = (),
+    ) -> float:
+        """:meth:`next`, logged as a warning ``<what> (<n> in a row), retrying in <delay> s: <type>: <exc>``;
+        with the traceback on the first failure in a row, unless ``exc`` is an outage
+        (:func:`is_transient`) or one of ``expected`` (failures the caller reports well enough)."""
+        delay = self.next()
+        log.warning(
+            "%s (%d in a row), retrying in %.2f s: %s: %s",
+            what,
+            self.failures,
+            delay,
+            type(exc).__name__,
+            exc,
+            exc_info=self.failures == 1 and not (isinstance(exc, expected) or is_transient(exc)),
+        )
+        return delay
 
     def reset(self) -> None:
         self.failures = 0

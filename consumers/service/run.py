@@ -56,6 +56,7 @@ from consumers.nats.names import NatsNames
 from consumers.nats.partitions import run_owned
 from consumers.nats.relay import run_relay
 from consumers.nats.streams import ensure_streams
+from consumers.runtime.errors import Backoff
 from consumers.runtime.instance import ServiceUrls
 from consumers.runtime.metrics import Metrics
 from consumers.runtime.settings import Settings, nats_servers
@@ -81,6 +82,9 @@ HTTP_GRACEFUL_S: Final = 5
 NATS_DRAIN_TIMEOUT_S: Final = 5
 # Start-up: how long JetStream may take to answer the stream declarations (a cluster electing leaders).
 STREAMS_WITHIN_S: Final = 60.0
+# A stream declaration JetStream did not answer is tried again after this, doubling to the max.
+STREAMS_RETRY_FIRST_S: Final = 0.5
+STREAMS_RETRY_MAX_S: Final = 5.0
 # Components still running this long after being cancelled are left behind (logged).
 CANCEL_GRACE_S: Final = 5.0
 # How often the start-up checks whether uvicorn listens yet (for the ready line).
@@ -348,16 +352,16 @@ async def _declare_streams(js: JetStreamContext, names: NatsNames, replicas: int
     """``ensure_streams``, tried again while JetStream does not answer: on a cluster a stream just
     created by another instance has no leader for a moment, and its info request times out."""
     deadline = asyncio.get_running_loop().time() + STREAMS_WITHIN_S
-    delay = 0.5
+    backoff = Backoff(STREAMS_RETRY_FIRST_S, STREAMS_RETRY_MAX_S, jitter=0.0)
     while True:
         try:
             return await ensure_streams(js, names, replicas=replicas)
         except (nats.errors.TimeoutError, nats.errors.NoRespondersError, ServiceUnavailableError) as exc:
+            delay = backoff.next()
             if stop.is_set() or asyncio.get_running_loop().time() + delay > deadline:
                 raise
             log.warning("JetStream did not answer while declaring the streams (%r): again in %.1f s", exc, delay)
             await asyncio.sleep(delay)
-            delay = min(delay * 2, 5.0)
 
 
 def _redacted(url: str) -> str:

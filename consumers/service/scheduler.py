@@ -247,7 +247,7 @@ async def run_scheduler(
         except Exception as exc:
             metrics.failures.inc()
             read_at = -math.inf
-            await wait_any(stop, seconds=_retry_delay_s(backoff, exc))
+            await wait_any(stop, seconds=backoff.next_logged(log, "scheduler: database work failed", exc))
             continue
         if backoff.failures:
             log.info("scheduler recovered after %d failures", backoff.failures)
@@ -264,19 +264,6 @@ def _sleep_s(wait: float, deadline: datetime | None, quarantine: _Quarantine, cl
     if release is not None:
         wait = min(wait, release - asyncio.get_running_loop().time())
     return max(wait, MIN_SLEEP_S)
-
-
-def _retry_delay_s(backoff: Backoff, exc: Exception) -> float:
-    delay = backoff.next()
-    log.warning(
-        "scheduler: database work failed (%d in a row), retrying in %.2f s: %s: %s",
-        backoff.failures,
-        delay,
-        type(exc).__name__,
-        exc,
-        exc_info=backoff.failures == 1 and not is_transient(exc),
-    )
-    return delay
 
 
 async def _read_deadline(engine: Engine, exclude: Sequence[str]) -> datetime | None:

@@ -34,7 +34,9 @@ import psycopg
 from pydantic import SecretStr
 from sqlalchemy.engine import make_url
 
+from consumers.runtime.errors import Backoff
 from consumers.runtime.instance import EMBEDDED_DB_NAME, ServiceUrls, ensure_database, write_runtime_file
+from consumers.runtime.loops import wait_any
 from consumers.runtime.preflight import (
     check_data_dir,
     check_http_port,
@@ -188,7 +190,7 @@ async def _retry_connect(
 ) -> None:
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    delay = CONNECT_RETRY_FIRST_S
+    backoff = Backoff(CONNECT_RETRY_FIRST_S, CONNECT_RETRY_MAX_S, jitter=0.0)
     for number in range(1, 10_000):  # bounded by the deadline long before this
         if stop.is_set():
             raise Stopped
@@ -206,11 +208,9 @@ async def _retry_connect(
                 f"{setting}: cannot connect to {what} within {timeout_s:g} s ({reason}); is it running? "
                 "(BILLING_CONNECT_TIMEOUT_S sets the bound)"
             )
-        wait_s = min(delay, left)
+        wait_s = min(backoff.next(), left)
         log.warning("cannot connect to %s (attempt %d: %s); again in %.1f s", what, number, reason, wait_s)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(stop.wait(), timeout=wait_s)
-        delay = min(delay * 2, CONNECT_RETRY_MAX_S)
+        await wait_any(stop, seconds=wait_s)
     raise UserError(f"{setting}: cannot connect to {what}")
 
 
@@ -388,33 +388,21 @@ def _with_dev_token(settings: Settings, *, embedded_database: bool) -> Settings:
 
 
 def _start_embedded_postgres(settings: Settings, stack: contextlib.ExitStack) -> str:
-    from consumers.runtime.embedded import EmbeddedPostgres, EmbeddedServerError
+    from consumers.runtime.embedded import EmbeddedPostgres
 
     pg = EmbeddedPostgres(settings.data_dir / "postgres")
-    stack.callback(_stopping, "embedded PostgreSQL", pg.stop)
-    try:
-        pg.start()
-    except EmbeddedServerError as exc:
-        raise UserError(
-            f"BILLING_DATA_DIR: the embedded PostgreSQL in {pg.pgdata} did not start: {_first_line(exc)}"
-        ) from None
+    _start_embedded("embedded PostgreSQL", pg.pgdata, pg.start, pg.stop, stack)
     url = ensure_database(pg.url, EMBEDDED_DB_NAME)
     log.info("embedded PostgreSQL running (pid %s): %s", pg.pid, url)
     return url
 
 
 def _start_embedded_nats(settings: Settings, stack: contextlib.ExitStack) -> str:
-    from consumers.runtime.embedded import EmbeddedNats, EmbeddedServerError
+    from consumers.runtime.embedded import EmbeddedNats
 
     wanted = settings.embedded_nats_port
     nats = EmbeddedNats(settings.data_dir / "nats", port=wanted, fallback_to_free_port=True)
-    stack.callback(_stopping, "embedded nats-server", nats.stop)
-    try:
-        nats.start()
-    except EmbeddedServerError as exc:
-        raise UserError(
-            f"BILLING_DATA_DIR: the embedded nats-server in {nats.data_dir} did not start: {_first_line(exc)}"
-        ) from None
+    _start_embedded("embedded nats-server", nats.data_dir, nats.start, nats.stop, stack)
     if nats.port != wanted:
         log.warning(
             "embedded nats-server: port %d (BILLING_EMBEDDED_NATS_PORT) is taken; using %d instead: %s",
@@ -424,6 +412,20 @@ def _start_embedded_nats(settings: Settings, stack: contextlib.ExitStack) -> str
         )
     log.info("embedded nats-server running (pid %s): %s", nats.pid, nats.url)
     return nats.url
+
+
+def _start_embedded(
+    what: str, where: Path, start: Callable[[], object], stop: Callable[[], None], stack: contextlib.ExitStack
+) -> None:
+    """``start`` an embedded server, ``stop`` it when ``stack`` closes; one that does not start is
+    the user's to fix (its data dir)."""
+    from consumers.runtime.embedded import EmbeddedServerError
+
+    stack.callback(_stopping, what, stop)
+    try:
+        start()
+    except EmbeddedServerError as exc:
+        raise UserError(f"BILLING_DATA_DIR: the {what} in {where} did not start: {_first_line(exc)}") from None
 
 
 def _stopping(what: str, stop_fn: Callable[[], None]) -> None:

@@ -545,8 +545,8 @@ async def test_cluster_kill_9_of_a_billing_instance_and_a_nats_node(
 
             await wait_until(b_owns_all, within=TAKEOVER_WITHIN_S, what="b to take a's partitions")
             takeover_s = time.monotonic() - killed_at
-            # a's lane workers may still commit what they had in flight: only what comes after them
-            # is b consuming a's partitions.
+            # a's child processes, if any, may still be winding down: only what is committed after
+            # they are gone is b consuming a's partitions.
             await wait_until(lambda: not any(Path(f"/proc/{pid}").exists() for pid in a_workers), within=10)
             base = counted(a_wallets)
             await wait_until(lambda: counted(a_wallets) > base, within=40, what="b to commit in a's partitions")
@@ -649,7 +649,8 @@ async def owned_units(svc: Service) -> set[int]:
 
 
 def _children(pid: int) -> list[int]:
-    """Process ids whose parent is ``pid`` (Linux /proc): a service's lane worker processes."""
+    """Process ids whose parent is ``pid`` (Linux /proc): a service's child processes (the intake has
+    none of its own: one writer per owned consumer, in the service process)."""
     out = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):

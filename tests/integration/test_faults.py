@@ -1363,8 +1363,8 @@ async def _owner_killed_mid_stream(js: JetStreamContext, names: NatsNames, owner
 
 async def _first_commit(svc: Service, since: float) -> tuple[float, float]:
     """Seconds from ``since`` (monotonic), and from ``svc``'s takeover of the durable, until ``svc``
-    has committed and settled an accepted event (its own metric: a lane worker of the killed process
-    finishing its transaction does not count)."""
+    has committed and settled an accepted event (its own metric: a transaction the killed process
+    had sent its commit for does not count)."""
 
     async def committed() -> bool:
         return await svc.committed() > 0
@@ -1394,8 +1394,8 @@ async def test_kill_9_mid_stream_consumption_resumes_within_5_s(
     takes over (and the killed one comes back as the new standby). Each time the new owner commits
     within RESUME_WITHIN_S of its takeover of the durable, and of the kill (standby) or within
     RESTART_WITHIN_S of the exec of the restarted ``billing up`` (its own start included); printed.
-    Commits are the new owner's own metric, so a lane worker of the dead process finishing its
-    transaction does not count. The new owner has the dead one's un-acked deliveries requeued
+    Commits are the new owner's own metric, so a transaction the dead process had sent its commit
+    for does not count. The new owner has the dead one's un-acked deliveries requeued
     instead of waiting for ack_wait. A kill that lands just after the owner had settled everything
     leaves nothing to requeue: it is counted in the row, and another kill is made. At the end every
     event is in the log exactly once, every balance is the reference, no funded wallet got a stop

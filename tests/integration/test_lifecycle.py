@@ -45,7 +45,6 @@ def _env(data_dir: Path, **extra: str) -> dict[str, str]:
             "BILLING_DATA_DIR": str(data_dir),
             "BILLING_SHUTDOWN_TIMEOUT_S": "10",
             "BILLING_INTAKE_MAX_WAIT_S": "0.2",
-            "BILLING_INTAKE_WORKERS": "1",
             **extra,
         }
     )
@@ -262,9 +261,7 @@ async def test_embedded_mode_non_superuser_login_dev_token_verify_and_sighup(tmp
         assert not _alive(postmaster), "the embedded PostgreSQL outlived billing up"
         assert not _alive(nats_pid), "the embedded nats-server outlived billing up"
         # multiprocessing's resource tracker exits once it reads EOF from the gone parent: a moment.
-        await wait_until(
-            lambda: not [p for p in children if _alive(p.pid)], within=5, what="every child (lane workers) gone"
-        )
+        await wait_until(lambda: not [p for p in children if _alive(p.pid)], within=5, what="every child process gone")
     log = up.log()
     assert "SIGHUP received: stopping" in log
     assert "previous owner none" not in log

@@ -13,8 +13,7 @@ outstanding; newer messages are published after its death. Then, with the durabl
   longer than ack_wait stays parked, the one parked for less comes back one delivery early.
 
 And an ack_wait left short by an owner that died in the middle of a takeover is replaced by the
-configured one when the next owner ensures the consumer; and the first batches after a restart are
-committed in the service process while its lane worker processes are still starting.
+configured one when the next owner ensures the consumer.
 """
 
 from __future__ import annotations
