@@ -2,11 +2,12 @@
 ``transact`` (one transaction per batch with the owner's wallet cache), over a workload of
 ``bench/e2e_workload.py``, on a fresh database.
 
-    python bench/bench_writer.py [--shape rentals|mix] [--batch 4000] [--events 100000] [--runs 3]
+    python bench/bench_writer.py [--shape rentals|mix] [--batch 4000] [--events 100000] [--runs 3] [--small 1000]
 
 Prints events/s and splits the wall time into the writer thread's own CPU (Python: parsing, the
 rules, psycopg's encoding; ``time.thread_time``) and the rest (waiting for PostgreSQL). It is the
-quick loop for the writer's CPU per event: what ``bench_e2e.py`` measures end to end, less the NATS
+quick loop for the writer's CPU per event, and, after the drain, the latency of small batches (5
+serverless jobs each, the paced probe's case): what ``bench_e2e.py`` measures end to end, less the NATS
 side. The workload's objects are frozen out of the garbage collector's sight (``gc.freeze``), as the
 service freezes its own start-up objects (``consumers.runtime.gc_tuning``): without it the 700k
 objects of a 100k-event workload make every collection of the writer walk them (measured: parsing
@@ -20,6 +21,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Final
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -31,8 +33,11 @@ from consumers.runtime.gc_tuning import tune_gc
 from ledger.db import make_engine
 from projections.wallet_store import WalletCache
 
+Delivery = tuple[str, bytes, int, int, None]
+SMALL_BATCH: Final = 5
 
-def run_once(url: str, deliveries: list[tuple[str, bytes, int, int, None]], batch: int) -> dict[str, float]:
+
+def run_once(url: str, deliveries: list[Delivery], batch: int, small: list[Delivery]) -> dict[str, float]:
     engine = make_engine(url, role=None)
     cache = WalletCache(50_000)
     names = NatsNames("")
@@ -44,9 +49,20 @@ def run_once(url: str, deliveries: list[tuple[str, bytes, int, int, None]], batc
         parse_s += time.perf_counter() - p0
         transact(engine, items, datetime.now(UTC), cache=cache)
     wall_s, cpu_s = time.perf_counter() - t0, time.thread_time() - c0
+    # After the drain, the paced probe's case: small batches (serverless jobs of live wallets) on
+    # the same connection pool and cache, each timed (prepare + transaction + commit).
+    small_ms = []
+    for i in range(0, len(small), SMALL_BATCH):
+        s0 = time.perf_counter()
+        items = prepare_deliveries(small[i : i + SMALL_BATCH], now=datetime.now(UTC), names=names, max_deliver=20)
+        transact(engine, items, datetime.now(UTC), cache=cache)
+        small_ms.append((time.perf_counter() - s0) * 1000)
     engine.dispose()
     n = len(deliveries)
+    small_ms.sort()
     return {
+        "small_p50_ms": small_ms[len(small_ms) // 2] if small_ms else 0.0,
+        "small_p99_ms": small_ms[int(len(small_ms) * 0.99)] if small_ms else 0.0,
         "events_per_s": n / wall_s,
         "cpu_us": cpu_s / n * 1e6,
         "parse_us": parse_s / n * 1e6,
@@ -60,6 +76,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4000)
     ap.add_argument("--events", type=int, default=100_000)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--small", type=int, default=1000, help="events of the small batches after the drain")
     args = ap.parse_args()
     now = datetime.now(UTC)
     if args.shape == "rentals":
@@ -68,23 +85,27 @@ def main() -> None:
         wl = workload.build(10_000, args.events, now=now)
     names = NatsNames("")
     deliveries = [(names.in_subject(m.wallet_id), m.data, 1, k + 1, None) for k, m in enumerate(wl.messages)]
-    del wl
+    paced = workload.paced_messages(wl.live, args.small, now, "writer")
+    small = [(names.in_subject(m.wallet_id), m.data, 1, 10**9 + k, None) for k, m in enumerate(paced)]
+    del wl, paced
     tune_gc()
     runs = []
     with pg_server() as server:
         for run in range(args.runs):
             with fresh_database(server, "writer") as url:
-                r = run_once(url, deliveries, args.batch)
+                r = run_once(url, deliveries, args.batch, small)
             runs.append(r)
             print(
                 f"{args.shape} run {run + 1}: {len(deliveries):,} messages, {r['events_per_s']:,.0f}/s; per event:"
-                f" writer CPU {r['cpu_us']:.0f} us (parse {r['parse_us']:.0f}), waiting {r['wait_us']:.0f} us",
+                f" writer CPU {r['cpu_us']:.0f} us (parse {r['parse_us']:.0f}), waiting {r['wait_us']:.0f} us; then"
+                f" batches of {SMALL_BATCH}: p50 {r['small_p50_ms']:.1f} ms, p99 {r['small_p99_ms']:.1f} ms",
                 flush=True,
             )
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     print(
         f"{args.shape}, median of {len(runs)}: {med['events_per_s']:,.0f} events/s; writer CPU {med['cpu_us']:.0f}"
-        f" us/event (parse {med['parse_us']:.0f}), waiting {med['wait_us']:.0f} us/event"
+        f" us/event (parse {med['parse_us']:.0f}), waiting {med['wait_us']:.0f} us/event; batches of {SMALL_BATCH}"
+        f" after the drain: p50 {med['small_p50_ms']:.1f} ms, p99 {med['small_p99_ms']:.1f} ms"
     )
 
 

@@ -129,6 +129,39 @@ def test_0007_downgrades_and_upgrades_again_with_the_shared_balances(scratch_url
     assert rows == {wallet_account("wdown"): 5_000_000 - 7_000}
 
 
+def _seq_scans_of_a_small_append_after_a_large_one(url: str) -> dict[str, int]:
+    """On one connection: a large first append (plpgsql plans the checks then, with that statement's
+    row count, and keeps the plan for the session), then a one-event append; the sequential scans
+    of the journal's parents during the small one (this transaction's own counters)."""
+    owner = create_engine(url, poolclass=pool.NullPool)
+    big = [charge_item(f"wseq{i:05d}", f"pseq{i:05d}", 60, 7_000) for i in range(3_000)]
+    with owner.connect() as conn:
+        pg = conn.connection.driver_connection
+        assert isinstance(pg, psycopg.Connection)
+        append_new(pg, big, received_at=NOW)
+        conn.commit()
+        append_new(pg, [credit_item("wseq-small", 5_000_000)], received_at=NOW)
+        rows = pg.execute(
+            "SELECT relname, seq_scan FROM pg_stat_xact_user_tables WHERE relname IN ('events', 'journal_transactions')"
+        ).fetchall()
+        conn.rollback()
+    owner.dispose()
+    return {str(name): int(n) for name, n in rows}
+
+
+def test_the_reference_checks_probe_by_index_whatever_the_first_batch_was(scratch_url: str) -> None:
+    """Migration 0009: after a large first batch, a small batch's reference checks probe the primary
+    keys instead of scanning the journal (its cost follows the batch, not the journal's size)."""
+    assert _seq_scans_of_a_small_append_after_a_large_one(scratch_url) == {"events": 0, "journal_transactions": 0}
+
+
+def test_the_checks_before_0009_scan_the_whole_journal(scratch_url: str) -> None:
+    """The same probe on 0008's functions does scan: so the test above can fail."""
+    _downgrade(scratch_url, "0008")
+    scans = _seq_scans_of_a_small_append_after_a_large_one(scratch_url)
+    assert scans["journal_transactions"] > 0
+
+
 def test_the_store_copies_every_column_of_its_tables_in_order() -> None:
     for table in (schema.events, schema.journal_transactions, schema.journal_entries):
         statement = schema.copy_statement(table)
