@@ -45,7 +45,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from pydantic.alias_generators import to_camel
 
 from consumers.nats.admission import InvalidAnswer, RentalAnswer, RentalAsk, ServerlessAnswer, ServerlessAsk
-from consumers.nats.intake import PROCESSING_ERROR
 from consumers.nats.streams import DUPLICATE_WINDOW_S
 from devtools import generated_docs
 from ledger.events import ID_PATTERN, Event, RejectReason
@@ -235,7 +234,7 @@ broker.publisher(
     ),
 )
 
-DEAD_LETTER_REASONS: Final[tuple[str, ...]] = (*(r.value for r in RejectReason), PROCESSING_ERROR)
+DEAD_LETTER_REASONS: Final[tuple[str, ...]] = tuple(r.value for r in RejectReason)
 
 # ------------------------------------------------------------------------- what FastStream leaves out
 

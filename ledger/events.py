@@ -495,6 +495,9 @@ class RejectReason(StrEnum):
     already_started = "already_started"
     invalid_transition = "invalid_transition"
     wallet_mismatch = "wallet_mismatch"
+    # Decided by the intake, not a refusal: the processor failed on every delivery of the message (a
+    # bug). Dead-lettered (DLQ stream only); rejected_inputs does not keep it, since nothing refused it.
+    processing_error = "processing_error"
 
 
 @dataclass(frozen=True, slots=True)

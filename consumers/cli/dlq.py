@@ -60,7 +60,7 @@ SHOW_TEXT_BYTES: Final = 16_384
 TABLE_MIN_COLUMNS: Final = 120
 ACCEPT_OLD_HEADER: Final = "Billing-Accept-Old"  # consumers.nats.intake.ACCEPT_OLD_HEADER (not imported: slow)
 
-_REASONS: Final = [r.value for r in RejectReason] + ["processing_error"]
+_REASONS: Final = [r.value for r in RejectReason]
 _WALLET_RE: Final = re.compile(ID_PATTERN)
 
 

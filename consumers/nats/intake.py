@@ -142,7 +142,7 @@ MAX_DLQ_BODY_BYTES: Final = MAX_EVENT_BYTES
 """A dead letter's body at most: a larger input (too_large, up to the server's max_payload) would
 not fit with its headers; its first bytes are published, rejected_inputs keeps all of it."""
 
-PROCESSING_ERROR: Final = "processing_error"
+PROCESSING_ERROR: Final = RejectReason.processing_error
 """Dead-letter reason of a message that made the processor fail on every delivery (DLQ stream only)."""
 
 # A pull request is answered at once (no_wait) or at its expiry; one that gets no answer within
@@ -310,20 +310,6 @@ class _GaveUp(Exception):
 
 
 @dataclass(frozen=True, slots=True)
-class DeadLetter:
-    reason: str
-    detail: str
-    source: str | None = None
-    event_id: str | None = None
-    event_type: str | None = None
-    wallet_id: str | None = None
-
-    @classmethod
-    def of(cls, r: Rejection) -> DeadLetter:
-        return cls(r.reason.value, r.detail, r.source, r.event_id, r.event_type, r.wallet_id)
-
-
-@dataclass(frozen=True, slots=True)
 class _Item:
     """One delivered message, parsed: an event for the processor, or already refused."""
 
@@ -352,7 +338,7 @@ class _Action(enum.Enum):
 class _Outcome:
     action: _Action
     disposition: str
-    dead_letter: DeadLetter | None = None
+    dead_letter: Rejection | None = None
 
 
 def _metadata(msg: Msg) -> tuple[int, int, int]:
@@ -557,11 +543,11 @@ def outcomes_of(items: Sequence[_Item], result: BatchResult) -> tuple[_Outcome, 
     n = 0
     for item in items:
         if item.refused is not None:
-            outcomes.append(_Outcome(_Action.dead_letter, "rejected", DeadLetter.of(item.refused.rejection)))
+            outcomes.append(_Outcome(_Action.dead_letter, "rejected", item.refused.rejection))
             continue
         disposition = result.dispositions[n]
         if disposition is Disposition.rejected:
-            outcomes.append(_Outcome(_Action.dead_letter, disposition.value, DeadLetter.of(result.rejections[n])))
+            outcomes.append(_Outcome(_Action.dead_letter, disposition.value, result.rejections[n]))
         else:
             outcomes.append(_PLAIN_OUTCOMES[disposition])
         n += 1
@@ -605,9 +591,7 @@ def _header_value(value: str, limit: int = MAX_DETAIL_CHARS) -> str:
     return _HEADER_UNSAFE.sub(" ", printable(value, reversible=False))[:limit]
 
 
-def dead_letter_headers(
-    dl: DeadLetter, *, subject: str, delivered: int, stream: str, stream_seq: int
-) -> dict[str, str]:
+def dead_letter_headers(dl: Rejection, *, subject: str, delivered: int, stream: str, stream_seq: int) -> dict[str, str]:
     """Headers of a dead letter; the body is the input's bytes exactly as received.
 
     ``Nats-Msg-Id`` is the identity of the refusal: (reason, source, id) when the input had a
@@ -984,7 +968,7 @@ class Intake:
             parsed = item.incoming.event if item.incoming is not None else None
             if parsed is not None:
                 source, event_id, event_type, wallet_id = parsed.source, parsed.id, parsed.type, parsed.wallet_id
-            dl = DeadLetter(PROCESSING_ERROR, detail[:MAX_DETAIL_CHARS], source, event_id, event_type, wallet_id)
+            dl = Rejection(PROCESSING_ERROR, detail[:MAX_DETAIL_CHARS], source, event_id, event_type, wallet_id)
             return {idx[0]: _Outcome(_Action.dead_letter, "rejected", dl)}
 
         # Wake the relay for the outbox rows just committed, and the scheduler for moved wake-ups.
@@ -1039,7 +1023,7 @@ class Intake:
         with contextlib.suppress(Exception):
             await self._nc.flush(timeout=int(PUBLISH_TIMEOUT_S))
 
-    async def _publish_dead_letter(self, msg: Msg, item: _Item, dl: DeadLetter) -> None:
+    async def _publish_dead_letter(self, msg: Msg, item: _Item, dl: Rejection) -> None:
         headers = dead_letter_headers(
             dl, subject=item.subject, delivered=item.delivered, stream=self._names.in_stream, stream_seq=item.stream_seq
         )

@@ -536,6 +536,7 @@ def test_reject_reasons_are_subject_tokens() -> None:
         "already_started",
         "invalid_transition",
         "wallet_mismatch",
+        "processing_error",
     }
     for reason in RejectReason:
         assert reason.value == reason.name

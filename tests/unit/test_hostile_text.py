@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from nats.aio.client import Client
 
 from consumers.nats import safety as nats_safety
-from consumers.nats.intake import DeadLetter, dead_letter_headers
+from consumers.nats.intake import dead_letter_headers
 from ledger.events import Rejection, RejectReason, is_reserved_source, parse_event
 from ledger.text import printable, storable, unprintable
 
@@ -68,7 +68,7 @@ def test_nats_py_is_patched_and_reads_a_subject_that_is_not_utf8() -> None:
 
 
 def test_dead_letter_headers_of_any_subject_and_detail_are_header_safe() -> None:
-    dl = DeadLetter("invalid_data", "data.oper\x00ator: unknown\r\nfield")
+    dl = Rejection(RejectReason.invalid_data, "data.oper\x00ator: unknown\r\nfield")
     headers = dead_letter_headers(dl, subject="billing.in.w\udcff\x00\r\n", delivered=1, stream="S", stream_seq=7)
     for value in headers.values():
         _storable_everywhere(value)
