@@ -62,8 +62,10 @@ lint: install
 # machine's NATS, then the production topology (2 instances, 8 partitions) on the bench's own
 # nats-server with the partition mapping; each also drains once a run with every instance pinned
 # to its own core (taskset); `billing verify` after the last drain of each shape; then both
-# configurations side by side with the scaling (bench/bench_summary.py). Medians of BENCH_RUNS
-# (3: ~40 minutes on the 2-core machines here; `make bench BENCH_RUNS=1` ~15). Extra environment
+# configurations side by side with the scaling (bench/bench_summary.py). Between them, one instance
+# with 8 partitions owned by 2 writer processes (BILLING_INTAKE_WRITERS=2; not pinned: it is one
+# instance using both cores). Medians of BENCH_RUNS
+# (3: ~55 minutes on the 2-core machines here; `make bench BENCH_RUNS=1` ~20). Extra environment
 # for the service: `make bench BENCH_E2E_ARGS="--service-env BILLING_INTAKE_CACHE_WALLETS=100000"`;
 # for the partitioned run only: BENCH_PARTITIONED_ENV.
 # `make bench-rss`: peak RSS of the service draining 100k, then 1M events of the held-out shape.
@@ -75,9 +77,11 @@ bench: install
 	mkdir -p $(BENCH_OUT)
 	$(BIN)/python bench/bench_store.py --runs $(BENCH_RUNS)
 	$(BIN)/python bench/bench_e2e.py --runs $(BENCH_RUNS) --pin-drain --json-out $(BENCH_OUT)/one.json $(BENCH_E2E_ARGS)
+	$(BIN)/python bench/bench_e2e.py --runs $(BENCH_RUNS) --partitions 8 --service-env BILLING_INTAKE_WRITERS=2 \
+		--json-out $(BENCH_OUT)/writers.json $(BENCH_PARTITIONED_ENV) $(BENCH_E2E_ARGS)
 	$(BIN)/python bench/bench_e2e.py --runs $(BENCH_RUNS) --instances 2 --partitions 8 --pin-drain \
 		--json-out $(BENCH_OUT)/partitioned.json $(BENCH_PARTITIONED_ENV) $(BENCH_E2E_ARGS)
-	$(BIN)/python bench/bench_summary.py $(BENCH_OUT)/one.json $(BENCH_OUT)/partitioned.json
+	$(BIN)/python bench/bench_summary.py $(BENCH_OUT)/one.json $(BENCH_OUT)/partitioned.json $(BENCH_OUT)/writers.json
 
 bench-rss: install
 	$(BIN)/python bench/bench_e2e.py --rss-check --rss-events 100000 1000000 $(BENCH_E2E_ARGS)

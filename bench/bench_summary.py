@@ -10,7 +10,11 @@ the first, three ways, each printed with its method:
   over one instance's, times 2: what two instances each with a core would do if each kept that
   efficiency (a projection from measured figures, not a measurement).
 
-    python bench/bench_summary.py ONE.json PARTITIONED.json
+    python bench/bench_summary.py ONE.json PARTITIONED.json [WRITERS.json]
+
+WRITERS.json, when given: one instance with BILLING_INTAKE_PARTITIONS=8 and BILLING_INTAKE_WRITERS=2
+(its partitions owned by two writer processes), printed beside the others with its drain over the
+unpartitioned instance's (both one instance on the same 2 cores).
 """
 
 from __future__ import annotations
@@ -58,19 +62,40 @@ def scaling_lines(one: dict[str, Any], two: dict[str, Any]) -> list[str]:
     ]
 
 
+def writers_lines(one: dict[str, Any], writers: dict[str, Any]) -> list[str]:
+    wall = _ratio(writers["drain"], one["drain"])
+    return [
+        f"  {one['shape']}: one instance, 8 partitions over 2 writer processes / one instance unpartitioned:"
+        f" {wall:.2f} x ({writers['drain']:,.0f} / {one['drain']:,.0f} events/s)"
+        if wall is not None
+        else f"  {one['shape']}: n/a"
+    ]
+
+
 def main() -> None:
-    if len(sys.argv) != 3:
+    if len(sys.argv) not in (3, 4):
         raise SystemExit(__doc__)
-    one, two = (json.loads(Path(p).read_text()) for p in sys.argv[1:])
+    one, two, *more = (json.loads(Path(p).read_text()) for p in sys.argv[1:])
     by_shape = {c["shape"]: c for c in one}
-    columns = [col for c in two if c["shape"] in by_shape for col in (by_shape[c["shape"]], c)]
-    print("==== make bench: both configurations, side by side ====")
+    writers = {c["shape"]: c for c in more[0]} if more else {}
+    columns = [
+        col
+        for c in two
+        if c["shape"] in by_shape
+        for col in (by_shape[c["shape"]], *([writers[c["shape"]]] if c["shape"] in writers else []), c)
+    ]
+    print(f"==== make bench: {'all three' if writers else 'both'} configurations, side by side ====")
     print_side_by_side(columns)
     print()
     print("scaling (the goal: 2 instances x 8 partitions >= 1.8 x one instance where the cores allow):")
     for c in two:
         if c["shape"] in by_shape:
             print("\n".join(scaling_lines(by_shape[c["shape"]], c)))
+    if writers:
+        print("one instance with its partitions over writer processes (BILLING_INTAKE_WRITERS):")
+        for shape, c in writers.items():
+            if shape in by_shape:
+                print("\n".join(writers_lines(by_shape[shape], c)))
 
 
 if __name__ == "__main__":
