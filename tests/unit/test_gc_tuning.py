@@ -13,9 +13,6 @@ def test_tune_gc_freezes_start_up_objects_and_raises_the_first_threshold() -> No
         tune_gc()
         assert gc.get_threshold() == (GC_GEN0_THRESHOLD, before[1], before[2])
         assert gc.get_freeze_count() > 0
-        # An intake batch (tens of thousands of live containers) stays below it: no collection
-        # runs in the middle of one.
-        assert GC_GEN0_THRESHOLD >= 20 * 50_000
     finally:
         gc.unfreeze()
         gc.set_threshold(*before)
