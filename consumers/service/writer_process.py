@@ -26,7 +26,7 @@ from consumers.runtime.instance import ServiceUrls
 from consumers.runtime.preflight import load_settings
 from consumers.runtime.user_errors import UserError
 from consumers.service.run import run_service
-from consumers.service.writers import READY_LINE
+from consumers.service.writers import READY_LINE, USAGE_EXIT
 
 log = logging.getLogger("billing")
 
@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("a writer process needs BILLING_DATABASE_URL and BILLING_NATS_URL (its parent sets them)")
     except UserError as exc:
         log.error("%s", exc)
-        return 2
+        return USAGE_EXIT
     urls = ServiceUrls(database_url=settings.database_url, nats_url=settings.nats_url, embedded=())
 
     def ready() -> None:
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     except UserError as exc:
         log.error("%s", exc)
-        return 2
+        return USAGE_EXIT
 
 
 if __name__ == "__main__":

@@ -23,7 +23,8 @@ lost). It serves no HTTP, answers no admission requests and never starts an embe
   (and its relay and scheduler run); the parent reads the children's stdout (forwarding anything else)
   and counts ``writers`` as ready on ``/readyz`` and before the ``billing ready`` line only once every
   child has said so. A child not ready within :data:`READY_WITHIN_S` of the start fails the parent
-  (exit 1): a child that cannot start (a bad environment) is a deployment error, not a standby.
+  (exit 1), at once if it exits with 2 (its settings refused) before it was ever ready: a child that
+  cannot start is a deployment error, not a standby.
 * **Supervision.** After that, a child that exits on its own is logged and started again after a
   bounded back-off (:class:`~consumers.runtime.errors.Backoff`, 0.5 s doubling to 10 s; afresh after
   :data:`STABLE_S` of life). Meanwhile the other processes take its units at their next rebalance
@@ -72,6 +73,8 @@ READY_WITHIN_S: Final = 60.0
 RESTART_FIRST_S: Final = 0.5
 RESTART_MAX_S: Final = 10.0
 STABLE_S: Final = 30.0
+# A writer's exit status for a mistake of its settings (a UserError): not retried before it was ever ready.
+USAGE_EXIT: Final = 2
 # After SIGKILL, how long to wait for the exit (it is immediate; the bound is for the log).
 KILL_WAIT_S: Final = 5.0
 
@@ -185,6 +188,8 @@ class WriterPool:
                 exited.cancel()
                 await self._stop_one(w, proc)
                 return
+            if proc.returncode == USAGE_EXIT and not w.ready.is_set():
+                raise RuntimeError(f"writer process {w.index} refused its environment (exit {USAGE_EXIT}); see its log")
             if loop.time() - started >= STABLE_S:
                 w.backoff.reset()
             delay = w.backoff.next()

@@ -5,7 +5,8 @@ processes, the instance and one writer process beside it, on the run's PostgreSQ
    ``pg_locks``, told apart by the lock connections' ``application_name``, which names the OS pid).
 2. Credits published on every partition's subject are all committed, once each.
 3. SIGTERM to the parent stops the writer too: exit 0, no process left, every lock freed.
-4. ``kill -9`` of the parent: the writer dies with it (PR_SET_PDEATHSIG) within seconds and its locks
+4. A writer ``kill -9``'d is started again (and the share is 2/2 again); a ``kill -9`` of the parent:
+   the writer dies with it (PR_SET_PDEATHSIG) within seconds and its locks
    are freed, so another instance could take every partition over.
 """
 
@@ -160,14 +161,21 @@ async def test_two_processes_share_the_partitions_commit_once_and_stop_together(
         assert f"writer process 1 (pid {writer}) stopped" in log, log[-3000:]
 
 
-async def test_kill_9_of_the_parent_kills_its_writer_and_frees_the_locks(
+async def test_a_dead_writer_is_restarted_and_kill_9_of_the_parent_kills_it(
     writers_env: dict[str, str], nats_url: str, owner_engine: Engine, unique: str, tmp_path: Path
 ) -> None:
     with service(writers_env, tmp_path / "billing.log") as svc:
         svc.start()
         await svc.ready()
         async with jetstream(nats_url, unique) as (_nc, _js, names):
+            first = await _two_writers(svc, owner_engine, names)
+            # A writer that dies on its own is started again, and the share is 2/2 again.
+            os.kill(first, signal.SIGKILL)
+            await wait_until(lambda: not _alive(first), within=5, what="the first writer to die")
+            await wait_until(lambda: first not in _owners(owner_engine, names), within=5, what="its locks freed")
             writer = await _two_writers(svc, owner_engine, names)
+            assert writer != first
+            assert f"writer process 1 (pid {first}) exited with -9: starting it again" in svc.log()
             assert svc.proc is not None
             os.kill(svc.proc.pid, signal.SIGKILL)
             svc.proc.wait(timeout=5)
