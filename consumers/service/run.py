@@ -369,9 +369,8 @@ def _log_started(
     if writer:
         log.info("writer process: intake, relay and scheduler only (no HTTP, no admission)")
         return
-    writers = (
-        f"; {settings.intake_writers - 1} writer process(es) beside this one" if settings.intake_writers > 1 else ""
-    )
+    extra = settings.intake_writers - 1 if partitions >= 2 else 0  # effective_writers() warned otherwise
+    writers = f"; {extra} writer process(es) beside this one" if extra else ""
     embedded = f"; embedded: {', '.join(urls.embedded)} in {settings.data_dir}" if urls.embedded else ""
     log.info("HTTP http://%s:%d%s%s", settings.http_host, settings.http_port, embedded, writers)
 
