@@ -357,14 +357,14 @@ def _log_started(
     namespace = f" (namespace {names.namespace})" if names.namespace else ""
     log.info("NATS %s%s; streams %s", ", ".join(_redacted(u) for u in servers), namespace, ", ".join(streams))
     log.info(
-        "intake %s/%s, batch %d, one writer per owned consumer, %d wallets in memory each; admission on %s",
+        "intake %s/%s, batch %d, one writer per owned consumer, %d wallets in memory each; admission %s",
         names.in_stream,
         f"{config.durable}-<p> ({partitions} partitions)"
         if partitions
         else f"{config.durable} (one instance at a time)",
         config.batch_size,
         config.cache_wallets,
-        names.admission_rental.rsplit(".", 1)[0] + ".*",
+        "in the parent" if writer else "on " + names.admission_rental.rsplit(".", 1)[0] + ".*",
     )
     if writer:
         log.info("writer process: intake, relay and scheduler only (no HTTP, no admission)")
