@@ -25,8 +25,10 @@ connection of a lock stops that unit's intake at its next check.
 
 **Fair share.** Each instance also holds a *shared* advisory lock ``(<member class>, 0)`` on its own
 connection while it runs; the live instances are the holders of that lock (``pg_locks``), no table and
-no heartbeat to expire. Every ``rebalance_s`` (with jitter; every ``UNDER_SHARE_POLL_S`` at most while it
-owns less than its share, so that freed units are taken within a fraction of a second) an instance:
+no heartbeat to expire (with ``BILLING_INTAKE_WRITERS``, each writer process of an instance is a member
+of its own, consumers/service/writers.py: "instance" below means any member). Every ``rebalance_s``
+(with jitter; every ``UNDER_SHARE_POLL_S`` at most while it owns less than its share, so that freed
+units are taken within a fraction of a second) an instance:
 
 1. checks the connection of every lock it holds (``SELECT 1``, bounded); a lost one stops that unit's
    intake (the batch in hand is finished; the wallet row locks of ``projections.processor`` keep that

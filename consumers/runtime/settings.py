@@ -74,6 +74,13 @@ class Settings(BaseSettings):
     # Wallet states the owner of an intake consumer keeps in memory (projections.wallet_store.WalletCache:
     # least recently used dropped beyond it; a few KB each). Each owned partition has its own.
     intake_cache_wallets: int = Field(default=50_000, ge=5_000, le=10_000_000)
+    # Processes of one `billing up` that own partitions (consumers/service/writers.py): the instance
+    # itself and W-1 writer processes beside it, each a member of the ownership like an instance (so
+    # the fair share spreads the partitions over every process of every instance), each running its
+    # own intake, relay and scheduler (no HTTP, no admission). One interpreter is bound by its GIL;
+    # W > 1 lets one instance use more cores. Only with BILLING_INTAKE_PARTITIONS >= 2 (unpartitioned
+    # there is one unit: `billing up` warns and runs 1).
+    intake_writers: int = Field(default=1, ge=1, le=16)
 
     # --- `billing up`: start-up and the embedded servers (consumers/service/up.py) ---------------------------
     # The first connect to PostgreSQL and to NATS is retried (a log line per attempt) for this long,

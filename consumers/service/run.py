@@ -62,6 +62,7 @@ from consumers.runtime.metrics import Metrics
 from consumers.runtime.settings import Settings, nats_servers
 from consumers.runtime.user_errors import UserError
 from consumers.service.scheduler import run_scheduler
+from consumers.service.writers import WriterPool, effective_writers, writer_env
 from ledger.db import make_engine
 
 log = logging.getLogger("billing")
@@ -133,19 +134,20 @@ async def run_service(
     clock: Callable[[], datetime] | None = None,
     on_ready: Callable[[], None] | None = None,
     connect_timeout_s: float | None = None,
+    writer: bool = False,
 ) -> int:
     """Run everything until ``stop`` is set (by SIGTERM/SIGINT when not given); return the exit status.
 
     ``on_ready`` is called once, when every component runs and HTTP listens. ``connect_timeout_s``
     bounds the broker's first connect (UserError after it); a ``stop`` during the start is honoured
-    at once (exit 0)."""
+    at once (exit 0). ``writer``: a writer process (consumers/service/writers.py), else the parent of
+    BILLING_INTAKE_WRITERS - 1 of them."""
     if stop is None:
         stop = asyncio.Event()
         install_stop_signals(stop)
-    partitions = settings.intake_partitions
     # Transactions the intake may run at once in this process: one per intake it may own (each
     # owned partition is one writer; unpartitioned, one).
-    intake_transactions = max(partitions, 1)
+    intake_transactions = max(settings.intake_partitions, 1)
     # Every component runs its database work in worker threads: room for all of them at once.
     asyncio.get_running_loop().set_default_executor(
         ThreadPoolExecutor(WORKER_THREADS + intake_transactions, "billing-db")
@@ -176,12 +178,14 @@ async def run_service(
             return 0
 
         registry = CollectorRegistry()
-        readiness = Readiness({"intake": asyncio.Event(), "admission": asyncio.Event()})
-        http = _http_server(engine, nc, settings, registry, readiness, clock)
+        readiness = Readiness({c: asyncio.Event() for c in (("intake",) if writer else ("intake", "admission"))})
+        http = None if writer else _http_server(engine, nc, settings, registry, readiness, clock)
         intake_config = intake.IntakeConfig.from_settings(settings)
         components = _components(engine, nc, js, names, settings, intake_config, stop, registry, readiness, http, clock)
+        if not writer:
+            components |= _writer_pool(settings, urls, readiness, stop)
         tasks = {name: asyncio.create_task(coro, name=f"billing-{name}") for name, coro in components.items()}
-        _log_started(settings, urls, servers, names, streams, intake_config)
+        _log_started(settings, urls, servers, names, streams, intake_config, writer=writer)
         announcer = asyncio.create_task(_announce_ready(readiness, http, stop, on_ready), name="billing-ready")
         try:
             return await _supervise(tasks, stop, http, readiness, settings.shutdown_timeout_s)
@@ -192,6 +196,21 @@ async def run_service(
             await asyncio.wait_for(broker.stop(), timeout=NATS_DRAIN_TIMEOUT_S + 1)
         engine.dispose()
         log.info("billing stopped")
+
+
+def _writer_pool(
+    settings: Settings, urls: ServiceUrls, readiness: Readiness, stop: asyncio.Event
+) -> dict[str, Coroutine[Any, Any, None]]:
+    """The writer processes beside this one (BILLING_INTAKE_WRITERS - 1) as a component, their
+    readiness on /readyz; none with one writer."""
+    writers = effective_writers(settings)
+    if writers < 2:
+        return {}
+    ready = readiness.components["writers"] = asyncio.Event()
+    env = writer_env(settings, urls)
+    return {
+        "writers": WriterPool(writers - 1, env, shutdown_timeout_s=settings.shutdown_timeout_s, ready=ready).run(stop)
+    }
 
 
 def _http_server(
@@ -234,10 +253,11 @@ def _components(
     stop: asyncio.Event,
     registry: CollectorRegistry,
     readiness: Readiness,
-    http: _HttpServer,
+    http: _HttpServer | None,
     clock: Callable[[], datetime] | None,
 ) -> dict[str, Coroutine[Any, Any, None]]:
-    """The service's components, each a coroutine the supervisor runs as a task."""
+    """The service's components, each a coroutine the supervisor runs as a task. Without ``http``
+    (a writer process): the ones that commit and publish only, intake, relay and scheduler."""
     relay_kick, scheduler_kick = asyncio.Event(), asyncio.Event()
     # Both modes through the ownership of consumers.nats.partitions: two instances pulling one durable
     # would apply a wallet's events out of stream order.
@@ -256,12 +276,16 @@ def _components(
         ready=readiness.components["intake"],
         role=settings.database_role or None,
     )
-    return {
+    components: dict[str, Coroutine[Any, Any, None]] = {
         "intake": intake_run,
         "relay": run_relay(engine, js, names, stop, kick=relay_kick, registry=registry),
         "scheduler": run_scheduler(
             engine, nc, names, stop, kick=scheduler_kick, relay_kick=relay_kick, registry=registry
         ),
+    }
+    if http is None:
+        return components
+    return components | {
         "admission": run_admission(
             engine,
             nc,
@@ -303,14 +327,14 @@ async def _until_stop(
 
 
 async def _announce_ready(
-    readiness: Readiness, http: _HttpServer, stop: asyncio.Event, on_ready: Callable[[], None] | None
+    readiness: Readiness, http: _HttpServer | None, stop: asyncio.Event, on_ready: Callable[[], None] | None
 ) -> None:
     """Call ``on_ready`` once every component is ready and HTTP listens (polled: uvicorn has no event)."""
     if on_ready is None:
         return
     for event in readiness.components.values():
         await event.wait()
-    while not http.started and not stop.is_set():  # noqa: ASYNC110 - uvicorn's `started` is a flag, not an event
+    while http is not None and not http.started and not stop.is_set():  # noqa: ASYNC110 - uvicorn's `started` is a flag, not an event
         await asyncio.sleep(READY_POLL_S)
     if not stop.is_set():
         log.info("every component is running")
@@ -324,6 +348,8 @@ def _log_started(
     names: NatsNames,
     streams: list[str],
     config: intake.IntakeConfig,
+    *,
+    writer: bool = False,
 ) -> None:
     """What runs where, in a few short lines (one long line is unreadable in a terminal)."""
     partitions = settings.intake_partitions
@@ -335,17 +361,22 @@ def _log_started(
     namespace = f" (namespace {names.namespace})" if names.namespace else ""
     log.info("NATS %s%s; streams %s", ", ".join(_redacted(u) for u in servers), namespace, ", ".join(streams))
     log.info(
-        "intake %s/%s, batch %d, one writer per owned consumer, %d wallets in memory each; admission on %s",
+        "intake %s/%s, batch %d, one writer per owned consumer, %d wallets in memory each; admission %s",
         names.in_stream,
         f"{config.durable}-<p> ({partitions} partitions)"
         if partitions
         else f"{config.durable} (one instance at a time)",
         config.batch_size,
         config.cache_wallets,
-        names.admission_rental.rsplit(".", 1)[0] + ".*",
+        "in the parent" if writer else "on " + names.admission_rental.rsplit(".", 1)[0] + ".*",
     )
+    if writer:
+        log.info("writer process: intake, relay and scheduler only (no HTTP, no admission)")
+        return
+    extra = settings.intake_writers - 1 if partitions >= 2 else 0  # effective_writers() warned otherwise
+    writers = f"; {extra} writer process(es) beside this one" if extra else ""
     embedded = f"; embedded: {', '.join(urls.embedded)} in {settings.data_dir}" if urls.embedded else ""
-    log.info("HTTP http://%s:%d%s", settings.http_host, settings.http_port, embedded)
+    log.info("HTTP http://%s:%d%s%s", settings.http_host, settings.http_port, embedded, writers)
 
 
 async def _declare_streams(js: JetStreamContext, names: NatsNames, replicas: int, stop: asyncio.Event) -> list[str]:
@@ -376,7 +407,7 @@ def _redacted(url: str) -> str:
 async def _supervise(
     tasks: dict[str, asyncio.Task[None]],
     stop: asyncio.Event,
-    http: _HttpServer,
+    http: _HttpServer | None,
     readiness: Readiness,
     shutdown_timeout_s: float,
 ) -> int:
@@ -402,9 +433,10 @@ async def _supervise(
     # HTTP goes last among equals: it keeps answering /readyz (503, stopping) while the others finish.
     others = [t for name, t in tasks.items() if name != "http"]
     _, pending = await asyncio.wait(others, timeout=shutdown_timeout_s) if others else (set(), set())
-    http.should_exit = True
-    done_http, _ = await asyncio.wait([tasks["http"]], timeout=HTTP_GRACEFUL_S + 1)
-    pending |= {tasks["http"]} - done_http
+    if http is not None:
+        http.should_exit = True
+        done_http, _ = await asyncio.wait([tasks["http"]], timeout=HTTP_GRACEFUL_S + 1)
+        pending |= {tasks["http"]} - done_http
     if pending:
         names = sorted(n for n, t in tasks.items() if t in pending)
         log.warning("still running after %.0f s, cancelled: %s", shutdown_timeout_s, ", ".join(names))
